@@ -1,0 +1,65 @@
+"""gunicorn's logger, with the proxy's facts in every access line.
+
+One line per request, in the combined format followed by the total time, the
+upstream server and its time to the response head, the route and the request
+id. A tunnel writes its line through the same logger. Setting gunicorn's own
+`access_log_format` switches back to gunicorn's formatting, where the same
+facts are the environ atoms %({rproxy.upstream}e)s, %({rproxy.upstream_ms}e)s,
+%({rproxy.route}e)s and %({rproxy.request_id}e)s.
+
+The proxy's own loggers (`rproxy.*`) write to gunicorn's error log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gunicorn import glogging
+from gunicorn.config import AccessLogFormat
+
+_DEFAULT_FORMAT = AccessLogFormat.default
+
+
+def _quote(value) -> str:
+    if not value:
+        return "-"
+    value = str(value)
+    if '"' in value or "\\" in value or not value.isprintable():
+        value = value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return value
+
+
+class AccessLogger(glogging.Logger):
+    def setup(self, cfg):
+        super().setup(cfg)
+        proxy_log = logging.getLogger("rproxy")
+        proxy_log.handlers = list(self.error_log.handlers)
+        proxy_log.setLevel(self.error_log.level)
+        proxy_log.propagate = False
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
+        if self.cfg.access_log_format != _DEFAULT_FORMAT:
+            return super().access(resp, req, environ, request_time)
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        sent = getattr(resp, "sent", None)
+        total_ms = request_time.total_seconds() * 1000
+        line = (
+            f'{environ.get("rproxy.client") or environ.get("REMOTE_ADDR", "-")} - - '
+            f'{time.strftime("[%d/%b/%Y:%H:%M:%S %z]")} '
+            f'"{_quote(environ.get("REQUEST_METHOD"))} {_quote(environ.get("RAW_URI"))} '
+            f'{_quote(environ.get("SERVER_PROTOCOL"))}" {status} {sent if sent is not None else "-"} '
+            f'"{_quote(environ.get("HTTP_REFERER"))}" "{_quote(environ.get("HTTP_USER_AGENT"))}" '
+            f'{total_ms:.1f}ms upstream={environ.get("rproxy.upstream", "-")} '
+            f'upstream_ms={environ.get("rproxy.upstream_ms", "-")} '
+            f'route={environ.get("rproxy.route", "-")} rid={environ.get("rproxy.request_id", "-")}'
+        )
+        error = environ.get("rproxy.error")
+        if error:
+            line += f' error="{_quote(error)}"'
+        try:
+            self.access_log.info(line)
+        except Exception:
+            self.exception("cannot write the access log")

@@ -1,0 +1,104 @@
+"""The WSGI application gunicorn serves: `rproxy.app:application`.
+
+Built once per worker from the INI: the router, and for each route its
+middleware chain ending in the forwarder. Per request: build the Request,
+settle who the client is, match a route, run its chain, hand the Response to
+the WSGI server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import config as config_module
+from .config import Config
+from .connection import LingeringClose
+from .forward import Forwarder
+from .forwarded import Forwarding
+from .http import BadRequest, Request, Response, error_response
+from .middleware import compose
+from .routing import Router
+from .upstream import Upstream
+
+log = logging.getLogger("rproxy")
+
+
+class Route:
+    """A configured route with its composed handler."""
+
+    __slots__ = ("config", "name", "handler")
+
+    def __init__(self, route_config, handler):
+        self.config = route_config
+        self.name = route_config.name
+        self.handler = handler
+
+
+class Proxy:
+    def __init__(self, config: Config):
+        self.config = config
+        self.forwarding = Forwarding(config.server.trusted_proxies)
+        self.upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
+        entries = []
+        for rc in config.routes:
+            forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server.max_body_size)
+            entries.append((rc.host, rc.path, Route(rc, compose([], forwarder))))
+        self.router: Router[Route] = Router(entries)
+
+    def __call__(self, environ, start_response):
+        response = self.respond(environ)
+        body = response.body
+        if response.close_connection:
+            body = LingeringClose(body, environ)
+        start_response(response.status_line, response.headers)
+        return body
+
+    def respond(self, environ) -> Response:
+        try:
+            request = Request.from_environ(environ)
+        except BadRequest as e:
+            response = error_response(None, e.status, str(e), environ=environ)
+            response.close_connection = True
+            return response
+        self.forwarding.apply(request)
+        environ["rproxy.client"] = request.client_ip
+        environ["rproxy.request_id"] = request.request_id
+        match = self.router.match(request.host, request.path)
+        if match is None:
+            response = error_response(request, 404, "no route for this host and path")
+            response.close_connection = request.has_body
+        else:
+            environ["rproxy.route"] = match.target.name
+            try:
+                response = match.target.handler(request)
+            except Exception:
+                log.exception("error handling %s %s, request_id=%s",
+                              request.method, request.target, request.request_id)
+                response = error_response(request, 500, "internal error in the proxy")
+                response.close_connection = True
+        if response.header("X-Request-ID") is None:
+            response.headers.append(("X-Request-ID", request.request_id))
+        return response
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+
+
+def build(path: str | None = None) -> Proxy:
+    return Proxy(config_module.load(path or config_module.config_path()))
+
+
+def paste_app_factory(global_conf, **local_conf):
+    """PasteDeploy entry point: `[app:main] use = egg:rproxy` in the INI."""
+    return build(local_conf.get("config") or global_conf.get("__file__"))
+
+
+def __getattr__(name):
+    # Built on first access, i.e. when gunicorn loads the app in a worker,
+    # so that importing this module never reads a config by surprise.
+    if name == "application":
+        app = build()
+        globals()["application"] = app
+        return app
+    raise AttributeError(name)

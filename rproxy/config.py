@@ -1,0 +1,229 @@
+"""Read and validate the INI file into frozen dataclasses.
+
+Every setting is declared once, as a dataclass field with its parser and its
+documentation; the loader, `rproxy check` and the docs all work from those
+declarations. Every error names the file, the section, the key and what is
+wrong, with a did-you-mean for misspelt sections and keys.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from . import values
+
+DEFAULT_PATH = "conf/rproxy.ini"
+
+# Sections PasteDeploy and logging.config read from the same file
+# (`gunicorn --paste conf/rproxy.ini`); they belong to those tools, not to us.
+FOREIGN_SECTION_PREFIXES = ("app:", "server:", "pipeline:", "composite:",
+                            "logger_", "handler_", "formatter_")
+FOREIGN_SECTIONS = {"DEFAULT", "loggers", "handlers", "formatters"}
+
+
+class ConfigError(Exception):
+    """A config problem, located as precisely as it can be."""
+
+    def __init__(self, path: str, section: str | None, key: str | None, problem: str):
+        self.path, self.section, self.key, self.problem = path, section, key, problem
+        where = path
+        if section:
+            where += f": [{section}]"
+        if key:
+            where += f" {key}"
+        super().__init__(f"{where}: {problem}")
+
+
+def setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: tuple[str, ...] = setting(("127.0.0.1:8080",), values.words,
+                                    "Addresses to listen on, gunicorn syntax, space separated.")
+    workers: int = setting(1, values.positive_count, "Worker processes.")
+    worker_connections: int = setting(1000, values.positive_count,
+                                      "Concurrent client connections per worker.")
+    keepalive: float = setting(5.0, values.duration,
+                               "How long an idle client keep-alive connection stays open.")
+    graceful_timeout: float = setting(30.0, values.positive_duration,
+                                      "On shutdown or reload, how long workers may finish their requests.")
+    trusted_proxies: tuple = setting(_LOOPBACK, values.networks,
+                                     "Peers whose X-Forwarded-*, X-Real-IP and Forwarded headers are believed.")
+    max_body_size: int = setting(100 << 20, values.size,
+                                 "Largest request body; 413 above it. 0 = no limit.")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    access_log: str = setting("-", values.text, "Access log file; '-' is stdout, 'off' disables it.")
+    error_log: str = setting("-", values.text, "Error log file; '-' is stderr.")
+    level: str = setting("info", values.one_of("debug", "info", "warning", "error", "critical"),
+                         "Error log level.")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    servers: tuple[values.ServerAddress, ...] = setting((), values.servers,
+                                                        "host:port or http(s)://host:port, each optionally followed by weight=N.")
+    balance: str = setting("round_robin", values.one_of("round_robin"),
+                           "How a server is chosen for each request.")
+    connect_timeout: float = setting(3.0, values.positive_duration, "Time to open a connection to a server.")
+    read_timeout: float = setting(30.0, values.positive_duration,
+                                  "Longest wait for any byte of a response, including its head.")
+    pool_size: int = setting(64, values.positive_count,
+                             "Idle keep-alive connections kept per server and worker.")
+    max_connections: int = setting(0, values.count,
+                                   "Cap on open connections per server and worker; requests beyond it wait up "
+                                   "to connect_timeout, then get 503. 0 = no cap.")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    upstream: str = setting("", values.text, "The [upstream:NAME] this route forwards to.")
+    path: str = setting("/", values.path_prefix,
+                        "Path prefix, matched by whole segments; the longest match wins.")
+    host: tuple[str, ...] = setting((), values.host_patterns,
+                                    "Host names this route answers (exact or *.example.com); empty = any.")
+    strip_prefix: bool = setting(False, values.boolean,
+                                 "Remove the matched path prefix before forwarding.")
+    host_header: str = setting("client", values.text,
+                               "Host sent upstream: 'client' (as received), 'upstream' (the server's "
+                               "host:port) or a literal value.")
+    connect_timeout: float | None = setting(None, values.positive_duration,
+                                            "Overrides the upstream's connect_timeout for this route.")
+    read_timeout: float | None = setting(None, values.positive_duration,
+                                         "Overrides the upstream's read_timeout for this route.")
+
+
+SINGLE_SECTIONS: dict[str, type] = {"server": ServerConfig, "log": LogConfig}
+NAMED_SECTIONS: dict[str, type] = {"upstream": UpstreamConfig, "route": RouteConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    log: LogConfig
+    upstreams: Mapping[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+
+
+def load(path: str) -> Config:
+    """Read and validate `path`; raise ConfigError on the first problem."""
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";",),
+        empty_lines_in_values=False,
+        # [DEFAULT] is PasteDeploy's; keep its keys out of our sections.
+        default_section="\x00none",
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror or e}") from None
+    except configparser.Error as e:
+        raise ConfigError(path, None, None, _parser_problem(e)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "is not UTF-8 text") from None
+
+    singles: dict[str, Any] = {}
+    named: dict[str, dict[str, Any]] = {kind: {} for kind in NAMED_SECTIONS}
+    for section in parser.sections():
+        if section in FOREIGN_SECTIONS or section.startswith(FOREIGN_SECTION_PREFIXES):
+            continue
+        kind, _, name = section.partition(":")
+        kind = kind.strip()
+        if kind in SINGLE_SECTIONS and not name:
+            singles[kind] = _build(path, section, SINGLE_SECTIONS[kind], parser[section], {})
+        elif kind in NAMED_SECTIONS and name.strip():
+            name = name.strip()
+            named[kind][name] = _build(path, section, NAMED_SECTIONS[kind], parser[section], {"name": name})
+        elif kind in NAMED_SECTIONS:
+            raise ConfigError(path, section, None, f"needs a name, like [{kind}:NAME]")
+        else:
+            hint = _did_you_mean(kind, list(SINGLE_SECTIONS) + list(NAMED_SECTIONS))
+            raise ConfigError(path, section, None, "unknown section" + hint)
+
+    config = Config(
+        path=path,
+        server=singles.get("server", ServerConfig()),
+        log=singles.get("log", LogConfig()),
+        upstreams=MappingProxyType(named["upstream"]),
+        routes=tuple(named["route"].values()),
+    )
+    _check_references(config)
+    return config
+
+
+def _build(path: str, section: str, cls: type, items: Mapping[str, str], preset: dict[str, Any]):
+    declared = {f.name: f for f in fields(cls) if "parse" in f.metadata}
+    kwargs = dict(preset)
+    for key, raw in items.items():
+        spec = declared.get(key)
+        if spec is None:
+            raise ConfigError(path, section, key, "unknown key" + _did_you_mean(key, declared))
+        try:
+            kwargs[key] = spec.metadata["parse"](raw)
+        except ValueError as e:
+            raise ConfigError(path, section, key, str(e)) from None
+    if cls is UpstreamConfig and not kwargs.get("servers"):
+        raise ConfigError(path, section, "servers", "is required: list at least one server")
+    if cls is RouteConfig and not kwargs.get("upstream"):
+        raise ConfigError(path, section, "upstream", "is required: name the [upstream:NAME] to forward to")
+    return cls(**kwargs)
+
+
+def _check_references(config: Config) -> None:
+    if not config.routes:
+        raise ConfigError(config.path, None, None,
+                          "has no [route:NAME] section, so every request would get 404")
+    seen: dict[tuple, str] = {}
+    for route in config.routes:
+        section = f"route:{route.name}"
+        if route.upstream not in config.upstreams:
+            raise ConfigError(config.path, section, "upstream",
+                              f"no [upstream:{route.upstream}] section"
+                              + _did_you_mean(route.upstream, config.upstreams))
+        for host in route.host or ("",):
+            other = seen.setdefault((host, route.path), route.name)
+            if other != route.name:
+                raise ConfigError(config.path, section, "path",
+                                  f"{route.path!r}{' for host ' + host if host else ''} "
+                                  f"is already routed by [route:{other}]")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _parser_problem(error: configparser.Error) -> str:
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: section [{error.section}] appears twice"
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: [{error.section}] {error.option} is set twice"
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: a key before any [section] header"
+    if isinstance(error, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _ in error.errors)
+        return f"line {lines}: not 'key = value', a [section] or a comment"
+    return str(error)
+
+
+def config_path() -> str:
+    """The INI this process serves: $RPROXY_CONFIG, else conf/rproxy.ini."""
+    return os.environ.get("RPROXY_CONFIG") or DEFAULT_PATH

@@ -1,0 +1,317 @@
+"""The last handler of every route: send the request to an upstream server
+and stream its answer back.
+
+One pooled urllib3 connection carries one exchange. The request body streams
+upstream as the client sends it; the response body streams back as the
+upstream sends it (an event stream reaches the client event by event). Every
+path out of here leaves the connection either back in its pool, ready for the
+next request, or closed: a connection with a half-read response or a
+half-sent request never goes back.
+
+Failures before the response head map to 502 (refused, reset, malformed) or
+504 (connect or read timeout). After the head, a failure cuts the client
+connection, so the client sees a truncated response, never a complete-looking
+one. A request that failed on a reused keep-alive connection which the
+upstream had closed meanwhile is sent once more on a fresh connection, when
+the upstream cannot have processed it (RFC 9110 9.2.2).
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import socket
+import time
+from urllib.parse import quote
+
+from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
+                                NewConnectionError, ProtocolError, SSLError)
+from urllib3.util import SKIP_HEADER
+
+from .config import RouteConfig
+from .http import HOP_BY_HOP, Request, Response, connection_tokens, error_response
+from .upstream import Server, Upstream
+
+log = logging.getLogger("rproxy.forward")
+
+CHUNK = 64 * 1024
+# Request bodies up to this size are read before sending, so that the request
+# can be sent again if a stale keep-alive connection drops it.
+REPLAYABLE_BODY = 64 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Response headers the proxy writes itself (the WSGI server adds its own
+# Date and Server) or that only describe the upstream hop.
+_RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
+                 BrokenPipeError, ConnectionAbortedError)
+
+
+class ClientGone(Exception):
+    """The client stopped sending its request body before the end."""
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class UpstreamCut(ConnectionResetError):
+    """The upstream failed mid-body. Raised to the WSGI server as a connection
+    reset so that it drops the client connection without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ECONNRESET, message)
+
+
+class RequestBody:
+    """The client's body as an iterable of chunks for urllib3, read as it is sent."""
+
+    __slots__ = ("stream", "remaining", "limit", "sent", "complete", "buffered")
+
+    def __init__(self, request: Request, limit: int):
+        self.stream = request.environ["wsgi.input"]
+        self.remaining = request.content_length  # None when chunked
+        self.limit = limit
+        self.sent = 0
+        self.complete = False
+        self.buffered: bytes | None = None
+        if self.remaining is not None and self.remaining <= REPLAYABLE_BODY:
+            self.buffered = b"".join(self)
+
+    @property
+    def replayable(self) -> bool:
+        return self.buffered is not None or self.sent == 0
+
+    def payload(self):
+        return self.buffered if self.buffered is not None else self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        if self.complete:
+            raise StopIteration
+        want = CHUNK if self.remaining is None else min(CHUNK, self.remaining)
+        try:
+            data = self.stream.read(want) if want else b""
+        except Exception as e:  # gunicorn's NoMoreData, InvalidChunkSize, ...
+            raise ClientGone(f"{type(e).__name__}: {e}") from None
+        if not data:
+            if self.remaining:
+                raise ClientGone(f"body ended {self.remaining} bytes short")
+            self.complete = True
+            raise StopIteration
+        self.sent += len(data)
+        if self.limit and self.sent > self.limit:
+            raise BodyTooLarge()
+        if self.remaining is not None:
+            self.remaining -= len(data)
+        return data
+
+
+class UpstreamBody:
+    """The upstream's response body, read as it arrives. The WSGI server
+    calls close() when done, also when the client went away mid-way."""
+
+    __slots__ = ("response", "conn", "server", "request", "finished")
+
+    def __init__(self, response, conn, server: Server, request: Request):
+        self.response = response
+        self.conn = conn
+        self.server = server
+        self.request = request
+        self.finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            data = self.response.read1(CHUNK)
+        except (HTTPError, OSError, http.client.HTTPException) as e:
+            self._release(reusable=False)
+            reason = _describe(e)
+            self.request.environ["rproxy.error"] = f"upstream cut mid-body: {reason}"
+            log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
+                        "request_id=%s", self.server.label, reason, self.request.request_id)
+            raise UpstreamCut(f"upstream {self.server.label} cut the response: {reason}") from None
+        if data:
+            return data
+        self._release(reusable=True)
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self.finished:
+            self._release(reusable=False)
+
+    def _release(self, reusable: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if not (reusable and self.response.isclosed()):
+            self.conn.close()
+        self.server.pool._put_conn(self.conn)
+
+
+class Forwarder:
+    """Forwards the requests of one route to its upstream."""
+
+    def __init__(self, route: RouteConfig, upstream: Upstream, max_body_size: int):
+        self.upstream = upstream
+        self.connect_timeout = route.connect_timeout or upstream.config.connect_timeout
+        self.read_timeout = route.read_timeout or upstream.config.read_timeout
+        self.strip = route.path if route.strip_prefix and route.path != "/" else None
+        self.host_header = route.host_header
+        self.max_body_size = max_body_size
+
+    def __call__(self, request: Request) -> Response:
+        if self.max_body_size and (request.content_length or 0) > self.max_body_size:
+            return self._closing(error_response(request, 413, "request body is too large"))
+        try:
+            body = RequestBody(request, self.max_body_size) if request.has_body else None
+        except ClientGone as e:
+            return self._client_gone(request, e)
+        server = self.upstream.pick()
+        headers = self._headers(request, server)
+        target = self._target(request)
+        environ = request.environ
+        environ["rproxy.upstream"] = server.label
+        try:
+            conn = server.pool._get_conn(timeout=self.connect_timeout)
+        except EmptyPoolError:
+            return error_response(request, 503, f"upstream {self.upstream.name} is at max_connections",
+                                  [("Retry-After", "1")])
+        for attempt in (1, 2):
+            reused = conn.sock is not None
+            started = time.monotonic()
+            try:
+                response = self._exchange(conn, request.method, target, headers, body, request.chunked)
+            except ClientGone as e:
+                self._discard(server, conn)
+                return self._client_gone(request, e)
+            except BodyTooLarge:
+                self._discard(server, conn)
+                return self._closing(error_response(request, 413, "request body is too large"))
+            except Exception as e:  # anything else is the upstream's doing
+                conn.close()
+                if (attempt == 1 and reused and isinstance(e, _STALE_ERRORS)
+                        and (body is None or body.replayable)
+                        and (request.method in IDEMPOTENT or body is None or body.sent == 0)):
+                    log.debug("stale keep-alive connection to %s (%s); sending again on a new one",
+                              server.label, _describe(e))
+                    continue
+                server.pool._put_conn(conn)
+                return self._failure(request, server, e)
+            break
+        environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+
+        out = _response_headers(response)
+        proxied = Response(response.status, out, UpstreamBody(response, conn, server, request),
+                           response.reason or None)
+        if body is not None and not body.complete:
+            # The upstream answered before reading the whole body; the rest
+            # is still on the client connection, which cannot be reused.
+            proxied.close_connection = True
+        return proxied
+
+    def _exchange(self, conn, method, target, headers, body, chunked):
+        if conn.sock is None:
+            conn.timeout = self.connect_timeout
+            conn.connect()
+        conn.timeout = self.read_timeout
+        try:
+            conn.request(method, target, body=body.payload() if body is not None else None,
+                         headers=headers, chunked=chunked, preload_content=False,
+                         decode_content=False)
+        except (BrokenPipeError, ConnectionResetError):
+            # The upstream may have answered early and stopped reading
+            # (e.g. 413 or 401): its answer is still worth reading.
+            if body is None or body.sent == 0:
+                raise
+        return conn.getresponse()
+
+    def _headers(self, request: Request, server: Server) -> dict[str, str]:
+        headers = dict(request.headers)
+        if self.host_header != "client":
+            headers["Host"] = server.label if self.host_header == "upstream" else self.host_header
+        # urllib3 and http.client add User-Agent and Accept-Encoding unless told not to.
+        if "User-Agent" not in headers:
+            headers["User-Agent"] = SKIP_HEADER
+        if "Accept-Encoding" not in headers:
+            headers["Accept-Encoding"] = SKIP_HEADER
+        if "Host" not in headers:
+            headers["Host"] = server.label
+        return headers
+
+    def _target(self, request: Request) -> str:
+        if self.strip is None:
+            return request.target
+        # nginx-style: the normalised path, with the matched prefix replaced by '/'.
+        rest = request.path[len(self.strip):] or "/"
+        if not rest.startswith("/"):
+            rest = "/" + rest
+        path = quote(rest, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")
+        return f"{path}?{request.query}" if request.query else path
+
+    @staticmethod
+    def _discard(server: Server, conn) -> None:
+        conn.close()
+        server.pool._put_conn(conn)
+
+    @staticmethod
+    def _closing(response: Response) -> Response:
+        response.close_connection = True
+        return response
+
+    def _client_gone(self, request: Request, error: Exception) -> Response:
+        log.info("client %s went away mid-upload (%s), request_id=%s",
+                 request.client_ip, error, request.request_id)
+        request.environ["rproxy.error"] = "client went away mid-upload"
+        return self._closing(error_response(request, 499, "client closed the request"))
+
+    def _failure(self, request: Request, server: Server, error: Exception) -> Response:
+        status, message = _classify(error, self.connect_timeout, self.read_timeout)
+        request.environ["rproxy.error"] = message
+        log.warning("upstream %s (%s %s): %s, request_id=%s", server.label, request.method,
+                    request.target, message, request.request_id)
+        response = error_response(request, status, message)
+        if request.has_body:
+            response.close_connection = True
+        return response
+
+
+def _response_headers(response) -> list[tuple[str, str]]:
+    headers = response.headers
+    connection = headers.get("Connection")
+    drop = _RESPONSE_DROP | connection_tokens(connection) if connection else _RESPONSE_DROP
+    out = [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    if response.chunked:
+        # http.client decodes the chunking; a stray Content-Length would lie.
+        out = [(k, v) for k, v in out if k.lower() != "content-length"]
+    return out
+
+
+def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> tuple[int, str]:
+    if isinstance(error, NewConnectionError):
+        cause = error.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            return 502, "upstream refused the connection"
+        return 502, f"cannot connect to upstream: {_describe(cause or error)}"
+    if isinstance(error, ConnectTimeoutError):
+        return 504, f"upstream did not accept the connection within {connect_timeout:g}s"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return 504, f"upstream sent no response within {read_timeout:g}s"
+    if isinstance(error, (SSLError, ProtocolError)) and isinstance(error.__cause__, OSError):
+        error = error.__cause__
+    if isinstance(error, http.client.RemoteDisconnected):
+        return 502, "upstream closed the connection without a response"
+    if isinstance(error, (http.client.HTTPException, ProtocolError)):
+        return 502, f"malformed response from upstream: {_describe(error)}"
+    if isinstance(error, OSError):
+        return 502, f"connection to upstream failed: {_describe(error)}"
+    return 502, f"upstream error: {_describe(error)}"
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) < 200 else text[:197] + "..."

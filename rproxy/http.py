@@ -1,0 +1,232 @@
+"""The request and response value types every handler passes along, and the
+proxy's own short answers (404, 413, 502, ...).
+
+A Request is built once from the WSGI environ: the method, the raw target, the
+normalised path used for routing, the host, and the headers as they will go
+upstream (hop-by-hop headers already removed). A Response is a status, a
+header list and an iterable body, so a middleware can read or change any of
+them before the WSGI server writes it out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from http import HTTPStatus
+from typing import Iterable
+from urllib.parse import unquote
+
+# RFC 9110 7.6.1: removed in both directions, plus every header Connection names.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+
+
+class BadRequest(Exception):
+    """The request cannot be served as sent; carries the status to answer."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@lru_cache(maxsize=2048)
+def header_name(environ_key: str) -> str:
+    """'HTTP_X_FORWARDED_FOR' -> 'X-Forwarded-For'."""
+    return environ_key[5:].replace("_", "-").title()
+
+
+def connection_tokens(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def normalize_path(raw_path: str) -> str:
+    """Decode and canonicalise a request path for matching.
+
+    Percent-escapes are decoded, `//` merged, `.` and `..` segments resolved,
+    so `/%61dmin`, `//admin` and `/x/../admin` all read `/admin`. A NUL byte or
+    a `..` that climbs above the root is a bad request.
+    """
+    path = unquote(raw_path, errors="surrogateescape") if "%" in raw_path else raw_path
+    if "\x00" in path:
+        raise BadRequest("NUL byte in path")
+    if "//" not in path and "/." not in path:
+        return path or "/"
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if not segments:
+                raise BadRequest("path climbs above the root")
+            segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
+    return "/" + "/".join(segments) + trailing
+
+
+class Request:
+    """One client request, as the proxy sees it."""
+
+    __slots__ = ("environ", "method", "target", "path", "query", "host", "headers",
+                 "peer", "client_ip", "scheme", "request_id", "content_length", "chunked")
+
+    def __init__(self, environ: dict, method: str, target: str, path: str, query: str,
+                 host: str, headers: dict[str, str], peer: str, scheme: str,
+                 request_id: str, content_length: int | None, chunked: bool):
+        self.environ = environ
+        self.method = method
+        self.target = target          # origin-form, exactly as received: path?query
+        self.path = path              # normalised, for matching only
+        self.query = query
+        self.host = host              # lower-case, without port
+        self.headers = headers        # to send upstream, Title-Case names
+        self.peer = peer              # the TCP peer's address
+        self.client_ip = peer         # the real client, once forwarded headers are read
+        self.scheme = scheme
+        self.request_id = request_id
+        self.content_length = content_length
+        self.chunked = chunked
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.title())
+
+    @classmethod
+    def from_environ(cls, environ: dict) -> "Request":
+        method = environ["REQUEST_METHOD"]
+        if method == "CONNECT":
+            # Tunnelling to a client-chosen host would make us an open proxy.
+            raise BadRequest("CONNECT is not served here", 405)
+        target = environ.get("RAW_URI") or "/"
+        authority = None
+        if target[0] != "/":
+            if target == "*" and method == "OPTIONS":
+                target = "/"
+            else:
+                # Absolute form (RFC 9112 3.2.2): its authority replaces Host,
+                # and only its path goes upstream, to the route's own servers.
+                scheme_sep = target.find("://")
+                if scheme_sep < 0:
+                    raise BadRequest("request target is neither a path nor an absolute URL")
+                rest = target[scheme_sep + 3:]
+                slash = rest.find("/")
+                authority, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+        raw_path, _, query = target.partition("?")
+        path = normalize_path(raw_path)
+
+        connection = environ.get("HTTP_CONNECTION")
+        drop = HOP_BY_HOP | connection_tokens(connection) if connection else HOP_BY_HOP
+        headers: dict[str, str] = {}
+        for key, value in environ.items():
+            if key[:5] == "HTTP_":
+                name = header_name(key)
+                if name.lower() not in drop:
+                    headers[name] = value
+        content_type = environ.get("CONTENT_TYPE")
+        if content_type:
+            headers["Content-Type"] = content_type
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        length = environ.get("CONTENT_LENGTH")
+        content_length = None
+        if length and not chunked:
+            if not length.isdigit():
+                raise BadRequest("malformed Content-Length")
+            content_length = int(length)
+            headers["Content-Length"] = length
+        # gunicorn already answered 100-continue; the upstream gets the body at once.
+        headers.pop("Expect", None)
+
+        host = authority if authority is not None else headers.get("Host", "")
+        if host:
+            if not _HOST_RE.fullmatch(host):
+                raise BadRequest("malformed Host")
+            headers["Host"] = host
+        elif environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+            raise BadRequest("HTTP/1.1 request without Host")
+        hostname = host.lower()
+        if hostname.endswith("]") or ":" not in hostname:
+            hostname = hostname.rstrip(".")
+        else:
+            hostname = hostname.rsplit(":", 1)[0].rstrip(".")
+
+        request_id = headers.get("X-Request-Id")
+        if request_id is None or not _REQUEST_ID_RE.fullmatch(request_id):
+            request_id = os.urandom(16).hex()
+        headers["X-Request-Id"] = request_id
+
+        return cls(environ, method, target, path, query, hostname, headers,
+                   environ.get("REMOTE_ADDR", ""), environ.get("wsgi.url_scheme", "http"),
+                   request_id, content_length, chunked)
+
+
+class Response:
+    """A status, headers and a body iterable, on its way to the client."""
+
+    __slots__ = ("status", "reason", "headers", "body", "close_connection")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: Iterable[bytes],
+                 reason: str | None = None):
+        self.status = status
+        self.reason = reason or _reason(status)
+        self.headers = headers
+        self.body = body
+        # The client connection cannot carry another request after this one
+        # (e.g. an unread request body is still on the wire).
+        self.close_connection = False
+
+    @property
+    def status_line(self) -> str:
+        return f"{self.status} {self.reason}"
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+
+def _reason(status: int) -> str:
+    if status == 499:
+        return "Client Closed Request"
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def error_response(request: Request | None, status: int, message: str,
+                   extra_headers: Iterable[tuple[str, str]] = (), environ: dict | None = None) -> Response:
+    """The proxy's own answer: short, JSON when the client asks for JSON.
+
+    Without a Request (it could not be built), `environ` supplies the Accept
+    header and receives the generated request id."""
+    if request is not None:
+        request_id, accept = request.request_id, request.headers.get("Accept", "")
+    else:
+        request_id = os.urandom(16).hex()
+        accept = environ.get("HTTP_ACCEPT", "") if environ else ""
+        if environ is not None:
+            environ["rproxy.request_id"] = request_id
+    if "application/json" in accept:
+        body = json.dumps({"status": status, "error": message, "request_id": request_id}).encode()
+        content_type = "application/json"
+    else:
+        body = f"{status} {_reason(status)}: {message}\nrequest id: {request_id}\n".encode()
+        content_type = "text/plain; charset=utf-8"
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+               ("Cache-Control", "no-store"), *extra_headers]
+    if request is None:
+        headers.append(("X-Request-ID", request_id))
+    return Response(status, headers, [body])

@@ -1,0 +1,59 @@
+"""gunicorn's settings, taken from the same INI that configures the proxy.
+
+`gunicorn.conf.py` calls `gunicorn_settings()`; gunicorn applies its own
+command-line flags on top, so those still override. A bad config stops
+gunicorn here, in the master, with the same message `rproxy check` prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from . import config as config_module
+from .config import Config, ConfigError
+
+
+def ini_path(conf_dir: str, argv: list[str]) -> str:
+    """The INI to serve: `--paste FILE` when given (legacy paste deployments),
+    else $RPROXY_CONFIG, else conf/rproxy.ini beside gunicorn.conf.py."""
+    for i, arg in enumerate(argv):
+        if arg in ("--paste", "--paster") and i + 1 < len(argv):
+            return argv[i + 1].split("#")[0]
+        if arg.startswith(("--paste=", "--paster=")):
+            return arg.split("=", 1)[1].split("#")[0]
+    return os.environ.get("RPROXY_CONFIG") or os.path.join(conf_dir, config_module.DEFAULT_PATH)
+
+
+def to_gunicorn(config: Config) -> dict:
+    server, log = config.server, config.log
+    return {
+        "wsgi_app": "rproxy.app:application",
+        "worker_class": "gevent",
+        "bind": list(server.bind),
+        "workers": server.workers,
+        "worker_connections": server.worker_connections,
+        "keepalive": math.ceil(server.keepalive),
+        "graceful_timeout": math.ceil(server.graceful_timeout),
+        # gunicorn's own trust (wsgi.url_scheme from X-Forwarded-Proto) follows ours.
+        "forwarded_allow_ips": ",".join(str(net) for net in server.trusted_proxies),
+        "accesslog": None if log.access_log == "off" else log.access_log,
+        "errorlog": log.error_log,
+        "loglevel": log.level,
+        "logger_class": "rproxy.accesslog.AccessLogger",
+        "proc_name": "rproxy",
+    }
+
+
+def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
+    conf_dir = os.path.dirname(os.path.abspath(conf_file))
+    path = os.path.abspath(ini_path(conf_dir, sys.argv if argv is None else argv))
+    try:
+        config = config_module.load(path)
+    except ConfigError as e:
+        print(f"rproxy: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    # Workers read the same file: make sure they find it whatever their cwd.
+    os.environ["RPROXY_CONFIG"] = path
+    return to_gunicorn(config)

@@ -1,0 +1,168 @@
+"""Parsers for the value types an INI key can hold: durations, sizes, booleans,
+addresses and lists. Each takes the raw string and returns the parsed value or
+raises ValueError with a message that says what a valid value looks like."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+
+
+def duration(raw: str) -> float:
+    """'500ms', '3s', '2m', '1h' or a bare number of seconds -> seconds."""
+    match = _DURATION_RE.fullmatch(raw.strip())
+    if not match:
+        raise ValueError(f"{raw!r} is not a duration (use e.g. 500ms, 3s, 2m)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def positive_duration(raw: str) -> float:
+    value = duration(raw)
+    if value <= 0:
+        raise ValueError(f"{raw!r} must be more than zero")
+    return value
+
+
+def size(raw: str) -> int:
+    """'512k', '100m', '1g' or a bare number of bytes -> bytes."""
+    match = _SIZE_RE.fullmatch(raw.strip())
+    if not match:
+        raise ValueError(f"{raw!r} is not a size (use e.g. 512k, 100m, 1g; 0 for no limit)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def boolean(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{raw!r} is not yes or no")
+
+
+def count(raw: str) -> int:
+    """A whole number, zero or more."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{raw!r} must not be negative")
+    return value
+
+
+def positive_count(raw: str) -> int:
+    value = count(raw)
+    if value < 1:
+        raise ValueError(f"{raw!r} must be at least 1")
+    return value
+
+
+def words(raw: str) -> tuple[str, ...]:
+    """A list separated by spaces or commas."""
+    return tuple(w for w in re.split(r"[\s,]+", raw.strip()) if w)
+
+
+def text(raw: str) -> str:
+    return raw.strip()
+
+
+def networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses or CIDR networks, e.g. '127.0.0.1 ::1 10.0.0.0/8'."""
+    result = []
+    for word in words(raw):
+        try:
+            result.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"{word!r} is not an IP address or network") from None
+    return tuple(result)
+
+
+def path_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/"):
+        raise ValueError(f"{raw!r} must start with /")
+    if any(ch in value for ch in " \t?#\x00"):
+        raise ValueError(f"{raw!r} must be a plain path (no spaces, query or fragment)")
+    # '/api/' and '/api' name the same prefix: matching is by whole segments.
+    return value.rstrip("/") or "/"
+
+
+_HOST_RE = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
+
+
+def host_patterns(raw: str) -> tuple[str, ...]:
+    """Host names, exact or '*.example.com', lower-cased."""
+    result = []
+    for word in words(raw.lower()):
+        if not _HOST_RE.fullmatch(word):
+            raise ValueError(f"{word!r} is not a host name or *.wildcard")
+        result.append(word.rstrip("."))
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """One upstream server: where it is and how much of the traffic it takes."""
+
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+_ADDR_RE = re.compile(r"(?:(https?)://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?")
+
+
+def servers(raw: str) -> tuple[ServerAddress, ...]:
+    """'127.0.0.1:9001 http://b:9002 weight=2 https://c' -> addresses."""
+    result: list[ServerAddress] = []
+    for word in words(raw):
+        if word.startswith("weight="):
+            if not result:
+                raise ValueError(f"{word!r} must follow the server it weighs")
+            weight = word[len("weight="):]
+            if not weight.isdigit() or int(weight) < 1:
+                raise ValueError(f"{word!r}: weight must be a whole number of 1 or more")
+            last = result.pop()
+            result.append(ServerAddress(last.scheme, last.host, last.port, int(weight)))
+            continue
+        match = _ADDR_RE.fullmatch(word)
+        if not match:
+            raise ValueError(f"{word!r} is not host:port or http(s)://host:port")
+        scheme = (match.group(1) or "http").lower()
+        host = match.group(2).strip("[]")
+        port = int(match.group(3) or (443 if scheme == "https" else 80))
+        if not 0 < port < 65536:
+            raise ValueError(f"{word!r}: port must be 1 to 65535")
+        result.append(ServerAddress(scheme, host, port))
+    if not result:
+        raise ValueError("names no server")
+    return tuple(result)
+
+
+def one_of(*choices: str):
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{raw!r} is not one of: {', '.join(choices)}")
+        return value
+
+    parse.__name__ = "one_of"
+    return parse

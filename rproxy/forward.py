@@ -43,7 +43,9 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Response headers the proxy writes itself (the WSGI server adds its own
 # Date and Server) or that only describe the upstream hop.
 _RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
-_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
+# On a reused connection these mean the upstream closed it while idle, or left
+# stray bytes on it (a body sent to HEAD): worth one more try on a new one.
+_STALE_ERRORS = (http.client.BadStatusLine, ConnectionResetError,
                  BrokenPipeError, ConnectionAbortedError)
 
 

@@ -1,0 +1,176 @@
+"""Fixtures that run the real thing: upstream servers and rproxy under
+gunicorn, each its own process on a free loopback port, stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+GUNICORN = str(BIN / "gunicorn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+class Process:
+    """A child process with its output in a file, stopped with its children."""
+
+    def __init__(self, args, log_path: Path, env=None, cwd=REPO):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=cwd, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> None:
+        kids = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for kid in kids:
+            try:
+                kid.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._log.close()
+
+
+class Upstream(Process):
+    def __init__(self, tmp_dir: Path, port: int | None = None):
+        self.port = port or free_port()
+        super().__init__([sys.executable, str(REPO / "tests" / "upstream.py"), "--port", str(self.port)],
+                         tmp_dir / f"upstream-{self.port}.log")
+        wait_for_port(self.port, self.proc)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        return requests.get(self.url + "/_stats", timeout=5).json()
+
+    def reset(self) -> None:
+        requests.get(self.url + "/_reset", timeout=5)
+
+
+class Proxy(Process):
+    def __init__(self, tmp_dir: Path, ini: str, server: dict | None = None, workers: int = 1,
+                 args=(), env=None):
+        self.port = free_port()
+        server_keys = {"bind": f"127.0.0.1:{self.port}", "workers": str(workers)}
+        server_keys.update(server or {})
+        text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in server_keys.items())
+        text += "\n[log]\nlevel = debug\n\n" + textwrap.dedent(ini)
+        self.ini_path = tmp_dir / f"rproxy-{self.port}.ini"
+        self.ini_path.write_text(text)
+        full_env = dict(os.environ, RPROXY_CONFIG=str(self.ini_path), **(env or {}))
+        super().__init__([GUNICORN, "-c", "gunicorn.conf.py", "--no-control-socket", *args],
+                         tmp_dir / f"proxy-{self.port}.log", env=full_env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for_port(self.port, self.proc)
+        self.wait_for_workers(workers)
+
+    def wait_for_workers(self, count: int, timeout: float = 15.0) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            booted = len(re.findall(r"Booting worker with pid", self.log()))
+            kids = self.children()
+            if booted >= count and len(kids) >= count:
+                return kids
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{count} workers did not boot:\n{self.log()}")
+
+    def workers(self) -> list[psutil.Process]:
+        return self.children()
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("procs")
+
+
+@pytest.fixture(scope="session")
+def upstream(session_tmp):
+    server = Upstream(session_tmp)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_upstream(tmp_path):
+    started = []
+
+    def start(port: int | None = None) -> Upstream:
+        server = Upstream(tmp_path, port)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    started = []
+
+    def start(ini: str, **kwargs) -> Proxy:
+        proxy = Proxy(tmp_path, ini, **kwargs)
+        started.append(proxy)
+        return proxy
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def single_route(port: int, route_extra: str = "", upstream_extra: str = "") -> str:
+    """An INI body with one upstream server and a catch-all route."""
+    return (f"[upstream:app]\nservers = 127.0.0.1:{port}\n{upstream_extra}\n"
+            f"[route:default]\npath = /\nupstream = app\n{route_extra}\n")
+
+
+@pytest.fixture
+def proxy(start_proxy, upstream):
+    """rproxy in front of the shared upstream, one worker, defaults."""
+    return start_proxy(single_route(upstream.port))

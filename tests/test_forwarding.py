@@ -1,0 +1,71 @@
+"""Requests reach the upstream and come back: pooling, balancing, headers."""
+
+import socket
+
+import requests
+
+from conftest import single_route
+
+
+def test_proxied_request_reaches_upstream_and_returns(proxy, upstream):
+    r = requests.post(proxy.url + "/echo/a?b=1", data=b"hello", timeout=10)
+    assert r.status_code == 200
+    echo = r.json()
+    assert echo["method"] == "POST"
+    assert echo["request_line"] == "POST /echo/a?b=1 HTTP/1.1"
+    assert echo["body_length"] == 5
+    assert r.headers["X-Request-ID"]
+
+
+def test_pool_reuses_one_connection_for_sequential_requests(start_proxy, start_upstream):
+    server = start_upstream()
+    proxy = start_proxy(single_route(server.port))
+    server.reset()
+    with requests.Session() as client:
+        for _ in range(100):
+            assert client.get(proxy.url + "/echo", timeout=10).status_code == 200
+    stats = server.stats()
+    # 100 proxied requests plus this stats request, which opens its own connection.
+    assert stats["requests"] == 101
+    assert stats["connections"] == 2
+
+
+def test_round_robin_spreads_requests_by_weight(start_proxy, start_upstream):
+    a, b = start_upstream(), start_upstream()
+    proxy = start_proxy(f"""
+        [upstream:app]
+        servers = 127.0.0.1:{a.port} 127.0.0.1:{b.port} weight=2
+        [route:default]
+        upstream = app
+        """)
+    ports = [requests.get(proxy.url + "/echo", timeout=10).json()["port"] for _ in range(30)]
+    assert ports.count(str(a.port)) == 10
+    assert ports.count(str(b.port)) == 20
+    # Smooth: b never takes three turns in a row.
+    assert all(ports[i:i + 3] != [str(b.port)] * 3 for i in range(len(ports) - 2))
+
+
+def test_request_id_is_propagated_or_generated(proxy):
+    r = requests.get(proxy.url + "/echo", headers={"X-Request-ID": "abc-123"}, timeout=10)
+    assert r.headers["X-Request-ID"] == "abc-123"
+    assert ["X-Request-Id", "abc-123"] in r.json()["headers"]
+    r = requests.get(proxy.url + "/echo", headers={"X-Request-ID": "bad\tid"}, timeout=10)
+    generated = r.headers["X-Request-ID"]
+    assert len(generated) == 32 and generated != "bad\tid"
+    assert ["X-Request-Id", generated] in r.json()["headers"]
+
+
+def test_client_headers_pass_untouched_and_no_defaults_added(proxy):
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    s.sendall(b"GET /echo HTTP/1.1\r\nHost: example.test\r\nX-Custom: A b  c\r\n"
+              b"Connection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    import json
+    headers = dict(json.loads(body)["headers"])
+    assert headers["X-Custom"] == "A b  c"
+    assert headers["Host"] == "example.test"
+    assert "User-Agent" not in headers and "Accept-Encoding" not in headers

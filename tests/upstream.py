@@ -1,0 +1,212 @@
+"""The upstream server the tests put behind rproxy, run as its own process:
+
+    python tests/upstream.py --port N
+
+A gevent pywsgi app whose endpoints behave well or badly on request, and
+which records what it really received (request line, raw header pairs, body
+digest) and how many TCP connections it accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import socket
+import sys
+import time
+from urllib.parse import parse_qs
+
+import gevent
+from gevent.event import Event
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+STATS = {"connections": 0, "requests": 0}
+RELEASES: dict[str, Event] = {}
+PATTERN = bytes(range(256)) * 256  # 64 KiB
+
+
+class Abort(Exception):
+    """Raised after the endpoint wrecked its own connection on purpose."""
+
+
+class RecordingHandler(WSGIHandler):
+    def handle(self):
+        STATS["connections"] += 1
+        super().handle()
+
+    def get_environ(self):
+        env = super().get_environ()
+        env["upstream.socket"] = self.socket
+        env["upstream.request_line"] = self.requestline
+        env["upstream.raw_headers"] = list(self.headers.items())
+        return env
+
+
+def _json(start_response, payload, status="200 OK", extra=()):
+    body = json.dumps(payload).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body))), *extra])
+    return [body]
+
+
+def _read_body(environ):
+    digest, total = hashlib.sha256(), 0
+    stream = environ["wsgi.input"]
+    while True:
+        data = stream.read(256 * 1024)
+        if not data:
+            break
+        digest.update(data)
+        total += len(data)
+    return total, digest.hexdigest()
+
+
+def pattern_bytes(n: int):
+    while n > 0:
+        piece = PATTERN[:min(n, len(PATTERN))]
+        n -= len(piece)
+        yield piece
+
+
+def app(environ, start_response):
+    STATS["requests"] += 1
+    path = environ["PATH_INFO"]
+    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+    if path == "/_stats":
+        return _json(start_response, STATS)
+    if path == "/_reset":
+        STATS.update(connections=0, requests=0)
+        return _json(start_response, STATS)
+
+    if path.startswith("/echo") or path == "/upload" or path.startswith("/app"):
+        length, digest = _read_body(environ)
+        return _json(start_response, {
+            "port": environ["SERVER_PORT"],
+            "method": environ["REQUEST_METHOD"],
+            "request_line": environ["upstream.request_line"],
+            "headers": environ["upstream.raw_headers"],
+            "body_length": length,
+            "body_sha256": digest,
+        })
+
+    if path == "/bytes":
+        n = int(query.get("n", "100"))
+        headers = [("Content-Type", "application/octet-stream")]
+        if query.get("chunked") != "1":
+            headers.append(("Content-Length", str(n)))
+        start_response("200 OK", headers)
+        return pattern_bytes(n)
+
+    if path == "/sse":
+        key = query.get("key", "default")
+        release = RELEASES.setdefault(key, Event())
+
+        def events():
+            yield b"data: first\n\n"
+            release.wait(timeout=20)
+            yield b"data: second\n\n"
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+        return events()
+
+    if path == "/release":
+        RELEASES.setdefault(query.get("key", "default"), Event()).set()
+        return _json(start_response, {"released": True})
+
+    if path == "/slow":
+        gevent.sleep(float(query.get("delay", "1")))
+        return _json(start_response, {"slept": float(query.get("delay", "1"))})
+
+    if path == "/abort":
+        # Promise 2n bytes, send n, then drop the connection.
+        n = int(query.get("n", "100000"))
+        sock = environ["upstream.socket"]
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * n))
+        for piece in pattern_bytes(n):
+            sock.sendall(piece)
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        raise Abort  # pywsgi: stop this connection without writing anything
+
+    if path == "/abort-chunked":
+        n = int(query.get("n", "100000"))
+
+        def cut():
+            yield from pattern_bytes(n)
+            environ["upstream.socket"].shutdown(socket.SHUT_RDWR)
+            raise Abort
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return cut()
+
+    if path == "/malformed":
+        sock = environ["upstream.socket"]
+        sock.sendall(b"HTTP/1.1 twohundred OK\r\nContent-Length: 2\r\n\r\nhi")
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        raise Abort
+
+    if path == "/hangup":
+        sock = environ["upstream.socket"]
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        raise Abort
+
+    if path.startswith("/status/"):
+        code = int(path.rsplit("/", 1)[1])
+        if code in (204, 304):
+            start_response(f"{code} X", [("ETag", '"v1"')])
+            return [b""]
+        return _json(start_response, {"status": code}, status=f"{code} X")
+
+    if path == "/head":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        if environ["REQUEST_METHOD"] == "HEAD" and not query.get("leaky"):
+            return []
+        return [b"hello"]  # with ?leaky=1, wrongly, also to HEAD
+
+    if path == "/cookies":
+        body = b"cookies"
+        start_response("200 OK", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; HttpOnly"),
+                                  ("Set-Cookie", "c=3, with comma; Expires=Wed, 21 Oct 2037 07:28:00 GMT"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    if path == "/hop":
+        body = b"hop"
+        start_response("200 OK", [("Connection", "X-Secret, keep-alive"), ("X-Secret", "internal"),
+                                  ("Keep-Alive", "timeout=5"), ("Proxy-Authenticate", "Basic"),
+                                  ("Trailer", "X-Checksum"), ("Upgrade", "h2c"), ("X-Kept", "yes"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    if path == "/gzip":
+        raw = b"compress me " * 1000
+        body = gzip.compress(raw, mtime=0)
+        start_response("200 OK", [("Content-Encoding", "gzip"), ("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body))),
+                                  ("X-Body-Sha256", hashlib.sha256(body).hexdigest())])
+        return [body]
+
+    if path == "/early-reply":
+        # Answers without reading the request body (as an upstream 413 would).
+        return _json(start_response, {"early": True}, status="413 Payload Too Large")
+
+    return _json(start_response, {"error": "no such endpoint", "path": path}, status="404 Not Found")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    server = WSGIServer(("127.0.0.1", args.port), app, handler_class=RecordingHandler,
+                        log=None, error_log=None)
+    print(f"upstream listening on {args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    from gevent import monkey
+    monkey.patch_all()
+    sys.exit(main())

@@ -52,7 +52,8 @@ class Process:
         self.pid = self.proc.pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[psutil.Process]:
@@ -162,6 +163,9 @@ def start_proxy(tmp_path):
     yield start
     for proxy in started:
         proxy.stop()
+    for proxy in started:
+        # Whatever a test did, the proxy never logs a traceback.
+        assert "Traceback" not in proxy.log(), proxy.log()
 
 
 def single_route(port: int, route_extra: str = "", upstream_extra: str = "") -> str:

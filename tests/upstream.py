@@ -193,7 +193,8 @@ def app(environ, start_response):
         # Answers without reading the request body (as an upstream 413 would).
         return _json(start_response, {"early": True}, status="413 Payload Too Large")
 
-    return _json(start_response, {"error": "no such endpoint", "path": path}, status="404 Not Found")
+    return _json(start_response, {"error": "no such endpoint", "request_line": environ["upstream.request_line"]},
+                 status="404 Not Found")
 
 
 def main(argv=None):

@@ -1,0 +1,97 @@
+"""Hop-by-hop headers go nowhere; forwarding headers say who the client is,
+believed only from trusted proxies."""
+
+import socket
+
+import requests
+
+from conftest import single_route
+
+
+def upstream_headers(response) -> dict:
+    return {k.lower(): v for k, v in response.json()["headers"]}
+
+
+def test_hop_by_hop_request_headers_are_removed(proxy):
+    r = requests.get(proxy.url + "/echo", timeout=10, headers={
+        "Connection": "keep-alive, X-Private", "X-Private": "secret", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "Proxy-Authorization": "Basic Zm9v", "Upgrade": "h2c",
+        "X-Kept": "yes"})
+    seen = upstream_headers(r)
+    for name in ("x-private", "keep-alive", "te", "proxy-authorization", "upgrade", "trailer"):
+        assert name not in seen, name
+    assert seen["x-kept"] == "yes"
+    assert seen.get("connection", "keep-alive").lower() == "keep-alive"  # urllib3's own
+
+
+def test_hop_by_hop_response_headers_are_removed(proxy):
+    r = requests.get(proxy.url + "/hop", timeout=10)
+    assert r.text == "hop"
+    for name in ("X-Secret", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade"):
+        assert name not in r.headers, name
+    assert r.headers["X-Kept"] == "yes"
+
+
+def test_forwarding_headers_are_added(proxy):
+    r = requests.get(proxy.url + "/echo", headers={"Host": "shop.example"}, timeout=10)
+    seen = upstream_headers(r)
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "shop.example"
+    assert seen["x-real-ip"] == "127.0.0.1"
+    assert seen["host"] == "shop.example"
+
+
+def test_trusted_proxy_headers_are_kept_and_extended(proxy):
+    r = requests.get(proxy.url + "/echo", timeout=10, headers={
+        "X-Forwarded-For": "203.0.113.7, 10.0.0.2", "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "public.example", "X-Real-IP": "203.0.113.7"})
+    seen = upstream_headers(r)
+    assert seen["x-forwarded-for"] == "203.0.113.7, 10.0.0.2, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == "public.example"
+    assert seen["x-real-ip"] == "203.0.113.7"
+
+
+def test_untrusted_peer_cannot_forge_forwarding_headers(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"trusted_proxies": "10.1.2.3"})
+    r = requests.get(proxy.url + "/echo", timeout=10, headers={
+        "X-Forwarded-For": "1.2.3.4", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil",
+        "X-Real-IP": "1.2.3.4", "Forwarded": "for=1.2.3.4", "Host": "site.example"})
+    seen = upstream_headers(r)
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "site.example"
+    assert seen["x-real-ip"] == "127.0.0.1"
+    assert "forwarded" not in seen
+
+
+def test_several_set_cookie_headers_survive_intact(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"GET /cookies HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    cookies = [line.split(b": ", 1)[1] for line in data.split(b"\r\n")
+               if line.lower().startswith(b"set-cookie:")]
+    assert cookies == [b"a=1; Path=/", b"b=2; HttpOnly",
+                       b"c=3, with comma; Expires=Wed, 21 Oct 2037 07:28:00 GMT"]
+
+
+def test_host_header_can_be_set_per_route(start_proxy, upstream):
+    proxy = start_proxy(f"""
+        [upstream:app]
+        servers = 127.0.0.1:{upstream.port}
+        [route:default]
+        upstream = app
+        [route:fixed]
+        path = /echo/fixed
+        upstream = app
+        host_header = internal.example
+        [route:up]
+        path = /echo/up
+        upstream = app
+        host_header = upstream
+        """)
+    assert upstream_headers(requests.get(proxy.url + "/echo/fixed", timeout=10))["host"] == "internal.example"
+    assert upstream_headers(requests.get(proxy.url + "/echo/up", timeout=10))["host"] == f"127.0.0.1:{upstream.port}"

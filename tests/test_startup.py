@@ -1,0 +1,133 @@
+"""Starting rproxy the documented ways, and refusing to start on a bad config."""
+
+import os
+import re
+import subprocess
+import sys
+
+import requests
+
+from conftest import GUNICORN, REPO, BIN, Process, free_port, single_route, wait_for_port
+
+RPROXY = str(BIN / "rproxy")
+
+
+def run(args, env_extra=None, cwd=REPO, timeout=60):
+    env = {k: v for k, v in os.environ.items() if k != "RPROXY_CONFIG"}
+    env.update(env_extra or {})
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def write_ini(tmp_path, text, name="rproxy.ini"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def printed_config(out) -> dict:
+    assert out.returncode == 0, out.stderr
+    pairs = (line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def test_gunicorn_settings_come_from_the_ini(tmp_path):
+    ini = write_ini(tmp_path, "[server]\nbind = 127.0.0.1:18081 127.0.0.1:18082\nworkers = 3\n"
+                              "worker_connections = 77\nkeepalive = 7s\ngraceful_timeout = 11s\n"
+                              + single_route(1))
+    config = printed_config(run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config"],
+                                {"RPROXY_CONFIG": ini}))
+    assert config["bind"] == "['127.0.0.1:18081', '127.0.0.1:18082']"
+    expected = {"workers": "3", "worker_connections": "77", "keepalive": "7", "graceful_timeout": "11",
+                "worker_class": "gevent", "wsgi_app": "rproxy.app:application"}
+    assert {k: config[k] for k in expected} == expected
+
+
+def test_gunicorn_flags_override_the_ini(tmp_path):
+    ini = write_ini(tmp_path, "[server]\nworkers = 3\n" + single_route(1))
+    config = printed_config(run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config", "--workers", "2",
+                                 "-b", "127.0.0.1:18099"], {"RPROXY_CONFIG": ini}))
+    assert config["workers"] == "2" and config["bind"] == "['127.0.0.1:18099']"
+
+
+def test_default_config_is_conf_rproxy_ini():
+    config = printed_config(run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config"]))
+    assert config["bind"] == "['127.0.0.1:8080']"
+
+
+def test_bad_config_stops_gunicorn_with_the_check_message(tmp_path):
+    ini = write_ini(tmp_path, "[upstream:app]\nservers = 127.0.0.1:1\nconect_timeout = 1s\n"
+                              "[route:r]\nupstream = app\n")
+    started = run([GUNICORN, "-c", "gunicorn.conf.py", "--no-control-socket",
+                   "-b", f"127.0.0.1:{free_port()}"], {"RPROXY_CONFIG": ini}, timeout=30)
+    checked = run([RPROXY, "check", ini])
+    assert started.returncode != 0 and checked.returncode != 0
+    message = f"{ini}: [upstream:app] conect_timeout: unknown key; did you mean 'connect_timeout'?"
+    assert message in started.stderr
+    assert message in checked.stderr
+    assert "Traceback" not in started.stderr + started.stdout
+
+
+def test_check_accepts_a_good_config(tmp_path):
+    ini = write_ini(tmp_path, single_route(9001))
+    out = run([RPROXY, "check", ini])
+    assert out.returncode == 0 and "ok (1 routes, 1 upstreams, 1 servers)" in out.stdout
+    assert run([RPROXY, "check", str(REPO / "conf" / "rproxy.ini")]).returncode == 0
+    for example in (REPO / "conf" / "examples").glob("*.ini"):
+        assert run([RPROXY, "check", str(example)]).returncode == 0, example
+
+
+def test_several_workers_all_serve(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), workers=2)
+    assert len(proxy.workers()) == 2
+    for _ in range(20):
+        assert requests.get(proxy.url + "/echo", timeout=10).status_code == 200
+
+
+def paste_ini(tmp_path, upstream_port):
+    return write_ini(tmp_path, single_route(upstream_port) + "\n[app:main]\nuse = egg:rproxy\n",
+                     name="paste.ini")
+
+
+def test_paste_deployment_serves_the_same_ini(tmp_path, upstream):
+    ini = paste_ini(tmp_path, upstream.port)
+    # From a directory with no gunicorn.conf.py: paste alone.
+    port = free_port()
+    proc = Process([GUNICORN, "--paste", ini, "-b", f"127.0.0.1:{port}", "--no-control-socket",
+                    "-k", "gevent"], tmp_path / "paste.log", cwd=tmp_path)
+    try:
+        wait_for_port(port, proc.proc)
+        r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
+        assert r.status_code == 200 and r.json()["request_line"] == "GET /echo HTTP/1.1"
+    finally:
+        proc.stop()
+
+
+def test_paste_deployment_beside_gunicorn_conf_uses_the_paste_ini(tmp_path, upstream):
+    ini = paste_ini(tmp_path, upstream.port)
+    port = free_port()
+    with open(ini, "a") as f:
+        f.write(f"\n[server]\nbind = 127.0.0.1:{port}\n")
+    proc = Process([GUNICORN, "--paste", ini, "--no-control-socket"], tmp_path / "paste2.log",
+                   env={k: v for k, v in os.environ.items() if k != "RPROXY_CONFIG"})
+    try:
+        wait_for_port(port, proc.proc)
+        r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
+        assert r.status_code == 200
+        assert "Using worker: gevent" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_access_log_has_one_line_per_request_with_upstream_timing(proxy, upstream):
+    requests.get(proxy.url + "/echo/logged?x=1", headers={"X-Request-ID": "log-me-1"}, timeout=10)
+    requests.get(proxy.url + "/slow?delay=0.2", headers={"X-Request-ID": "log-me-2"}, timeout=10)
+    lines = [l for l in proxy.log().splitlines() if "rid=log-me-" in l]
+    assert len(lines) == 2
+    first, second = lines
+    assert '"GET /echo/logged?x=1 HTTP/1.1" 200 ' in first
+    assert f"upstream=127.0.0.1:{upstream.port}" in first and "route=default" in first
+    upstream_ms = float(re.search(r"upstream_ms=([\d.]+)", second).group(1))
+    total_ms = float(re.search(r" ([\d.]+)ms upstream=", second).group(1))
+    assert 200 <= upstream_ms <= total_ms
+    bytes_sent = int(re.search(r'" 200 (\d+) ', first).group(1))
+    assert bytes_sent > 0

@@ -1,4 +1,8 @@
-"""`rproxy check CONFIG`: validate a config the way `nginx -t` does."""
+"""rproxy's command line.
+
+    rproxy check [CONFIG]   validate a config the way `nginx -t` does
+    rproxy reference        print the config reference (Markdown)
+"""
 
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check_cmd = commands.add_parser("check", help="validate a config file; exit 0 when valid")
     check_cmd.add_argument("config", nargs="?", default=config_module.config_path())
+    commands.add_parser("reference", help="print the config reference (Markdown)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(args.config)
-    return 2
+    print(config_module.reference())
+    return 0
 
 
 if __name__ == "__main__":

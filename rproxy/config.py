@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import configparser
 import difflib
-import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -40,27 +39,26 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {problem}")
 
 
-def setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "doc": doc})
-
-
-_LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+def setting(raw: str | None, parse: Callable[[str], Any], doc: str, required: bool = False) -> Any:
+    """A key: its default as written in the INI (None: unset), parser and doc."""
+    default = None if raw is None or required else parse(raw)
+    return field(default=default, metadata={"parse": parse, "doc": doc, "raw": raw, "required": required})
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    bind: tuple[str, ...] = setting(("127.0.0.1:8080",), values.words,
+    bind: tuple[str, ...] = setting("127.0.0.1:8080", values.words,
                                     "Addresses to listen on, gunicorn syntax, space separated.")
-    workers: int = setting(1, values.positive_count, "Worker processes.")
-    worker_connections: int = setting(1000, values.positive_count,
+    workers: int = setting("1", values.positive_count, "Worker processes.")
+    worker_connections: int = setting("1000", values.positive_count,
                                       "Concurrent client connections per worker.")
-    keepalive: float = setting(5.0, values.duration,
+    keepalive: float = setting("5s", values.duration,
                                "How long an idle client keep-alive connection stays open.")
-    graceful_timeout: float = setting(30.0, values.positive_duration,
+    graceful_timeout: float = setting("30s", values.positive_duration,
                                       "On shutdown or reload, how long workers may finish their requests.")
-    trusted_proxies: tuple = setting(_LOOPBACK, values.networks,
+    trusted_proxies: tuple = setting("127.0.0.1 ::1", values.networks,
                                      "Peers whose X-Forwarded-*, X-Real-IP and Forwarded headers are believed.")
-    max_body_size: int = setting(100 << 20, values.size,
+    max_body_size: int = setting("100m", values.size,
                                  "Largest request body; 413 above it. 0 = no limit.")
 
 
@@ -75,16 +73,17 @@ class LogConfig:
 @dataclass(frozen=True)
 class UpstreamConfig:
     name: str
-    servers: tuple[values.ServerAddress, ...] = setting((), values.servers,
-                                                        "host:port or http(s)://host:port, each optionally followed by weight=N.")
+    servers: tuple[values.ServerAddress, ...] = setting(None, values.servers,
+                                                        "host:port or http(s)://host:port, each optionally followed by weight=N.",
+                                                        required=True)
     balance: str = setting("round_robin", values.one_of("round_robin"),
                            "How a server is chosen for each request.")
-    connect_timeout: float = setting(3.0, values.positive_duration, "Time to open a connection to a server.")
-    read_timeout: float = setting(30.0, values.positive_duration,
+    connect_timeout: float = setting("3s", values.positive_duration, "Time to open a connection to a server.")
+    read_timeout: float = setting("30s", values.positive_duration,
                                   "Longest wait for any byte of a response, including its head.")
-    pool_size: int = setting(64, values.positive_count,
+    pool_size: int = setting("64", values.positive_count,
                              "Idle keep-alive connections kept per server and worker.")
-    max_connections: int = setting(0, values.count,
+    max_connections: int = setting("0", values.count,
                                    "Cap on open connections per server and worker; requests beyond it wait up "
                                    "to connect_timeout, then get 503. 0 = no cap.")
 
@@ -92,12 +91,12 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class RouteConfig:
     name: str
-    upstream: str = setting("", values.text, "The [upstream:NAME] this route forwards to.")
+    upstream: str = setting(None, values.text, "The [upstream:NAME] this route forwards to.", required=True)
     path: str = setting("/", values.path_prefix,
                         "Path prefix, matched by whole segments; the longest match wins.")
-    host: tuple[str, ...] = setting((), values.host_patterns,
+    host: tuple[str, ...] = setting("", values.host_patterns,
                                     "Host names this route answers (exact or *.example.com); empty = any.")
-    strip_prefix: bool = setting(False, values.boolean,
+    strip_prefix: bool = setting("no", values.boolean,
                                  "Remove the matched path prefix before forwarding.")
     host_header: str = setting("client", values.text,
                                "Host sent upstream: 'client' (as received), 'upstream' (the server's "
@@ -180,10 +179,9 @@ def _build(path: str, section: str, cls: type, items: Mapping[str, str], preset:
             kwargs[key] = spec.metadata["parse"](raw)
         except ValueError as e:
             raise ConfigError(path, section, key, str(e)) from None
-    if cls is UpstreamConfig and not kwargs.get("servers"):
-        raise ConfigError(path, section, "servers", "is required: list at least one server")
-    if cls is RouteConfig and not kwargs.get("upstream"):
-        raise ConfigError(path, section, "upstream", "is required: name the [upstream:NAME] to forward to")
+    for key, spec in declared.items():
+        if spec.metadata["required"] and not kwargs.get(key):
+            raise ConfigError(path, section, key, f"is required: {spec.metadata['doc']}")
     return cls(**kwargs)
 
 
@@ -222,6 +220,22 @@ def _parser_problem(error: configparser.Error) -> str:
         lines = ", ".join(str(lineno) for lineno, _ in error.errors)
         return f"line {lines}: not 'key = value', a [section] or a comment"
     return str(error)
+
+
+def reference() -> str:
+    """The config reference, in Markdown, from the declarations above."""
+    out = []
+    for kind, cls in [*SINGLE_SECTIONS.items(), *NAMED_SECTIONS.items()]:
+        header = f"[{kind}]" if kind in SINGLE_SECTIONS else f"[{kind}:NAME]"
+        out += [f"#### `{header}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in fields(cls):
+            if "parse" in f.metadata:
+                meta = f.metadata
+                shown = ("(required)" if meta["required"] else "(unset)" if meta["raw"] is None
+                         else f"`{meta['raw']}`" if meta["raw"] else "(empty)")
+                out.append(f"| `{f.name}` | {shown} | {meta['doc']} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def config_path() -> str:

@@ -112,3 +112,10 @@ def test_paste_sections_are_left_to_paste(tmp_path):
     c = load_text(tmp_path, "[DEFAULT]\ndebug = true\n[app:main]\nuse = egg:rproxy\n"
                             "[upstream:a]\nservers = 127.0.0.1:1\n[route:r]\nupstream = a\n")
     assert c.routes[0].upstream == "a"
+
+
+def test_readme_reference_matches_the_declarations():
+    readme = (config.__file__.rsplit("/rproxy/", 1)[0] + "/README.md")
+    text = open(readme).read()
+    block = text.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->", 1)[0]
+    assert block.strip() == config.reference().strip(), "run `rproxy reference` into README.md"

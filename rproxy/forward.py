@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
+import re
 import socket
 import time
 from urllib.parse import quote
@@ -47,6 +48,10 @@ _RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 # stray bytes on it (a body sent to HEAD): worth one more try on a new one.
 _STALE_ERRORS = (http.client.BadStatusLine, ConnectionResetError,
                  BrokenPipeError, ConnectionAbortedError)
+
+
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 
 
 class ClientGone(Exception):
@@ -286,10 +291,19 @@ def _response_headers(response) -> list[tuple[str, str]]:
     headers = response.headers
     connection = headers.get("Connection")
     drop = _RESPONSE_DROP | connection_tokens(connection) if connection else _RESPONSE_DROP
-    out = [(k, v) for k, v in headers.items() if k.lower() not in drop]
     if response.chunked:
         # http.client decodes the chunking; a stray Content-Length would lie.
-        out = [(k, v) for k, v in out if k.lower() != "content-length"]
+        drop = drop | {"content-length"}
+    out = []
+    for name, value in headers.items():
+        if name.lower() in drop:
+            continue
+        if _BAD_VALUE(value) or not _TOKEN(name):
+            # Never pass on what could split the response; the WSGI server
+            # would refuse it anyway, with a 500.
+            log.warning("dropped a malformed response header %r from upstream", name[:64])
+            continue
+        out.append((name, value))
     return out
 
 

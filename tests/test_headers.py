@@ -95,3 +95,10 @@ def test_host_header_can_be_set_per_route(start_proxy, upstream):
         """)
     assert upstream_headers(requests.get(proxy.url + "/echo/fixed", timeout=10))["host"] == "internal.example"
     assert upstream_headers(requests.get(proxy.url + "/echo/up", timeout=10))["host"] == f"127.0.0.1:{upstream.port}"
+
+
+def test_malformed_upstream_header_is_dropped_not_passed_on(proxy):
+    r = requests.get(proxy.url + "/bad-header", timeout=10)
+    assert r.status_code == 200 and r.text == "ok"
+    assert "X-Bad" not in r.headers and r.headers["X-Good"] == "fine"
+    assert "dropped a malformed response header 'X-Bad'" in proxy.log()

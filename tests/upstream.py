@@ -147,6 +147,12 @@ def app(environ, start_response):
         sock.close()
         raise Abort
 
+    if path == "/bad-header":
+        sock = environ["upstream.socket"]
+        sock.sendall(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nX-Good: fine\r\nContent-Length: 2\r\n\r\nok")
+        sock.close()
+        raise Abort
+
     if path == "/hangup":
         sock = environ["upstream.socket"]
         sock.shutdown(socket.SHUT_RDWR)

@@ -30,6 +30,31 @@ def _quote(value) -> str:
     return value
 
 
+def line(environ, status, sent, total_ms: float) -> str:
+    """One access-log line, combined format plus the proxy's facts."""
+    text = (
+        f'{environ.get("rproxy.client") or environ.get("REMOTE_ADDR", "-")} - - '
+        f'{time.strftime("[%d/%b/%Y:%H:%M:%S %z]")} '
+        f'"{_quote(environ.get("REQUEST_METHOD"))} {_quote(environ.get("RAW_URI"))} '
+        f'{_quote(environ.get("SERVER_PROTOCOL"))}" {status} {sent if sent is not None else "-"} '
+        f'"{_quote(environ.get("HTTP_REFERER"))}" "{_quote(environ.get("HTTP_USER_AGENT"))}" '
+        f'{total_ms:.1f}ms upstream={environ.get("rproxy.upstream", "-")} '
+        f'upstream_ms={environ.get("rproxy.upstream_ms", "-")} '
+        f'route={environ.get("rproxy.route", "-")} rid={environ.get("rproxy.request_id", "-")}'
+    )
+    error = environ.get("rproxy.error")
+    if error:
+        text += f' error="{_quote(error)}"'
+    return text
+
+
+def tunnel_line(environ, seconds: float, upstream_bytes: int, client_bytes: int) -> None:
+    """The access line of a finished tunnel: status 101, bytes each way."""
+    text = line(environ, 101, client_bytes, seconds * 1000)
+    logging.getLogger("gunicorn.access").info(
+        f"{text} tunnel_up={upstream_bytes} tunnel_down={client_bytes}")
+
+
 class AccessLogger(glogging.Logger):
     def setup(self, cfg):
         super().setup(cfg)
@@ -44,22 +69,8 @@ class AccessLogger(glogging.Logger):
         if self.cfg.access_log_format != _DEFAULT_FORMAT:
             return super().access(resp, req, environ, request_time)
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
-        sent = getattr(resp, "sent", None)
-        total_ms = request_time.total_seconds() * 1000
-        line = (
-            f'{environ.get("rproxy.client") or environ.get("REMOTE_ADDR", "-")} - - '
-            f'{time.strftime("[%d/%b/%Y:%H:%M:%S %z]")} '
-            f'"{_quote(environ.get("REQUEST_METHOD"))} {_quote(environ.get("RAW_URI"))} '
-            f'{_quote(environ.get("SERVER_PROTOCOL"))}" {status} {sent if sent is not None else "-"} '
-            f'"{_quote(environ.get("HTTP_REFERER"))}" "{_quote(environ.get("HTTP_USER_AGENT"))}" '
-            f'{total_ms:.1f}ms upstream={environ.get("rproxy.upstream", "-")} '
-            f'upstream_ms={environ.get("rproxy.upstream_ms", "-")} '
-            f'route={environ.get("rproxy.route", "-")} rid={environ.get("rproxy.request_id", "-")}'
-        )
-        error = environ.get("rproxy.error")
-        if error:
-            line += f' error="{_quote(error)}"'
+        text = line(environ, status, getattr(resp, "sent", None), request_time.total_seconds() * 1000)
         try:
-            self.access_log.info(line)
+            self.access_log.info(text)
         except Exception:
             self.exception("cannot write the access log")

@@ -18,6 +18,7 @@ from .forwarded import Forwarding
 from .http import BadRequest, Request, Response, error_response
 from .middleware import compose
 from .routing import Router
+from .tunnel import ALREADY_HANDLED, Tunnels
 from .upstream import Upstream
 
 log = logging.getLogger("rproxy")
@@ -39,15 +40,19 @@ class Proxy:
         self.config = config
         self.forwarding = Forwarding(config.server.trusted_proxies)
         self.upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
+        self.tunnels = Tunnels(config.server.max_tunnels)
         entries = []
         for rc in config.routes:
-            forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server.max_body_size)
+            forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server.max_body_size,
+                                  self.tunnels)
             entries.append((rc.host, rc.path, Route(rc, compose([], forwarder))))
         self.router: Router[Route] = Router(entries)
 
     def __call__(self, environ, start_response):
         response = self.respond(environ)
         body = response.body
+        if body is ALREADY_HANDLED:  # a tunnel took the connection over
+            return body
         if response.close_connection:
             body = LingeringClose(body, environ)
         start_response(response.status_line, response.headers)
@@ -79,6 +84,10 @@ class Proxy:
         if response.header("X-Request-ID") is None:
             response.headers.append(("X-Request-ID", request.request_id))
         return response
+
+    def shutdown(self) -> None:
+        """The worker is stopping gracefully: WebSocket peers get going-away."""
+        self.tunnels.going_away()
 
     def close(self) -> None:
         for upstream in self.upstreams.values():

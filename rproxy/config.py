@@ -60,6 +60,11 @@ class ServerConfig:
                                      "Peers whose X-Forwarded-*, X-Real-IP and Forwarded headers are believed.")
     max_body_size: int = setting("100m", values.size,
                                  "Largest request body; 413 above it. 0 = no limit.")
+    max_tunnels: int = setting("500", values.positive_count,
+                               "Open WebSocket/upgrade tunnels per worker; 503 beyond it.")
+    certfile: str | None = setting(None, values.readable_file,
+                                   "TLS certificate chain (PEM): serve HTTPS. Needs keyfile.")
+    keyfile: str | None = setting(None, values.readable_file, "TLS private key (PEM) for certfile.")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class UpstreamConfig:
     max_connections: int = setting("0", values.count,
                                    "Cap on open connections per server and worker; requests beyond it wait up "
                                    "to connect_timeout, then get 503. 0 = no cap.")
+    ca_file: str | None = setting(None, values.readable_file,
+                                  "CA certificates (PEM) that https:// servers are verified against; "
+                                  "default: the system's.")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,11 @@ class RouteConfig:
     host_header: str = setting("client", values.text,
                                "Host sent upstream: 'client' (as received), 'upstream' (the server's "
                                "host:port) or a literal value.")
+    upgrade: tuple[str, ...] = setting("websocket", values.lower_words,
+                                       "Upgrade protocols tunnelled to the upstream (e.g. websocket); "
+                                       "others are forwarded as plain requests, without the upgrade.")
+    idle_timeout: float = setting("5m", values.positive_duration,
+                                  "A tunnel with no traffic either way for this long is closed.")
     connect_timeout: float | None = setting(None, values.positive_duration,
                                             "Overrides the upstream's connect_timeout for this route.")
     read_timeout: float | None = setting(None, values.positive_duration,
@@ -165,6 +178,9 @@ def load(path: str) -> Config:
         routes=tuple(named["route"].values()),
     )
     _check_references(config)
+    if bool(config.server.certfile) != bool(config.server.keyfile):
+        raise ConfigError(path, "server", "keyfile" if config.server.certfile else "certfile",
+                          "is required when the other of certfile/keyfile is set")
     return config
 
 

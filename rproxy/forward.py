@@ -21,9 +21,9 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
-import re
 import socket
 import time
+from functools import partial
 from urllib.parse import quote
 
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
@@ -31,7 +31,8 @@ from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
 from urllib3.util import SKIP_HEADER
 
 from .config import RouteConfig
-from .http import HOP_BY_HOP, Request, Response, connection_tokens, error_response
+from .http import Request, Response, clean_response_headers, error_response
+from .tunnel import Tunnels, open_tunnel
 from .upstream import Server, Upstream
 
 log = logging.getLogger("rproxy.forward")
@@ -41,17 +42,10 @@ CHUNK = 64 * 1024
 # can be sent again if a stale keep-alive connection drops it.
 REPLAYABLE_BODY = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Response headers the proxy writes itself (the WSGI server adds its own
-# Date and Server) or that only describe the upstream hop.
-_RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 # On a reused connection these mean the upstream closed it while idle, or left
 # stray bytes on it (a body sent to HEAD): worth one more try on a new one.
 _STALE_ERRORS = (http.client.BadStatusLine, ConnectionResetError,
                  BrokenPipeError, ConnectionAbortedError)
-
-
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 
 
 class ClientGone(Exception):
@@ -118,15 +112,16 @@ class RequestBody:
 
 class UpstreamBody:
     """The upstream's response body, read as it arrives. The WSGI server
-    calls close() when done, also when the client went away mid-way."""
+    calls close() when done, also when the client went away mid-way.
+    `release(reusable)` hands the connection back (or closes it)."""
 
-    __slots__ = ("response", "conn", "server", "request", "finished")
+    __slots__ = ("response", "request", "label", "release", "finished")
 
-    def __init__(self, response, conn, server: Server, request: Request):
+    def __init__(self, response, request: Request, label: str, release):
         self.response = response
-        self.conn = conn
-        self.server = server
         self.request = request
+        self.label = label
+        self.release = release
         self.finished = False
 
     def __iter__(self):
@@ -136,50 +131,63 @@ class UpstreamBody:
         try:
             data = self.response.read1(CHUNK)
         except (HTTPError, OSError, http.client.HTTPException) as e:
-            self._release(reusable=False)
+            self._done(reusable=False)
             reason = _describe(e)
             self.request.environ["rproxy.error"] = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
-                        "request_id=%s", self.server.label, reason, self.request.request_id)
-            raise UpstreamCut(f"upstream {self.server.label} cut the response: {reason}") from None
+                        "request_id=%s", self.label, reason, self.request.request_id)
+            raise UpstreamCut(f"upstream {self.label} cut the response: {reason}") from None
         if data:
             return data
-        self._release(reusable=True)
+        self._done(reusable=self.response.isclosed())
         raise StopIteration
 
     def close(self) -> None:
-        if not self.finished:
-            self._release(reusable=False)
+        self._done(reusable=False)
 
-    def _release(self, reusable: bool) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if not (reusable and self.response.isclosed()):
-            self.conn.close()
-        self.server.pool._put_conn(self.conn)
+    def _done(self, reusable: bool) -> None:
+        if not self.finished:
+            self.finished = True
+            self.release(reusable)
+
+
+def _release(server: Server, conn, reusable: bool) -> None:
+    """Back to the pool; a connection in an unknown state goes back closed."""
+    if not reusable:
+        conn.close()
+    server.pool._put_conn(conn)
 
 
 class Forwarder:
     """Forwards the requests of one route to its upstream."""
 
-    def __init__(self, route: RouteConfig, upstream: Upstream, max_body_size: int):
+    def __init__(self, route: RouteConfig, upstream: Upstream, max_body_size: int, tunnels: Tunnels):
         self.upstream = upstream
         self.connect_timeout = route.connect_timeout or upstream.config.connect_timeout
         self.read_timeout = route.read_timeout or upstream.config.read_timeout
         self.strip = route.path if route.strip_prefix and route.path != "/" else None
         self.host_header = route.host_header
         self.max_body_size = max_body_size
+        self.upgrades = frozenset(route.upgrade)
+        self.idle_timeout = route.idle_timeout
+        self.tunnels = tunnels
 
     def __call__(self, request: Request) -> Response:
+        if request.upgrade is not None and request.upgrade.lower() in self.upgrades:
+            server = self.upstream.pick()
+            request.environ["rproxy.upstream"] = server.label
+            return open_tunnel(request, server, self, self._target(request), self._headers(request, server))
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
             return self._closing(error_response(request, 413, "request body is too large"))
         try:
-            body = RequestBody(request, self.max_body_size) if request.has_body else None
+            request_body = RequestBody(request, self.max_body_size) if request.has_body else None
         except ClientGone as e:
             return self._client_gone(request, e)
         server = self.upstream.pick()
         headers = self._headers(request, server)
+        # urllib3 and http.client add User-Agent and Accept-Encoding unless told not to.
+        headers.setdefault("User-Agent", SKIP_HEADER)
+        headers.setdefault("Accept-Encoding", SKIP_HEADER)
         target = self._target(request)
         environ = request.environ
         environ["rproxy.upstream"] = server.label
@@ -192,7 +200,8 @@ class Forwarder:
             reused = conn.sock is not None
             started = time.monotonic()
             try:
-                response = self._exchange(conn, request.method, target, headers, body, request.chunked)
+                response = self._exchange(conn, request.method, target, headers, request_body,
+                                          request.chunked)
             except ClientGone as e:
                 self._discard(server, conn)
                 return self._client_gone(request, e)
@@ -202,24 +211,31 @@ class Forwarder:
             except Exception as e:  # anything else is the upstream's doing
                 conn.close()
                 if (attempt == 1 and reused and isinstance(e, _STALE_ERRORS)
-                        and (body is None or body.replayable)
-                        and (request.method in IDEMPOTENT or body is None or body.sent == 0)):
+                        and (request_body is None or request_body.replayable)
+                        and (request.method in IDEMPOTENT or request_body is None or request_body.sent == 0)):
                     log.debug("stale keep-alive connection to %s (%s); sending again on a new one",
                               server.label, _describe(e))
                     continue
                 server.pool._put_conn(conn)
-                return self._failure(request, server, e)
+                return self.failure(request, server, e)
             break
         environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
 
-        out = _response_headers(response)
-        proxied = Response(response.status, out, UpstreamBody(response, conn, server, request),
-                           response.reason or None)
-        if body is not None and not body.complete:
+        proxied = self.proxied(request, server.label, response, partial(_release, server, conn))
+        if request.has_body and not request_body.complete:
             # The upstream answered before reading the whole body; the rest
             # is still on the client connection, which cannot be reused.
             proxied.close_connection = True
         return proxied
+
+    @staticmethod
+    def proxied(request: Request, label: str, response, release) -> Response:
+        """The client's Response for an upstream response head (urllib3's or
+        http.client's); its body streams from the upstream."""
+        headers = response_headers(response.headers.items(), response.headers.get("Connection"),
+                                   response.chunked)
+        body = UpstreamBody(response, request, label, release)
+        return Response(response.status, headers, body, response.reason or None)
 
     def _exchange(self, conn, method, target, headers, body, chunked):
         if conn.sock is None:
@@ -241,11 +257,6 @@ class Forwarder:
         headers = dict(request.headers)
         if self.host_header != "client":
             headers["Host"] = server.label if self.host_header == "upstream" else self.host_header
-        # urllib3 and http.client add User-Agent and Accept-Encoding unless told not to.
-        if "User-Agent" not in headers:
-            headers["User-Agent"] = SKIP_HEADER
-        if "Accept-Encoding" not in headers:
-            headers["Accept-Encoding"] = SKIP_HEADER
         if "Host" not in headers:
             headers["Host"] = server.label
         return headers
@@ -276,7 +287,7 @@ class Forwarder:
         request.environ["rproxy.error"] = "client went away mid-upload"
         return self._closing(error_response(request, 499, "client closed the request"))
 
-    def _failure(self, request: Request, server: Server, error: Exception) -> Response:
+    def failure(self, request: Request, server: Server, error: Exception) -> Response:
         status, message = _classify(error, self.connect_timeout, self.read_timeout)
         request.environ["rproxy.error"] = message
         log.warning("upstream %s (%s %s): %s, request_id=%s", server.label, request.method,
@@ -287,23 +298,11 @@ class Forwarder:
         return response
 
 
-def _response_headers(response) -> list[tuple[str, str]]:
-    headers = response.headers
-    connection = headers.get("Connection")
-    drop = _RESPONSE_DROP | connection_tokens(connection) if connection else _RESPONSE_DROP
-    if response.chunked:
-        # http.client decodes the chunking; a stray Content-Length would lie.
-        drop = drop | {"content-length"}
-    out = []
-    for name, value in headers.items():
-        if name.lower() in drop:
-            continue
-        if _BAD_VALUE(value) or not _TOKEN(name):
-            # Never pass on what could split the response; the WSGI server
-            # would refuse it anyway, with a 500.
-            log.warning("dropped a malformed response header %r from upstream", name[:64])
-            continue
-        out.append((name, value))
+def response_headers(pairs, connection: str | None, chunked: bool) -> list[tuple[str, str]]:
+    dropped: list[str] = []
+    out = clean_response_headers(pairs, connection, chunked, dropped)
+    for name in dropped:
+        log.warning("dropped a malformed response header %r from upstream", name[:64])
     return out
 
 

@@ -24,8 +24,34 @@ HOP_BY_HOP = frozenset({
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
 })
 
+# Response headers the proxy writes itself (the WSGI server adds its own
+# Date and Server) or that only describe the upstream hop.
+_RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+
+
+def clean_response_headers(pairs, connection: str | None, chunked: bool,
+                           dropped: list[str] | None = None) -> list[tuple[str, str]]:
+    """An upstream's response headers as they may go to the client: no
+    hop-by-hop headers, no Content-Length beside a chunked body (it would
+    lie once the chunking is decoded), and nothing malformed, which could
+    split the response. Names of malformed headers go to `dropped`."""
+    drop = _RESPONSE_DROP | connection_tokens(connection) if connection else _RESPONSE_DROP
+    if chunked:
+        drop = drop | {"content-length"}
+    out = []
+    for name, value in pairs:
+        if name.lower() in drop:
+            continue
+        if _BAD_VALUE(value) or not _TOKEN(name):
+            if dropped is not None:
+                dropped.append(name)
+            continue
+        out.append((name, value))
+    return out
 
 
 class BadRequest(Exception):
@@ -76,11 +102,13 @@ class Request:
     """One client request, as the proxy sees it."""
 
     __slots__ = ("environ", "method", "target", "path", "query", "host", "headers",
-                 "peer", "client_ip", "scheme", "request_id", "content_length", "chunked")
+                 "peer", "client_ip", "scheme", "request_id", "content_length", "chunked",
+                 "upgrade")
 
     def __init__(self, environ: dict, method: str, target: str, path: str, query: str,
                  host: str, headers: dict[str, str], peer: str, scheme: str,
-                 request_id: str, content_length: int | None, chunked: bool):
+                 request_id: str, content_length: int | None, chunked: bool,
+                 upgrade: str | None = None):
         self.environ = environ
         self.method = method
         self.target = target          # origin-form, exactly as received: path?query
@@ -94,6 +122,7 @@ class Request:
         self.request_id = request_id
         self.content_length = content_length
         self.chunked = chunked
+        self.upgrade = upgrade        # the Upgrade header, when Connection asks for it
 
     @property
     def has_body(self) -> bool:
@@ -126,7 +155,14 @@ class Request:
         path = normalize_path(raw_path)
 
         connection = environ.get("HTTP_CONNECTION")
-        drop = HOP_BY_HOP | connection_tokens(connection) if connection else HOP_BY_HOP
+        upgrade = None
+        if connection:
+            tokens = connection_tokens(connection)
+            drop = HOP_BY_HOP | tokens
+            if "upgrade" in tokens:
+                upgrade = environ.get("HTTP_UPGRADE", "").strip() or None
+        else:
+            drop = HOP_BY_HOP
         headers: dict[str, str] = {}
         for key, value in environ.items():
             if key[:5] == "HTTP_":
@@ -167,7 +203,7 @@ class Request:
 
         return cls(environ, method, target, path, query, hostname, headers,
                    environ.get("REMOTE_ADDR", ""), environ.get("wsgi.url_scheme", "http"),
-                   request_id, content_length, chunked)
+                   request_id, content_length, chunked, upgrade)
 
 
 class Response:

@@ -43,7 +43,24 @@ def to_gunicorn(config: Config) -> dict:
         "loglevel": log.level,
         "logger_class": "rproxy.accesslog.AccessLogger",
         "proc_name": "rproxy",
+        "certfile": server.certfile,
+        "keyfile": server.keyfile,
+        "post_worker_init": post_worker_init,
     }
+
+
+def post_worker_init(worker) -> None:
+    """Watch for the worker's graceful shutdown, to say goodbye to tunnels."""
+    shutdown = getattr(worker.wsgi, "shutdown", None)
+    if shutdown is None:
+        return
+    import gevent
+
+    def watch():
+        while worker.alive:
+            gevent.sleep(0.5)
+        shutdown()
+    gevent.spawn(watch)
 
 
 def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:

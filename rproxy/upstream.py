@@ -54,12 +54,19 @@ class Server:
         self.weight = address.weight
         self.current_weight = 0
         capped = config.max_connections > 0
-        pool_cls = TLSServerPool if address.scheme == "https" else ServerPool
+        tls = {}
+        if address.scheme == "https":
+            pool_cls = TLSServerPool
+            if config.ca_file:
+                tls["ca_certs"] = config.ca_file
+        else:
+            pool_cls = ServerPool
         self.pool = pool_cls(
             address.host, address.port,
             maxsize=config.max_connections if capped else config.pool_size,
             block=capped,
             retries=False,
+            **tls,
         )
 
     def close(self) -> None:

@@ -75,6 +75,20 @@ def text(raw: str) -> str:
     return raw.strip()
 
 
+def lower_words(raw: str) -> tuple[str, ...]:
+    return tuple(w.lower() for w in words(raw))
+
+
+def readable_file(raw: str) -> str:
+    path = raw.strip()
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror or e}") from None
+    return path
+
+
 def networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Addresses or CIDR networks, e.g. '127.0.0.1 ::1 10.0.0.0/8'."""
     result = []

@@ -23,6 +23,9 @@ setup(
             "pytest-timeout>=2.3",
             "requests>=2.31,<3",
             "psutil>=5.9",
+            "websocket-client>=1.7,<2",
+            "websockets>=13",
+            "trustme>=1.1",
         ],
     },
     entry_points={

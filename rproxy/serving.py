@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import sys
 
 from . import config as config_module
+from . import tls
 from .config import Config, ConfigError
 
 
@@ -45,6 +47,7 @@ def to_gunicorn(config: Config) -> dict:
         "proc_name": "rproxy",
         "certfile": server.certfile,
         "keyfile": server.keyfile,
+        "ssl_context": tls.ssl_context,
         "post_worker_init": post_worker_init,
     }
 
@@ -73,4 +76,16 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     # Workers read the same file: make sure they find it whatever their cwd.
     os.environ["RPROXY_CONFIG"] = path
+    raise_open_files_limit()
     return to_gunicorn(config)
+
+
+def raise_open_files_limit() -> None:
+    """Each proxied connection takes two descriptors, each tunnel two more:
+    take all the kernel allows, like nginx's worker_rlimit_nofile."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

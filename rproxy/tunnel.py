@@ -98,7 +98,7 @@ def close_frame(code: int, masked: bool) -> bytes:
 
 class Tunnel:
     __slots__ = ("client", "upstream", "websocket", "trackers", "sent", "last_active",
-                 "closing", "idle_timeout", "done")
+                 "closing", "idle_timeout", "finished", "__weakref__")
 
     def __init__(self, client, upstream, websocket: bool, idle_timeout: float):
         self.client = client
@@ -110,41 +110,35 @@ class Tunnel:
         self.last_active = time.monotonic()
         self.closing = False
         self.idle_timeout = idle_timeout
-        self.done = Event()
+        self.finished = Event()  # set when upstream -> client is done
 
-    def pump(self, direction: int, src, dst, first: bytes) -> None:
-        """Copy src to dst until EOF, error, idle timeout or going-away."""
+    def pump(self, direction: int, src, dst, data: bytes) -> None:
+        """Copy src to dst, starting with `data`, until EOF, an error or the end."""
         tracker = self.trackers[direction] if self.trackers else None
+        sent = self.sent
         try:
-            data = first
             while True:
-                if data:
-                    if self.closing:
-                        data = b""  # going away: drain, do not forward
-                    else:
-                        if tracker is not None:
-                            tracker.feed(data)
-                        dst.sendall(data)
-                        self.sent[direction] += len(data)
-                        self.last_active = time.monotonic()
-                try:
-                    data = src.recv(CHUNK)
-                except socket.timeout:
-                    if self.closing or time.monotonic() - self.last_active >= self.idle_timeout:
-                        if not self.closing:
-                            log.info("tunnel idle for %gs, closing it", self.idle_timeout)
-                        self._end()
-                        break
-                    data = b""
-                    continue
+                if data and not self.closing:  # going away: drain, do not forward
+                    if tracker is not None:
+                        tracker.feed(data)
+                    dst.sendall(data)
+                    sent[direction] += len(data)
+                    self.last_active = time.monotonic()
+                data = src.recv(CHUNK)
                 if not data:
                     break
         except OSError:
-            self._end()  # a reset on one side ends both directions
+            self.end()  # a reset on one side ends both directions
         finally:
             _shutdown(dst, socket.SHUT_WR)
 
-    def _end(self) -> None:
+    def pump_back(self, data: bytes) -> None:
+        try:
+            self.pump(1, self.upstream, self.client, data)
+        finally:
+            self.finished.set()
+
+    def end(self) -> None:
         _shutdown(self.client, socket.SHUT_RDWR)
         _shutdown(self.upstream, socket.SHUT_RDWR)
 
@@ -160,11 +154,7 @@ class Tunnel:
         _shutdown(self.client, socket.SHUT_WR)
         _shutdown(self.upstream, socket.SHUT_WR)
         # Give the peers a moment to answer with their close, then cut.
-        gevent.spawn_later(GOING_AWAY_GRACE, self._cut)
-
-    def _cut(self) -> None:
-        if not self.done.is_set():
-            self._end()
+        gevent.spawn_later(GOING_AWAY_GRACE, self.end)
 
 
 def _shutdown(sock, how) -> None:
@@ -187,15 +177,34 @@ def _send(sock, data: bytes) -> None:
 
 
 class Tunnels:
-    """The open tunnels of this worker: the cap, and going-away on shutdown."""
+    """The open tunnels of this worker: the cap, the idle sweep (one timer
+    for all, rather than a timeout on every socket) and going-away."""
+
+    SWEEP_EVERY = 1.0
 
     def __init__(self, limit: int):
         self.limit = limit
         self.open: set[Tunnel] = set()
         self.shutting_down = False
+        self._sweeper = None
 
     def full(self) -> bool:
         return len(self.open) >= self.limit or self.shutting_down
+
+    def add(self, tunnel: Tunnel) -> None:
+        self.open.add(tunnel)
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep)
+
+    def _sweep(self) -> None:
+        while True:
+            gevent.sleep(self.SWEEP_EVERY)
+            now = time.monotonic()
+            for tunnel in list(self.open):
+                if not tunnel.closing and now - tunnel.last_active >= tunnel.idle_timeout:
+                    log.info("tunnel idle for %gs, closing it", tunnel.idle_timeout)
+                    tunnel.closing = True
+                    tunnel.end()
 
     def going_away(self) -> None:
         self.shutting_down = True
@@ -319,15 +328,15 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
 
     client.sendall(switching_head(buf[:head_len]))
     tunnel = Tunnel(client, upstream, request.upgrade.lower() == "websocket", forwarder.idle_timeout)
-    tunnels.open.add(tunnel)
-    upstream.settimeout(forwarder.idle_timeout)
-    client.settimeout(forwarder.idle_timeout)
+    upstream.settimeout(None)  # idleness is the sweeper's business
+    client.settimeout(None)
+    tunnels.add(tunnel)
+    gevent.spawn_raw(tunnel.pump_back, buf[head_len:])
+    del buf, conn, headers  # nothing of the handshake is needed any more
     try:
-        back = gevent.spawn(tunnel.pump, 1, upstream, client, buf[head_len:])
         tunnel.pump(0, client, upstream, buffered_client_bytes(environ))
-        back.join()
+        tunnel.finished.wait()
     finally:
-        tunnel.done.set()
         tunnels.open.discard(tunnel)
         upstream.close()
         # gunicorn closes the client socket; make its next read see the end.

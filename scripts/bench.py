@@ -11,6 +11,12 @@ proxies see the same machine; with 1 and 2 workers each. wrk and the
 upstream are pinned to CPU 0, the proxies to CPU 1 (when there are two).
 Prints req/s and p50/p99 latency (medians over the rounds) and the ratios
 rproxy/nginx and rproxy/direct.
+
+Tunnels (`--tunnels`, on by default): an upgrade-echo upstream; tunnel
+throughput (MB/s, one tunnel echoing 256 MiB) direct, through nginx as a
+WebSocket proxy and through rproxy, interleaved; and worker memory per idle
+tunnel (RSS growth of the one worker with `--idle-tunnels` open, divided by
+their number).
 """
 
 from __future__ import annotations
@@ -140,13 +146,14 @@ def start_nginx_proxy(tmp: Path, port: int, upstream: int, workers: int) -> Serv
     return service
 
 
-def start_rproxy(tmp: Path, port: int, upstream: int, workers: int) -> Service:
-    ini = tmp / f"rproxy{workers}.ini"
+def start_rproxy(tmp: Path, port: int, upstream: int, workers: int, upgrade: str = "websocket") -> Service:
+    ini = tmp / f"rproxy{workers}-{port}.ini"
     ini.write_text(f"""
 [server]
 bind = 127.0.0.1:{port}
 workers = {workers}
-worker_connections = 4096
+worker_connections = 12000
+max_tunnels = 11000
 [log]
 access_log = {tmp}/rproxy-access.log
 level = warning
@@ -154,6 +161,7 @@ level = warning
 servers = 127.0.0.1:{upstream}
 [route:default]
 upstream = app
+upgrade = {upgrade}
 """)
     env = dict(os.environ, RPROXY_CONFIG=str(ini))
     service = Service([*cpus("proxy"), str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket"],
@@ -174,6 +182,136 @@ def wrk(url: str, duration: float, connections: int) -> dict:
     return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"), "errors": errors.group(0) if errors else ""}
 
 
+def serve_echo(port: int) -> None:
+    """`--serve-echo PORT`: an upstream that switches any Upgrade request to
+    a byte echo, until EOF."""
+    from gevent import monkey
+    monkey.patch_all()
+    from gevent.server import StreamServer
+
+    def handle(sock, _addr):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                return
+            head += data
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n" + rest)
+        while data := sock.recv(65536):
+            sock.sendall(data)
+    StreamServer(("127.0.0.1", port), handle, backlog=4096).serve_forever()
+
+
+def open_tunnel(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"GET /tunnel HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError(f"port {port} closed the tunnel handshake: {head[:80]!r}")
+        head += data
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"port {port} did not switch: {head[:80]!r}")
+    return sock
+
+
+def tunnel_throughput(port: int, total: int = 256 << 20) -> float:
+    """MB/s echoed through one tunnel: a writer thread sends, we read back."""
+    import threading
+    sock = open_tunnel(port)
+    chunk = b"t" * (256 << 10)
+
+    def write():
+        for _ in range(total // len(chunk)):
+            sock.sendall(chunk)
+    started = time.perf_counter()
+    writer = threading.Thread(target=write)
+    writer.start()
+    received = 0
+    while received < total:
+        data = sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("tunnel closed early")
+        received += len(data)
+    elapsed = time.perf_counter() - started
+    writer.join()
+    sock.close()
+    return total / elapsed / 1e6
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker_pid(master: int) -> int:
+    kids = [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+    if len(kids) != 1:
+        raise RuntimeError(f"expected one worker under {master}, found {kids}")
+    return kids[0]
+
+
+def idle_tunnel_kib(port: int, master: int, count: int) -> float:
+    worker = worker_pid(master)
+    for sock in [open_tunnel(port) for _ in range(50)]:  # warm up
+        sock.close()
+    time.sleep(1)
+    before = rss_kib(worker)
+    tunnels = [open_tunnel(port) for _ in range(count)]
+    time.sleep(2)
+    after = rss_kib(worker)
+    for sock in tunnels:
+        sock.close()
+    return (after - before) / count
+
+
+def run_tunnels(tmp: Path, args) -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    echo_port, ng_port, rp_port = free_port(), free_port(), free_port()
+    echo = Service([*cpus("load"), sys.executable, __file__, "--serve-echo", str(echo_port)], tmp / "echo.out")
+    wait_port(echo_port)
+    block = f"""
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{ng_port};
+        location / {{
+            proxy_pass http://127.0.0.1:{echo_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 1h;
+        }}
+    }}"""
+    services = [echo, nginx(tmp, "tunnel-nginx", 1, block, "proxy"),
+                start_rproxy(tmp, rp_port, echo_port, 1, upgrade="websocket echo")]
+    try:
+        wait_port(ng_port)
+        targets = {"direct": echo_port, "nginx": ng_port, "rproxy": rp_port}
+        speeds: dict[str, list[float]] = {t: [] for t in targets}
+        for _ in range(args.rounds):
+            for target, port in targets.items():
+                speeds[target].append(tunnel_throughput(port))
+        print("\ntunnel throughput, one tunnel echoing 256 MiB (MB/s, median)")
+        for target, values in speeds.items():
+            print(f"  {target:<8} {statistics.median(values):>8.0f}")
+        rp, di = statistics.median(speeds["rproxy"]), statistics.median(speeds["direct"])
+        ng = statistics.median(speeds["nginx"])
+        print(f"  ratios: rproxy/direct {rp / di:.2f}, rproxy/nginx {rp / ng:.2f}")
+        print(f"\nworker memory per idle tunnel, {args.idle_tunnels} tunnels (KiB)")
+        for target, service in (("nginx", services[1]), ("rproxy", services[2])):
+            kib = idle_tunnel_kib(targets[target], service.proc.pid, args.idle_tunnels)
+            print(f"  {target:<8} {kib:>8.1f}", flush=True)
+    finally:
+        for service in services:
+            service.stop()
+
+
 def median(results: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in results)
 
@@ -184,17 +322,26 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--workers", default="1,2", help="worker counts to try, comma separated")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP request benchmarks")
+    parser.add_argument("--no-tunnels", action="store_true", help="skip the tunnel benchmarks")
+    parser.add_argument("--idle-tunnels", type=int, default=5000)
+    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_echo:
+        serve_echo(args.serve_echo)
+        return 0
     ensure_tools()
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="rproxy-bench-") as tmp_name:
         tmp = Path(tmp_name)
         tmp.chmod(0o755)  # nginx workers run as an unprivileged user
+        if not args.no_tunnels:
+            run_tunnels(tmp, args)
         up_port = free_port()
         upstream = start_upstream(tmp, up_port)
         try:
-            for workers in (int(w) for w in args.workers.split(",")):
+            for workers in (int(w) for w in args.workers.split(",")) if not args.no_http else ():
                 ng_port, rp_port = free_port(), free_port()
                 proxies = [start_nginx_proxy(tmp, ng_port, up_port, workers),
                            start_rproxy(tmp, rp_port, up_port, workers)]
@@ -216,6 +363,8 @@ def main() -> int:
                         p.stop()
         finally:
             upstream.stop()
+    if not rows:
+        return 0
     print()
     print("summary: rproxy / nginx and rproxy / direct, req/s (medians over rounds)")
     for workers, body, results in rows:

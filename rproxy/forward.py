@@ -203,20 +203,21 @@ class Forwarder:
                 response = self._exchange(conn, request.method, target, headers, request_body,
                                           request.chunked)
             except ClientGone as e:
-                self._discard(server, conn)
+                _release(server, conn, reusable=False)
                 return self._client_gone(request, e)
             except BodyTooLarge:
-                self._discard(server, conn)
+                _release(server, conn, reusable=False)
                 return self._closing(error_response(request, 413, "request body is too large"))
             except Exception as e:  # anything else is the upstream's doing
                 conn.close()
                 if (attempt == 1 and reused and isinstance(e, _STALE_ERRORS)
                         and (request_body is None or request_body.replayable)
-                        and (request.method in IDEMPOTENT or request_body is None or request_body.sent == 0)):
+                        and (request.method in IDEMPOTENT or request_body is None)):
+                    # The closed connection reconnects on the next attempt.
                     log.debug("stale keep-alive connection to %s (%s); sending again on a new one",
                               server.label, _describe(e))
                     continue
-                server.pool._put_conn(conn)
+                _release(server, conn, reusable=False)
                 return self.failure(request, server, e)
             break
         environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
@@ -270,11 +271,6 @@ class Forwarder:
             rest = "/" + rest
         path = quote(rest, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")
         return f"{path}?{request.query}" if request.query else path
-
-    @staticmethod
-    def _discard(server: Server, conn) -> None:
-        conn.close()
-        server.pool._put_conn(conn)
 
     @staticmethod
     def _closing(response: Response) -> Response:

@@ -101,9 +101,10 @@ def nginx(tmp: Path, name: str, workers: int, server_block: str, pin: str) -> Se
     conf.write_text(f"""
 daemon off;
 worker_processes {workers};
+worker_rlimit_nofile 40000;
 pid {tmp}/{name}.pid;
 error_log {tmp}/{name}-error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     client_body_temp_path {tmp}/{name}-body;

@@ -48,9 +48,15 @@ def line(environ, status, sent, total_ms: float) -> str:
     return text
 
 
-def tunnel_line(environ, seconds: float, upstream_bytes: int, client_bytes: int) -> None:
+# The environ keys a line is made of, all that a tunnel keeps of its request.
+FACTS = ("rproxy.client", "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PROTOCOL",
+         "HTTP_REFERER", "HTTP_USER_AGENT", "rproxy.upstream", "rproxy.upstream_ms", "rproxy.route",
+         "rproxy.request_id", "rproxy.error")
+
+
+def tunnel_line(facts, seconds: float, upstream_bytes: int, client_bytes: int) -> None:
     """The access line of a finished tunnel: status 101, bytes each way."""
-    text = line(environ, 101, client_bytes, seconds * 1000)
+    text = line(facts, 101, client_bytes, seconds * 1000)
     logging.getLogger("gunicorn.access").info(
         f"{text} tunnel_up={upstream_bytes} tunnel_down={client_bytes}")
 

@@ -18,7 +18,7 @@ from .forwarded import Forwarding
 from .http import BadRequest, Request, Response, error_response
 from .middleware import compose
 from .routing import Router
-from .tunnel import ALREADY_HANDLED, Tunnels
+from .tunnel import TAKEN_OVER, Tunnels
 from .upstream import Upstream
 
 log = logging.getLogger("rproxy")
@@ -51,8 +51,10 @@ class Proxy:
     def __call__(self, environ, start_response):
         response = self.respond(environ)
         body = response.body
-        if body is ALREADY_HANDLED:  # a tunnel took the connection over
-            return body
+        if body is TAKEN_OVER:
+            # A tunnel owns the connection now: end gunicorn's handling of it
+            # quietly (its connection loop treats StopIteration as "close").
+            raise StopIteration("connection handed over to a tunnel")
         if response.close_connection:
             body = LingeringClose(body, environ)
         start_response(response.status_line, response.headers)

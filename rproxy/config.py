@@ -60,8 +60,9 @@ class ServerConfig:
                                      "Peers whose X-Forwarded-*, X-Real-IP and Forwarded headers are believed.")
     max_body_size: int = setting("100m", values.size,
                                  "Largest request body; 413 above it. 0 = no limit.")
-    max_tunnels: int = setting("500", values.positive_count,
-                               "Open WebSocket/upgrade tunnels per worker; 503 beyond it.")
+    max_tunnels: int = setting("5000", values.positive_count,
+                               "Open WebSocket/upgrade tunnels per worker (two file descriptors "
+                               "each); 503 beyond it.")
     certfile: str | None = setting(None, values.readable_file,
                                    "TLS certificate chain (PEM): serve HTTPS. Needs keyfile.")
     keyfile: str | None = setting(None, values.readable_file, "TLS private key (PEM) for certfile.")

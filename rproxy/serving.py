@@ -48,22 +48,16 @@ def to_gunicorn(config: Config) -> dict:
         "certfile": server.certfile,
         "keyfile": server.keyfile,
         "ssl_context": tls.ssl_context,
-        "post_worker_init": post_worker_init,
+        "worker_exit": worker_exit,
     }
 
 
-def post_worker_init(worker) -> None:
-    """Watch for the worker's graceful shutdown, to say goodbye to tunnels."""
+def worker_exit(arbiter, worker) -> None:
+    """In the stopping worker, after gunicorn's own requests are done: tunnels
+    (which gunicorn no longer tracks) say goodbye before the process ends."""
     shutdown = getattr(worker.wsgi, "shutdown", None)
-    if shutdown is None:
-        return
-    import gevent
-
-    def watch():
-        while worker.alive:
-            gevent.sleep(0.5)
+    if shutdown is not None:
         shutdown()
-    gevent.spawn(watch)
 
 
 def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:

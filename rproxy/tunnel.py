@@ -4,14 +4,20 @@ The upgrade request goes to a new upstream connection (a tunnel holds its
 connection for its whole life, so it never comes from the pool). An upstream
 that answers without 101 is relayed as an ordinary response. On 101 the
 response head is written straight onto the client socket, the bytes either
-side already read past its head are passed on, and then two greenlets copy
-one direction each: the request's own greenlet client -> upstream, one more
-upstream -> client.
+side already read past its head are passed on, and the connection leaves
+gunicorn's hands: its request greenlet ends, and the tunnel lives on in the
+event loop.
+
+Each direction is copied by a greenlet of its own, which exists only while
+that direction has bytes to move: when a socket becomes readable, the loop
+starts a greenlet that copies until the socket has nothing more, then it
+ends and the socket is watched again. An idle tunnel is two sockets and two
+watchers, a few KiB, so tens of thousands of idle WebSockets fit in a worker.
 
 EOF on one side half-closes the other (shutdown SHUT_WR); when both are done,
 both sockets are closed. A tunnel idle for the route's `idle_timeout` is
-closed. When the worker shuts down gracefully, WebSocket peers get a close
-frame 1001 (going away) first, as long as no frame is half-way across.
+closed. When the worker stops, WebSocket peers get a close frame 1001 (going
+away) first, as long as no frame is half-way across.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ import io
 import logging
 import os
 import socket
+import ssl
 import time
 
 import gevent
 import gevent.socket
-from gevent.event import Event
 
 from . import accesslog
 from .http import HOP_BY_HOP, Request, Response, connection_tokens, error_response
@@ -37,10 +43,8 @@ MAX_HEAD = 64 * 1024
 CHUNK = 64 * 1024
 GOING_AWAY_GRACE = 2.0
 
-try:
-    from gunicorn.workers.base_async import ALREADY_HANDLED
-except ImportError:  # served by something else than gunicorn: no tunnels
-    ALREADY_HANDLED = object()
+# The body of the Response that says: the connection now belongs to a tunnel.
+TAKEN_OVER = object()
 
 
 class FrameTracker:
@@ -97,64 +101,125 @@ def close_frame(code: int, masked: bool) -> bytes:
 
 
 class Tunnel:
-    __slots__ = ("client", "upstream", "websocket", "trackers", "sent", "last_active",
-                 "closing", "idle_timeout", "finished", "__weakref__")
+    """Both directions of one tunnel: [0] client -> upstream, [1] upstream -> client."""
 
-    def __init__(self, client, upstream, websocket: bool, idle_timeout: float):
-        self.client = client
-        self.upstream = upstream
+    __slots__ = ("socks", "keeper", "watchers", "websocket", "trackers", "sent", "eof",
+                 "last_active", "closing", "ended", "idle_timeout", "registry", "facts",
+                 "started", "__weakref__")
+
+    def __init__(self, client, upstream, websocket: bool, idle_timeout: float,
+                 registry: "Tunnels", facts: dict):
+        for sock in (client, upstream):
+            sock.settimeout(0.0)  # pumps wait for readiness themselves
+        self.socks = (client, upstream)
+        # gunicorn closes its socket when its request greenlet ends; an open
+        # file object on it keeps the connection until the tunnel is done.
+        self.keeper = client.makefile("rb", buffering=0)
+        loop = gevent.get_hub().loop
+        self.watchers = (loop.io(client.fileno(), 1), loop.io(upstream.fileno(), 1))
         self.websocket = websocket
-        # [0]: client -> upstream, [1]: upstream -> client
         self.trackers = (FrameTracker(), FrameTracker()) if websocket else None
         self.sent = [0, 0]
-        self.last_active = time.monotonic()
+        self.eof = [False, False]
+        self.last_active = self.started = time.monotonic()
         self.closing = False
+        self.ended = False
         self.idle_timeout = idle_timeout
-        self.finished = Event()  # set when upstream -> client is done
+        self.registry = registry
+        self.facts = facts  # what the access-log line needs of the request
 
-    def pump(self, direction: int, src, dst, data: bytes) -> None:
-        """Copy src to dst, starting with `data`, until EOF, an error or the end."""
-        tracker = self.trackers[direction] if self.trackers else None
-        sent = self.sent
+    def start(self, client_bytes: bytes, upstream_bytes: bytes) -> None:
+        self.registry.add(self)
+        for direction, pending in ((0, client_bytes), (1, upstream_bytes)):
+            if pending:
+                gevent.spawn_raw(self._pump, direction, pending)
+            else:
+                self._watch(direction)
+
+    def _watch(self, direction: int) -> None:
+        if not self.ended:
+            self.watchers[direction].start(self._readable, direction)
+
+    def _readable(self, direction: int) -> None:
+        # In the event loop: hand the copying to a short-lived greenlet.
+        self.watchers[direction].stop()
+        gevent.spawn_raw(self._pump, direction, b"")
+
+    def _pump(self, direction: int, data: bytes) -> None:
+        """Copy what src has (starting with `data`) to dst, then watch src again."""
+        src, dst = self.socks[direction], self.socks[1 - direction]
         try:
             while True:
                 if data and not self.closing:  # going away: drain, do not forward
-                    if tracker is not None:
-                        tracker.feed(data)
-                    dst.sendall(data)
-                    sent[direction] += len(data)
+                    if self.trackers is not None:
+                        self.trackers[direction].feed(data)
+                    _send_all(dst, data, self.idle_timeout)
+                    self.sent[direction] += len(data)
                     self.last_active = time.monotonic()
-                data = src.recv(CHUNK)
+                try:
+                    data = src.recv(CHUNK)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    self._watch(direction)
+                    return
                 if not data:
-                    break
+                    self._eof(direction)
+                    return
         except OSError:
-            self.end()  # a reset on one side ends both directions
-        finally:
-            _shutdown(dst, socket.SHUT_WR)
+            self.end()  # a reset, or a peer that stopped reading: both directions end
 
-    def pump_back(self, data: bytes) -> None:
-        try:
-            self.pump(1, self.upstream, self.client, data)
-        finally:
-            self.finished.set()
+    def _eof(self, direction: int) -> None:
+        self.eof[direction] = True
+        if all(self.eof):
+            self.end()
+        else:
+            _shutdown(self.socks[1 - direction], socket.SHUT_WR)
 
     def end(self) -> None:
-        _shutdown(self.client, socket.SHUT_RDWR)
-        _shutdown(self.upstream, socket.SHUT_RDWR)
+        """Close both sides, once; write the access-log line."""
+        if self.ended:
+            return
+        self.ended = True
+        for watcher in self.watchers:
+            watcher.stop()
+        client, upstream = self.socks
+        _shutdown(client, socket.SHUT_RDWR)
+        upstream.close()
+        self.keeper.close()  # the client socket really closes once gunicorn let go too
+        self.registry.open.discard(self)
+        accesslog.tunnel_line(self.facts, time.monotonic() - self.started, self.sent[0], self.sent[1])
 
     def going_away(self) -> None:
         """Worker shutdown: a 1001 close frame to each WebSocket peer that is
         between frames, then end the tunnel."""
         self.closing = True
+        client, upstream = self.socks
         if self.websocket:
             if self.trackers[1].at_boundary:
-                _send(self.client, close_frame(1001, masked=False))
+                _send_quietly(client, close_frame(1001, masked=False))
             if self.trackers[0].at_boundary:
-                _send(self.upstream, close_frame(1001, masked=True))
-        _shutdown(self.client, socket.SHUT_WR)
-        _shutdown(self.upstream, socket.SHUT_WR)
-        # Give the peers a moment to answer with their close, then cut.
-        gevent.spawn_later(GOING_AWAY_GRACE, self.end)
+                _send_quietly(upstream, close_frame(1001, masked=True))
+        _shutdown(client, socket.SHUT_WR)
+        _shutdown(upstream, socket.SHUT_WR)
+
+
+def _send_all(sock, data: bytes, timeout: float) -> None:
+    """sendall for a non-blocking (possibly TLS) socket; a peer that reads
+    nothing for `timeout` raises socket.timeout."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            gevent.socket.wait_write(sock.fileno(), timeout)
+        except ssl.SSLWantReadError:
+            gevent.socket.wait_read(sock.fileno(), timeout)
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        _send_all(sock, data, 1.0)
+    except OSError:
+        pass
 
 
 def _shutdown(sock, how) -> None:
@@ -169,16 +234,9 @@ def _shutdown(sock, how) -> None:
         pass
 
 
-def _send(sock, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass
-
-
 class Tunnels:
     """The open tunnels of this worker: the cap, the idle sweep (one timer
-    for all, rather than a timeout on every socket) and going-away."""
+    for all of them) and going-away when the worker stops."""
 
     SWEEP_EVERY = 1.0
 
@@ -203,13 +261,22 @@ class Tunnels:
             for tunnel in list(self.open):
                 if not tunnel.closing and now - tunnel.last_active >= tunnel.idle_timeout:
                     log.info("tunnel idle for %gs, closing it", tunnel.idle_timeout)
-                    tunnel.closing = True
                     tunnel.end()
 
-    def going_away(self) -> None:
+    def going_away(self, grace: float = GOING_AWAY_GRACE) -> None:
+        """Say goodbye to every tunnel; give the peers `grace` seconds to
+        close their side, then cut what is left."""
         self.shutting_down = True
+        if not self.open:
+            return
+        log.info("worker stopping: closing %d tunnels (going away)", len(self.open))
         for tunnel in list(self.open):
             tunnel.going_away()
+        deadline = time.monotonic() + grace
+        while self.open and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        for tunnel in list(self.open):
+            tunnel.end()
 
 
 class _Replay(io.RawIOBase):
@@ -327,19 +394,8 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         return forwarder.proxied(request, server.label, response, lambda reusable: upstream.close())
 
     client.sendall(switching_head(buf[:head_len]))
-    tunnel = Tunnel(client, upstream, request.upgrade.lower() == "websocket", forwarder.idle_timeout)
-    upstream.settimeout(None)  # idleness is the sweeper's business
-    client.settimeout(None)
-    tunnels.add(tunnel)
-    gevent.spawn_raw(tunnel.pump_back, buf[head_len:])
-    del buf, conn, headers  # nothing of the handshake is needed any more
-    try:
-        tunnel.pump(0, client, upstream, buffered_client_bytes(environ))
-        tunnel.finished.wait()
-    finally:
-        tunnels.open.discard(tunnel)
-        upstream.close()
-        # gunicorn closes the client socket; make its next read see the end.
-        _shutdown(client, socket.SHUT_RDWR)
-        accesslog.tunnel_line(environ, time.monotonic() - started, tunnel.sent[0], tunnel.sent[1])
-    return Response(101, [], ALREADY_HANDLED)
+    facts = {key: environ.get(key) for key in accesslog.FACTS}
+    tunnel = Tunnel(client, upstream, request.upgrade.lower() == "websocket", forwarder.idle_timeout,
+                    tunnels, facts)
+    tunnel.start(buffered_client_bytes(environ), buf[head_len:])
+    return Response(101, [], TAKEN_OVER)

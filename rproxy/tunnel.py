@@ -40,7 +40,7 @@ from .upstream import Server
 log = logging.getLogger("rproxy.tunnel")
 
 MAX_HEAD = 64 * 1024
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 GOING_AWAY_GRACE = 2.0
 
 # The body of the Response that says: the connection now belongs to a tunnel.

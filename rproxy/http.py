@@ -34,14 +34,18 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
 
 def clean_response_headers(pairs, connection: str | None, chunked: bool,
-                           dropped: list[str] | None = None) -> list[tuple[str, str]]:
+                           dropped: list[str] | None = None,
+                           keep: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """An upstream's response headers as they may go to the client: no
-    hop-by-hop headers, no Content-Length beside a chunked body (it would
-    lie once the chunking is decoded), and nothing malformed, which could
-    split the response. Names of malformed headers go to `dropped`."""
+    hop-by-hop headers (but those in `keep`), no Content-Length beside a
+    chunked body (it would lie once the chunking is decoded), and nothing
+    malformed, which could split the response. Names of malformed headers
+    go to `dropped`."""
     drop = _RESPONSE_DROP | connection_tokens(connection) if connection else _RESPONSE_DROP
     if chunked:
         drop = drop | {"content-length"}
+    if keep:
+        drop = drop - keep
     out = []
     for name, value in pairs:
         if name.lower() in drop:

@@ -26,6 +26,7 @@ import http.client
 import io
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -34,7 +35,7 @@ import gevent
 import gevent.socket
 
 from . import accesslog
-from .http import HOP_BY_HOP, Request, Response, connection_tokens, error_response
+from .http import Request, Response, clean_response_headers, error_response
 from .upstream import Server
 
 log = logging.getLogger("rproxy.tunnel")
@@ -324,20 +325,23 @@ def read_head(sock) -> tuple[bytes, int]:
             raise http.client.LineTooLong("response head")
 
 
+_UPGRADE = frozenset({"upgrade"})
+_STATUS_101 = re.compile(rb"HTTP/1\.[01] 101(?: [\t !-~\x80-\xff]*)?")
+
+
 def switching_head(head: bytes) -> bytes:
-    """The 101 head for the client: the upstream's, less other hop-by-hop headers."""
+    """The 101 head for the client: the upstream's, less other hop-by-hop
+    headers and anything malformed."""
     lines = head.split(b"\r\n")
+    status = lines[0] if _STATUS_101.fullmatch(lines[0]) else b"HTTP/1.1 101 Switching Protocols"
     fields = []
     for line in lines[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        fields.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
-    named = connection_tokens(", ".join(v for k, v in fields if k.lower() == "connection"))
-    kept = [(k, v) for k, v in fields
-            if k.lower() == "upgrade" or (k.lower() not in HOP_BY_HOP and k.lower() not in named)]
-    out = [lines[0].decode("latin-1"), "Connection: Upgrade"]
-    out += [f"{k}: {v}" for k, v in kept]
+        if line:
+            name, _, value = line.partition(b":")
+            fields.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
+    connection = ", ".join(v for k, v in fields if k.lower() == "connection")
+    kept = clean_response_headers(fields, connection, chunked=False, keep=_UPGRADE)
+    out = [status.decode("latin-1"), "Connection: Upgrade", *(f"{k}: {v}" for k, v in kept)]
     return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 
 

@@ -417,3 +417,12 @@ def test_reload_with_hup_sends_going_away_and_keeps_serving(start_proxy, ws_upst
     ws.send("after reload")
     assert ws.recv() == "after reload"
     ws.close()
+
+
+def test_switching_head_keeps_upgrade_and_drops_hop_by_hop_and_malformed():
+    from rproxy.tunnel import switching_head
+    head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n"
+            b"X-Hop: 1\r\nKeep-Alive: 5\r\nSec-WebSocket-Accept: abc=\r\nX-Bad: a\x01b\r\n\r\n")
+    out = switching_head(head)
+    assert out == (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Accept: abc=\r\n\r\n")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from gevent import monkey
+
 from . import config as config_module
 from .config import Config
 from .connection import LingeringClose
@@ -47,6 +49,9 @@ class Proxy:
                                   self.tunnels)
             entries.append((rc.host, rc.path, Route(rc, compose([], forwarder))))
         self.router: Router[Route] = Router(entries)
+        if monkey.is_module_patched("socket"):  # in a gevent worker: start health checks
+            for upstream in self.upstreams.values():
+                upstream.start()
 
     def __call__(self, environ, start_response):
         response = self.respond(environ)

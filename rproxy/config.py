@@ -82,8 +82,12 @@ class UpstreamConfig:
     servers: tuple[values.ServerAddress, ...] = setting(None, values.servers,
                                                         "host:port or http(s)://host:port, each optionally followed by weight=N.",
                                                         required=True)
-    balance: str = setting("round_robin", values.one_of("round_robin"),
-                           "How a server is chosen for each request.")
+    balance: str = setting("round_robin", values.one_of("round_robin", "least_conn", "ip_hash", "hash",
+                                                        "random"),
+                           "How a server is chosen: round_robin (by weight), least_conn (fewest in "
+                           "flight), ip_hash or hash (consistent, by hash_key), random (two choices).")
+    hash_key: str = setting("ip", values.hash_key,
+                            "What balance = hash hashes: ip (the client's), path, or header:NAME.")
     connect_timeout: float = setting("3s", values.positive_duration, "Time to open a connection to a server.")
     read_timeout: float = setting("30s", values.positive_duration,
                                   "Longest wait for any byte of a response, including its head.")
@@ -92,6 +96,26 @@ class UpstreamConfig:
     max_connections: int = setting("0", values.count,
                                    "Cap on open connections per server and worker; requests beyond it wait up "
                                    "to connect_timeout, then get 503. 0 = no cap.")
+    max_fails: int = setting("1", values.count,
+                             "Failures (connect error, timeout, fail_status) within fail_timeout that "
+                             "take a server out for fail_timeout; 0 = never.")
+    fail_timeout: float = setting("10s", values.positive_duration,
+                                  "The window for max_fails, and how long a failing server stays out; "
+                                  "then one request tries it again.")
+    fail_status: frozenset = setting("", values.statuses,
+                                     "Response statuses that count as failures, e.g. 502-504 (the "
+                                     "response is still relayed).")
+    health_check: tuple | None = setting("", values.health_check,
+                                         "Active health check, e.g. GET /healthz; empty = none.")
+    health_interval: float = setting("5s", values.positive_duration, "Time between health checks.")
+    health_timeout: float = setting("2s", values.positive_duration, "Time a health check may take.")
+    health_status: frozenset = setting("200-399", values.statuses,
+                                       "Statuses a passing health check answers with.")
+    retries: int = setting("1", values.count,
+                           "Further servers to try when one cannot be reached, or (idempotent "
+                           "requests without a body) sent no response head.")
+    retry_timeout: float = setting("10s", values.positive_duration,
+                                   "No retry starts later than this after the first attempt.")
     ca_file: str | None = setting(None, values.readable_file,
                                   "CA certificates (PEM) that https:// servers are verified against; "
                                   "default: the system's.")

@@ -153,9 +153,20 @@ class UpstreamBody:
 
 def _release(server: Server, conn, reusable: bool) -> None:
     """Back to the pool; a connection in an unknown state goes back closed."""
+    server.in_flight -= 1
     if not reusable:
         conn.close()
     server.pool._put_conn(conn)
+
+
+def _retriable(error: Exception, request: Request, request_body: RequestBody | None) -> bool:
+    """May the request go to another server after this error?"""
+    if isinstance(error, (ConnectTimeoutError, EmptyPoolError)):  # nothing was sent
+        return request_body is None or request_body.replayable
+    if isinstance(error, (socket.timeout, TimeoutError, OSError, http.client.RemoteDisconnected)):
+        # Sent, but no response head came: only what is safe to send twice.
+        return request.method in IDEMPOTENT and request_body is None
+    return False
 
 
 class Forwarder:
@@ -171,10 +182,15 @@ class Forwarder:
         self.upgrades = frozenset(route.upgrade)
         self.idle_timeout = route.idle_timeout
         self.tunnels = tunnels
+        self.retries = upstream.config.retries
+        self.retry_timeout = upstream.config.retry_timeout
+        self.fail_status = upstream.config.fail_status
 
     def __call__(self, request: Request) -> Response:
         if request.upgrade is not None and request.upgrade.lower() in self.upgrades:
-            server = self.upstream.pick()
+            server = self.upstream.pick(request)
+            if server is None:
+                return self._none_available(request)
             request.environ["rproxy.upstream"] = server.label
             return open_tunnel(request, server, self, self._target(request), self._headers(request, server))
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
@@ -183,19 +199,40 @@ class Forwarder:
             request_body = RequestBody(request, self.max_body_size) if request.has_body else None
         except ClientGone as e:
             return self._client_gone(request, e)
-        server = self.upstream.pick()
+        target = self._target(request)
+        first_try = time.monotonic()
+        tried: list[Server] = []
+        while True:
+            server = self.upstream.pick(request, exclude=tried)
+            if server is None:
+                return self._none_available(request)
+            tried.append(server)
+            request.environ["rproxy.upstream"] = server.label
+            outcome = self._attempt(server, request, target, request_body)
+            if isinstance(outcome, Response):
+                return outcome
+            if not isinstance(outcome, EmptyPoolError):
+                self.upstream.failed(server, _describe(outcome))
+            if (len(tried) <= self.retries and time.monotonic() - first_try < self.retry_timeout
+                    and _retriable(outcome, request, request_body)
+                    and self.upstream.pick(request, exclude=tried) is not None):
+                log.info("upstream %s: %s failed (%s); trying another server, request_id=%s",
+                         self.upstream.name, server.label, _describe(outcome), request.request_id)
+                continue
+            return self.failure(request, server, outcome, record=False)
+
+    def _attempt(self, server: Server, request: Request, target: str, request_body):
+        """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
         # urllib3 and http.client add User-Agent and Accept-Encoding unless told not to.
         headers.setdefault("User-Agent", SKIP_HEADER)
         headers.setdefault("Accept-Encoding", SKIP_HEADER)
-        target = self._target(request)
-        environ = request.environ
-        environ["rproxy.upstream"] = server.label
         try:
             conn = server.pool._get_conn(timeout=self.connect_timeout)
-        except EmptyPoolError:
-            return error_response(request, 503, f"upstream {self.upstream.name} is at max_connections",
-                                  [("Retry-After", "1")])
+        except EmptyPoolError as e:
+            return e
+        server.in_flight += 1
+        release = partial(_release, server, conn)
         for attempt in (1, 2):
             reused = conn.sock is not None
             started = time.monotonic()
@@ -203,10 +240,10 @@ class Forwarder:
                 response = self._exchange(conn, request.method, target, headers, request_body,
                                           request.chunked)
             except ClientGone as e:
-                _release(server, conn, reusable=False)
+                release(reusable=False)
                 return self._client_gone(request, e)
             except BodyTooLarge:
-                _release(server, conn, reusable=False)
+                release(reusable=False)
                 return self._closing(error_response(request, 413, "request body is too large"))
             except Exception as e:  # anything else is the upstream's doing
                 conn.close()
@@ -217,12 +254,15 @@ class Forwarder:
                     log.debug("stale keep-alive connection to %s (%s); sending again on a new one",
                               server.label, _describe(e))
                     continue
-                _release(server, conn, reusable=False)
-                return self.failure(request, server, e)
+                release(reusable=False)
+                return e
             break
-        environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
-
-        proxied = self.proxied(request, server.label, response, partial(_release, server, conn))
+        request.environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+        if response.status in self.fail_status:
+            self.upstream.failed(server, f"status {response.status}")
+        else:
+            self.upstream.succeeded(server)
+        proxied = self.proxied(request, server.label, response, release)
         if request.has_body and not request_body.complete:
             # The upstream answered before reading the whole body; the rest
             # is still on the client connection, which cannot be reused.
@@ -283,12 +323,22 @@ class Forwarder:
         request.environ["rproxy.error"] = "client went away mid-upload"
         return self._closing(error_response(request, 499, "client closed the request"))
 
-    def failure(self, request: Request, server: Server, error: Exception) -> Response:
+    def _none_available(self, request: Request) -> Response:
+        request.environ["rproxy.error"] = "no server available"
+        return error_response(request, 503, f"no server of upstream {self.upstream.name} is available",
+                              [("Retry-After", str(self.upstream.retry_after()))])
+
+    def failure(self, request: Request, server: Server, error: Exception, record: bool = True) -> Response:
+        """The client's answer to an upstream error (recorded against the
+        server's health unless already done)."""
+        if record and not isinstance(error, EmptyPoolError):
+            self.upstream.failed(server, _describe(error))
         status, message = _classify(error, self.connect_timeout, self.read_timeout)
         request.environ["rproxy.error"] = message
         log.warning("upstream %s (%s %s): %s, request_id=%s", server.label, request.method,
                     request.target, message, request.request_id)
-        response = error_response(request, status, message)
+        response = error_response(request, status, message,
+                                  [("Retry-After", "1")] if status == 503 else ())
         if request.has_body:
             response.close_connection = True
         return response
@@ -303,6 +353,8 @@ def response_headers(pairs, connection: str | None, chunked: bool) -> list[tuple
 
 
 def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> tuple[int, str]:
+    if isinstance(error, EmptyPoolError):
+        return 503, "upstream server is at max_connections"
     if isinstance(error, NewConnectionError):
         cause = error.__cause__
         if isinstance(cause, ConnectionRefusedError):

@@ -72,6 +72,11 @@ def header_name(environ_key: str) -> str:
     return environ_key[5:].replace("_", "-").title()
 
 
+def header_environ_key(name: str) -> str:
+    """'X-Api-Key' -> 'HTTP_X_API_KEY'."""
+    return "HTTP_" + name.upper().replace("-", "_")
+
+
 def connection_tokens(value: str | None) -> frozenset[str]:
     if not value:
         return frozenset()

@@ -105,11 +105,11 @@ class Tunnel:
     """Both directions of one tunnel: [0] client -> upstream, [1] upstream -> client."""
 
     __slots__ = ("socks", "keeper", "watchers", "websocket", "trackers", "sent", "eof",
-                 "last_active", "closing", "ended", "idle_timeout", "registry", "facts",
+                 "last_active", "closing", "ended", "idle_timeout", "registry", "server", "facts",
                  "started", "__weakref__")
 
     def __init__(self, client, upstream, websocket: bool, idle_timeout: float,
-                 registry: "Tunnels", facts: dict):
+                 registry: "Tunnels", server: Server, facts: dict):
         for sock in (client, upstream):
             sock.settimeout(0.0)  # pumps wait for readiness themselves
         self.socks = (client, upstream)
@@ -127,10 +127,12 @@ class Tunnel:
         self.ended = False
         self.idle_timeout = idle_timeout
         self.registry = registry
+        self.server = server      # counts the tunnel as in flight (least_conn)
         self.facts = facts  # what the access-log line needs of the request
 
     def start(self, client_bytes: bytes, upstream_bytes: bytes) -> None:
         self.registry.add(self)
+        self.server.in_flight += 1
         for direction, pending in ((0, client_bytes), (1, upstream_bytes)):
             if pending:
                 gevent.spawn_raw(self._pump, direction, pending)
@@ -187,6 +189,7 @@ class Tunnel:
         upstream.close()
         self.keeper.close()  # the client socket really closes once gunicorn let go too
         self.registry.open.discard(self)
+        self.server.in_flight -= 1
         accesslog.tunnel_line(self.facts, time.monotonic() - self.started, self.sent[0], self.sent[1])
 
     def going_away(self) -> None:
@@ -386,6 +389,7 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         conn.close()
         return forwarder.failure(request, server, e)
     environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+    forwarder.upstream.succeeded(server)
 
     if buf[9:12] != b"101":
         # Not switching: an ordinary response, on a connection nobody reuses.
@@ -400,6 +404,6 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
     client.sendall(switching_head(buf[:head_len]))
     facts = {key: environ.get(key) for key in accesslog.FACTS}
     tunnel = Tunnel(client, upstream, request.upgrade.lower() == "websocket", forwarder.idle_timeout,
-                    tunnels, facts)
+                    tunnels, server, facts)
     tunnel.start(buffered_client_bytes(environ), buf[head_len:])
     return Response(101, [], TAKEN_OVER)

@@ -1,5 +1,6 @@
-"""Upstream servers: one urllib3 connection pool per server, and the choice
-of server for each request.
+"""Upstream servers: one urllib3 connection pool per server, the choice of
+server for each request (balancing.py), and each server's health as this
+worker sees it: passive (real requests that fail) and active (health.py).
 
 Pools are made once per worker process (after the fork) and keep connections
 alive across requests. With `max_connections = 0` a pool keeps up to
@@ -11,10 +12,15 @@ for a free connection.
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 
+from .balancing import POLICIES, ConsistentHash
 from .config import UpstreamConfig
+from .health import ActiveCheck
+from .http import Request, header_environ_key
 from .values import ServerAddress
 
 log = logging.getLogger("rproxy.upstream")
@@ -44,15 +50,23 @@ class TLSServerPool(_QuietSurplus, HTTPSConnectionPool):
 
 
 class Server:
-    """One upstream server and its pool of kept-alive connections."""
+    """One upstream server: its pool of kept-alive connections, and what this
+    worker knows of its health."""
 
-    __slots__ = ("address", "label", "weight", "pool", "current_weight")
+    __slots__ = ("address", "label", "weight", "pool", "current_weight", "in_flight",
+                 "healthy", "fails", "window_start", "down_until", "probing", "__weakref__")
 
     def __init__(self, address: ServerAddress, config: UpstreamConfig):
         self.address = address
         self.label = address.authority
         self.weight = address.weight
-        self.current_weight = 0
+        self.current_weight = 0   # round robin's running score
+        self.in_flight = 0        # requests and tunnels under way in this worker
+        self.healthy = True       # the active health check's verdict
+        self.fails = 0            # passive: failures in the current window
+        self.window_start = 0.0
+        self.down_until = 0.0     # passive: out of rotation until then
+        self.probing = False      # passive: one request is trying it again
         capped = config.max_connections > 0
         tls = {}
         if address.scheme == "https":
@@ -69,33 +83,85 @@ class Server:
             **tls,
         )
 
+    def available(self, now: float) -> bool:
+        if not self.healthy or self.down_until > now:
+            return False
+        # Back from a passive fail_timeout: one request at a time tries it.
+        return not (self.down_until and self.probing)
+
     def close(self) -> None:
         self.pool.close()
 
 
 class Upstream:
-    """A named group of servers and the policy that picks one per request."""
+    """A named group of servers, the policy that picks one per request, and
+    the passive health bookkeeping that keeps failing servers out."""
 
     def __init__(self, config: UpstreamConfig):
         self.name = config.name
         self.config = config
         self.servers = [Server(address, config) for address in config.servers]
-        self._total_weight = sum(s.weight for s in self.servers)
+        self.policy = POLICIES[config.balance](self.servers)
+        key = config.hash_key if config.balance == "hash" else "ip"
+        self._header = header_environ_key(key[len("header:"):]) if key.startswith("header:") else None
+        self._key_is_path = key == "path"
+        self.active_check = ActiveCheck(self) if config.health_check else None
 
-    def pick(self) -> Server:
-        """Smooth weighted round robin (as nginx): weight=2 takes two turns in
-        three, spread out rather than in a burst."""
-        servers = self.servers
-        if len(servers) == 1:
-            return servers[0]
-        best = None
-        for server in servers:
-            server.current_weight += server.weight
-            if best is None or server.current_weight > best.current_weight:
-                best = server
-        best.current_weight -= self._total_weight
-        return best
+    def start(self) -> None:
+        if self.active_check is not None:
+            self.active_check.start()
+
+    def hash_key(self, request: Request) -> str:
+        if self._header is not None:
+            return request.environ.get(self._header, "")
+        if self._key_is_path:
+            return request.path
+        return request.client_ip
+
+    def pick(self, request: Request, exclude=()) -> Server | None:
+        """A server for this request, or None when none is available."""
+        now = time.monotonic()
+        available = [s for s in self.servers if s not in exclude and s.available(now)]
+        if not available:
+            return None
+        key = self.hash_key(request) if isinstance(self.policy, ConsistentHash) else None
+        server = self.policy.pick(available, key)
+        if server.down_until:
+            server.probing = True
+        return server
+
+    def retry_after(self) -> int:
+        """Seconds until a server may be back, for a 503's Retry-After."""
+        now = time.monotonic()
+        waits = [s.down_until - now for s in self.servers if s.down_until > now]
+        if self.active_check is not None:
+            waits.append(self.config.health_interval)
+        return max(1, math.ceil(min(waits))) if waits else 1
+
+    def failed(self, server: Server, why: str) -> None:
+        """Passive health: a connect error, timeout, reset or listed status."""
+        config = self.config
+        # As nginx: a lone server is never taken out, it is all there is.
+        if not config.max_fails or len(self.servers) == 1:
+            return
+        now = time.monotonic()
+        if server.probing or now - server.window_start > config.fail_timeout:
+            server.window_start, server.fails = now, 0
+        server.probing = False
+        server.fails += 1
+        if server.fails >= config.max_fails:
+            server.down_until = now + config.fail_timeout
+            log.warning("upstream %s: server %s out of rotation for %gs after %d failure(s), last: %s",
+                        self.name, server.label, config.fail_timeout, server.fails, why)
+
+    def succeeded(self, server: Server) -> None:
+        if server.down_until or server.fails:
+            if server.down_until:
+                log.info("upstream %s: server %s is answering again", self.name, server.label)
+            server.fails, server.down_until, server.probing = 0, 0.0, False
 
     def close(self) -> None:
+        if self.active_check is not None:
+            self.active_check.stop()
         for server in self.servers:
             server.close()

@@ -180,3 +180,40 @@ def one_of(*choices: str):
 
     parse.__name__ = "one_of"
     return parse
+
+
+def statuses(raw: str) -> frozenset[int]:
+    """'200-399 418' -> the set of those status codes."""
+    codes: set[int] = set()
+    for word in words(raw):
+        low, _, high = word.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"{word!r} is not a status code or a range like 200-399")
+        first, last = int(low), int(high or low)
+        if not 100 <= first <= last <= 599:
+            raise ValueError(f"{word!r} is not within 100-599")
+        codes.update(range(first, last + 1))
+    return frozenset(codes)
+
+
+def health_check(raw: str) -> tuple[str, str] | None:
+    """'GET /healthz' or '/healthz' -> (method, path); empty -> None (off)."""
+    parts = words(raw)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        parts = ("GET", parts[0])
+    method, path = parts[0].upper(), parts[-1]
+    if len(parts) != 2 or method not in ("GET", "HEAD", "OPTIONS") or not path.startswith("/"):
+        raise ValueError(f"{raw!r} is not like 'GET /healthz'")
+    return method, path
+
+
+def hash_key(raw: str) -> str:
+    """'ip', 'path' or 'header:NAME'."""
+    value = raw.strip()
+    if value in ("ip", "path"):
+        return value
+    if value.lower().startswith("header:") and re.fullmatch(r"[A-Za-z0-9-]+", value[7:]):
+        return "header:" + value[7:]
+    raise ValueError(f"{raw!r} is not ip, path or header:NAME")

@@ -1,0 +1,71 @@
+"""Active health checks: one greenlet per upstream and worker asks each
+server `health_check` every `health_interval`; a server that fails is out of
+rotation until it passes again. (Passive health, from real requests, lives
+with the server's state in upstream.py.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
+
+log = logging.getLogger("rproxy.health")
+
+
+class ActiveCheck:
+    def __init__(self, upstream):
+        config = upstream.config
+        self.upstream = upstream
+        self.method, self.path = config.health_check
+        self.interval = config.health_interval
+        self.timeout = Timeout(connect=config.health_timeout, read=config.health_timeout)
+        self.statuses = config.health_status
+        # A pool of its own per server, so checks never wait behind traffic.
+        self.pools = {}
+        for server in upstream.servers:
+            address = server.address
+            if address.scheme == "https":
+                tls = {"ca_certs": config.ca_file} if config.ca_file else {}
+                pool = HTTPSConnectionPool(address.host, address.port, maxsize=1, retries=False, **tls)
+            else:
+                pool = HTTPConnectionPool(address.host, address.port, maxsize=1, retries=False)
+            self.pools[server] = pool
+        self.greenlet = None
+
+    def start(self) -> None:
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while True:
+            for server in self.upstream.servers:
+                ok, why = self.check(server)
+                if ok != server.healthy:
+                    if ok:
+                        log.info("upstream %s: server %s passes its health check again",
+                                 self.upstream.name, server.label)
+                    else:
+                        log.warning("upstream %s: server %s fails its health check (%s); "
+                                    "out of rotation", self.upstream.name, server.label, why)
+                    server.healthy = ok
+            gevent.sleep(self.interval)
+
+    def check(self, server) -> tuple[bool, str]:
+        try:
+            response = self.pools[server].urlopen(
+                self.method, self.path, headers={"Host": server.label, "User-Agent": "rproxy-health"},
+                timeout=self.timeout, retries=False, redirect=False, assert_same_host=False,
+                preload_content=True)
+        except Exception as e:  # refused, timed out, reset, malformed: all mean unhealthy
+            return False, str(e) or type(e).__name__
+        if response.status in self.statuses:
+            return True, ""
+        return False, f"status {response.status}"
+
+    def stop(self) -> None:
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+        for pool in self.pools.values():
+            pool.close()

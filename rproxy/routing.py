@@ -21,6 +21,15 @@ def prefix_matches(prefix: str, path: str) -> bool:
     return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
 
 
+def host_matches(pattern: str, host: str) -> bool:
+    """'' matches any host; '*.example.com' any sub-domain; else exactly."""
+    if not pattern:
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
 @dataclass(frozen=True)
 class Match(Generic[T]):
     target: T

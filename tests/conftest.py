@@ -108,7 +108,10 @@ class Proxy(Process):
         super().__init__([GUNICORN, "-c", "gunicorn.conf.py", "--no-control-socket", *args],
                          tmp_dir / f"proxy-{self.port}.log", env=full_env)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_for_port(self.port, self.proc)
+        try:
+            wait_for_port(self.port, self.proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n{self.log()}") from None
         self.wait_for_workers(workers)
 
     def wait_for_workers(self, count: int, timeout: float = 15.0) -> list[psutil.Process]:

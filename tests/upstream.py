@@ -22,7 +22,7 @@ import gevent
 from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-STATS = {"connections": 0, "requests": 0}
+STATS = {"connections": 0, "requests": 0, "sick": False}
 RELEASES: dict[str, Event] = {}
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 
@@ -80,6 +80,13 @@ def app(environ, start_response):
     if path == "/_reset":
         STATS.update(connections=0, requests=0)
         return _json(start_response, STATS)
+    if path == "/_sick":
+        STATS["sick"] = query.get("on") == "1"
+        return _json(start_response, STATS)
+    if path == "/healthz":
+        if STATS["sick"]:
+            return _json(start_response, {"healthy": False}, status="503 Service Unavailable")
+        return _json(start_response, {"healthy": True})
 
     if path.startswith("/echo") or path == "/upload" or path.startswith("/app"):
         length, digest = _read_body(environ)

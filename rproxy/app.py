@@ -9,6 +9,7 @@ the WSGI server.
 from __future__ import annotations
 
 import logging
+import os
 
 from gevent import monkey
 
@@ -20,6 +21,7 @@ from .forwarded import Forwarding
 from .http import BadRequest, Request, Response, error_response
 from .middleware import compose
 from .routing import Router
+from .serving import serving_config
 from .tunnel import TAKEN_OVER, Tunnels
 from .upstream import Upstream
 
@@ -102,6 +104,11 @@ class Proxy:
 
 
 def build(path: str | None = None) -> Proxy:
+    # Under gunicorn.conf.py the master has validated the config already
+    # (and kept the last good one across reloads): use that.
+    served = serving_config()
+    if served is not None and (path is None or os.path.abspath(path) == served.path):
+        return Proxy(served)
     return Proxy(config_module.load(path or config_module.config_path()))
 
 

@@ -7,6 +7,7 @@ gunicorn here, in the master, with the same message `rproxy check` prints.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -48,8 +49,16 @@ def to_gunicorn(config: Config) -> dict:
         "certfile": server.certfile,
         "keyfile": server.keyfile,
         "ssl_context": tls.ssl_context,
+        "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
     }
+
+
+def post_worker_init(worker) -> None:
+    config = getattr(worker.wsgi, "config", None)
+    if config is not None:
+        worker.log.info("rproxy worker %s ready: %d routes, %d upstreams", worker.pid,
+                        len(config.routes), len(config.upstreams))
 
 
 def worker_exit(arbiter, worker) -> None:
@@ -60,18 +69,38 @@ def worker_exit(arbiter, worker) -> None:
         shutdown()
 
 
+# The config this master serves, validated. Workers are forked from the
+# master, so they start from it rather than from the file, which may have
+# changed (and broken) since.
+_serving: Config | None = None
+_settings: dict = {}
+
+
+def serving_config() -> Config | None:
+    return _serving
+
+
 def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
+    """At start: the settings, or exit with the config's problem. At a reload
+    (HUP): the new settings, or, when the file is now broken, the old ones
+    kept with an error logged, so that the proxy goes on serving."""
+    global _serving, _settings
     conf_dir = os.path.dirname(os.path.abspath(conf_file))
     path = os.path.abspath(ini_path(conf_dir, sys.argv if argv is None else argv))
     try:
         config = config_module.load(path)
     except ConfigError as e:
-        print(f"rproxy: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    # Workers read the same file: make sure they find it whatever their cwd.
+        if _serving is None:
+            print(f"rproxy: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        logging.getLogger("gunicorn.error").error(
+            "rproxy: reload refused, still serving the config loaded before: %s", e)
+        return _settings
+    # Workers read the same file if they must: make sure they find it whatever their cwd.
     os.environ["RPROXY_CONFIG"] = path
     raise_open_files_limit()
-    return to_gunicorn(config)
+    _serving, _settings = config, to_gunicorn(config)
+    return _settings
 
 
 def raise_open_files_limit() -> None:

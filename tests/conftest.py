@@ -100,10 +100,10 @@ class Proxy(Process):
         self.port = free_port()
         server_keys = {"bind": f"127.0.0.1:{self.port}", "workers": str(workers)}
         server_keys.update(server or {})
-        text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in server_keys.items())
-        text += "\n[log]\nlevel = debug\n\n" + textwrap.dedent(ini)
+        self.head = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in server_keys.items())
+        self.head += "\n[log]\nlevel = debug\n\n"
         self.ini_path = tmp_dir / f"rproxy-{self.port}.ini"
-        self.ini_path.write_text(text)
+        self.rewrite(ini)
         full_env = dict(os.environ, RPROXY_CONFIG=str(self.ini_path), **(env or {}))
         super().__init__([GUNICORN, "-c", "gunicorn.conf.py", "--no-control-socket", *args],
                          tmp_dir / f"proxy-{self.port}.log", env=full_env)
@@ -114,10 +114,15 @@ class Proxy(Process):
             raise RuntimeError(f"{e}:\n{self.log()}") from None
         self.wait_for_workers(workers)
 
+    def rewrite(self, ini: str) -> None:
+        """Replace the INI's routes and upstreams, keeping [server] and [log]."""
+        self.ini_path.write_text(self.head + textwrap.dedent(ini))
+
     def wait_for_workers(self, count: int, timeout: float = 15.0) -> list[psutil.Process]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            booted = len(re.findall(r"Booting worker with pid", self.log()))
+            # Ready, not just forked: its signal handlers are in place too.
+            booted = len(re.findall(r"rproxy worker \d+ ready", self.log()))
             kids = self.children()
             if booted >= count and len(kids) >= count:
                 return kids

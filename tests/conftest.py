@@ -96,7 +96,7 @@ class Upstream(Process):
 
 class Proxy(Process):
     def __init__(self, tmp_dir: Path, ini: str, server: dict | None = None, workers: int = 1,
-                 args=(), env=None):
+                 args=(), env=None, control_socket: str | None = None):
         self.port = free_port()
         server_keys = {"bind": f"127.0.0.1:{self.port}", "workers": str(workers)}
         server_keys.update(server or {})
@@ -105,7 +105,9 @@ class Proxy(Process):
         self.ini_path = tmp_dir / f"rproxy-{self.port}.ini"
         self.rewrite(ini)
         full_env = dict(os.environ, RPROXY_CONFIG=str(self.ini_path), **(env or {}))
-        super().__init__([GUNICORN, "-c", "gunicorn.conf.py", "--no-control-socket", *args],
+        # Each gunicorn gets its own control socket, or none.
+        control = ["--control-socket", control_socket] if control_socket else ["--no-control-socket"]
+        super().__init__([GUNICORN, "-c", "gunicorn.conf.py", *control, *args],
                          tmp_dir / f"proxy-{self.port}.log", env=full_env)
         self.url = f"http://127.0.0.1:{self.port}"
         try:

@@ -3,12 +3,13 @@
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 
 import requests
 
-from conftest import single_route
+from conftest import BIN, single_route
 from upstream import pattern_bytes
 
 
@@ -42,6 +43,16 @@ def test_hup_loads_new_routes(start_proxy, upstream):
     # Once the old worker has stopped accepting, /v1 is the default route's.
     assert wait_until(lambda: requests.get(proxy.url + "/v1/echo", timeout=5).json()["request_line"]
                       == "GET /v1/echo HTTP/1.1")
+
+
+def test_reload_through_the_gunicorn_control_socket(start_proxy, upstream, tmp_path):
+    control = str(tmp_path / "gunicorn.ctl")
+    proxy = start_proxy(versioned_ini(upstream.port, 1), control_socket=control)
+    proxy.rewrite(versioned_ini(upstream.port, 2))
+    out = subprocess.run([str(BIN / "gunicornc"), "-s", control, "-c", "reload"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert wait_until(lambda: status_of(proxy.url + "/v2/echo") == 200)
 
 
 def test_hup_with_a_broken_config_keeps_serving_the_old_one(start_proxy, upstream):

@@ -16,6 +16,7 @@ setup(
         "limits>=5.0,<6",
         "requests-toolbelt>=1.0,<2",
         "PasteDeploy>=3.0,<4",
+        "redis>=5,<9",
     ],
     extras_require={
         "test": [

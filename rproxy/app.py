@@ -19,7 +19,9 @@ from .connection import LingeringClose
 from .forward import Forwarder
 from .forwarded import Forwarding
 from .http import BadRequest, Request, Response, error_response
+from . import middleware
 from .middleware import compose
+from .middleware.security_headers import SecurityHeaders
 from .routing import Router
 from .serving import serving_config
 from .tunnel import TAKEN_OVER, Tunnels
@@ -45,11 +47,16 @@ class Proxy:
         self.forwarding = Forwarding(config.server.trusted_proxies)
         self.upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
         self.tunnels = Tunnels(config.server.max_tunnels)
+        shared: dict = {}
         entries = []
         for rc in config.routes:
             forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server.max_body_size,
                                   self.tunnels)
-            entries.append((rc.host, rc.path, Route(rc, compose([], forwarder))))
+            chain = [middleware.make(kind, section, shared) for kind, section in config.chain_for(rc)]
+            entries.append((rc.host, rc.path, Route(rc, compose(chain, forwarder))))
+        # The proxy's own answers outside any route (400, 404) get the global security headers.
+        headers_config = config.middleware["security_headers"].get("")
+        self.security_headers = SecurityHeaders(headers_config) if headers_config else None
         self.router: Router[Route] = Router(entries)
         if monkey.is_module_patched("socket"):  # in a gevent worker: start health checks
             for upstream in self.upstreams.values():
@@ -73,6 +80,8 @@ class Proxy:
         except BadRequest as e:
             response = error_response(None, e.status, str(e), environ=environ)
             response.close_connection = True
+            if self.security_headers is not None:
+                self.security_headers.decorate(response, environ.get("wsgi.url_scheme") == "https")
             return response
         self.forwarding.apply(request)
         environ["rproxy.client"] = request.client_ip
@@ -81,6 +90,8 @@ class Proxy:
         if match is None:
             response = error_response(request, 404, "no route for this host and path")
             response.close_connection = request.has_body
+            if self.security_headers is not None:
+                self.security_headers.decorate(response, request.scheme == "https")
         else:
             environ["rproxy.route"] = match.target.name
             try:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import configparser
 import difflib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from . import values
+from .middleware import MIDDLEWARE
+from .values import setting
 
 DEFAULT_PATH = "conf/rproxy.ini"
 
@@ -37,12 +39,6 @@ class ConfigError(Exception):
         if key:
             where += f" {key}"
         super().__init__(f"{where}: {problem}")
-
-
-def setting(raw: str | None, parse: Callable[[str], Any], doc: str, required: bool = False) -> Any:
-    """A key: its default as written in the INI (None: unset), parser and doc."""
-    default = None if raw is None or required else parse(raw)
-    return field(default=default, metadata={"parse": parse, "doc": doc, "raw": raw, "required": required})
 
 
 @dataclass(frozen=True)
@@ -139,6 +135,12 @@ class RouteConfig:
                                        "others are forwarded as plain requests, without the upgrade.")
     idle_timeout: float = setting("5m", values.positive_duration,
                                   "A tunnel with no traffic either way for this long is closed.")
+    rate_limit: str = setting("", values.section_choice,
+                              "[rate_limit:NAME] for this route, or off; empty = the global [rate_limit].")
+    filter: str = setting("", values.section_choice,
+                          "[filter:NAME] for this route, or off; empty = the global [filter].")
+    security_headers: str = setting("", values.section_choice,
+                                    "[security_headers:NAME] for this route, or off; empty = the global one.")
     connect_timeout: float | None = setting(None, values.positive_duration,
                                             "Overrides the upstream's connect_timeout for this route.")
     read_timeout: float | None = setting(None, values.positive_duration,
@@ -156,6 +158,19 @@ class Config:
     log: LogConfig
     upstreams: Mapping[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
+    # kind -> {"": the global section, NAME: [kind:NAME]}
+    middleware: Mapping[str, Mapping[str, Any]]
+
+    def chain_for(self, route: RouteConfig) -> list[tuple[str, Any]]:
+        """The middleware configs a route runs, in chain order."""
+        chain = []
+        for kind in MIDDLEWARE:
+            choice = getattr(route, kind)
+            if choice != "off":
+                section = self.middleware[kind].get(choice)
+                if section is not None:
+                    chain.append((kind, section))
+        return chain
 
 
 def load(path: str) -> Config:
@@ -179,12 +194,19 @@ def load(path: str) -> Config:
 
     singles: dict[str, Any] = {}
     named: dict[str, dict[str, Any]] = {kind: {} for kind in NAMED_SECTIONS}
+    middleware: dict[str, dict[str, Any]] = {kind: {} for kind in MIDDLEWARE}
     for section in parser.sections():
         if section in FOREIGN_SECTIONS or section.startswith(FOREIGN_SECTION_PREFIXES):
             continue
         kind, _, name = section.partition(":")
         kind = kind.strip()
-        if kind in SINGLE_SECTIONS and not name:
+        if kind in MIDDLEWARE:
+            name = name.strip()
+            if section.endswith(":") or (name and name == "off"):
+                raise ConfigError(path, section, None, f"needs a name, like [{kind}:NAME], or none")
+            middleware[kind][name] = _build(path, section, MIDDLEWARE[kind], parser[section],
+                                            {"name": name or kind})
+        elif kind in SINGLE_SECTIONS and not name:
             singles[kind] = _build(path, section, SINGLE_SECTIONS[kind], parser[section], {})
         elif kind in NAMED_SECTIONS and name.strip():
             name = name.strip()
@@ -192,7 +214,7 @@ def load(path: str) -> Config:
         elif kind in NAMED_SECTIONS:
             raise ConfigError(path, section, None, f"needs a name, like [{kind}:NAME]")
         else:
-            hint = _did_you_mean(kind, list(SINGLE_SECTIONS) + list(NAMED_SECTIONS))
+            hint = _did_you_mean(kind, [*SINGLE_SECTIONS, *NAMED_SECTIONS, *MIDDLEWARE])
             raise ConfigError(path, section, None, "unknown section" + hint)
 
     config = Config(
@@ -201,6 +223,7 @@ def load(path: str) -> Config:
         log=singles.get("log", LogConfig()),
         upstreams=MappingProxyType(named["upstream"]),
         routes=tuple(named["route"].values()),
+        middleware=MappingProxyType({k: MappingProxyType(v) for k, v in middleware.items()}),
     )
     _check_references(config)
     if bool(config.server.certfile) != bool(config.server.keyfile):
@@ -237,6 +260,12 @@ def _check_references(config: Config) -> None:
             raise ConfigError(config.path, section, "upstream",
                               f"no [upstream:{route.upstream}] section"
                               + _did_you_mean(route.upstream, config.upstreams))
+        for kind in MIDDLEWARE:
+            choice = getattr(route, kind)
+            if choice not in ("", "off") and choice not in config.middleware[kind]:
+                named_ones = [n for n in config.middleware[kind] if n]
+                raise ConfigError(config.path, section, kind, f"no [{kind}:{choice}] section"
+                                  + _did_you_mean(choice, named_ones))
         for host in route.host or ("",):
             other = seen.setdefault((host, route.path), route.name)
             if other != route.name:
@@ -266,8 +295,10 @@ def _parser_problem(error: configparser.Error) -> str:
 def reference() -> str:
     """The config reference, in Markdown, from the declarations above."""
     out = []
-    for kind, cls in [*SINGLE_SECTIONS.items(), *NAMED_SECTIONS.items()]:
-        header = f"[{kind}]" if kind in SINGLE_SECTIONS else f"[{kind}:NAME]"
+    headers = {**{k: f"[{k}]" for k in SINGLE_SECTIONS}, **{k: f"[{k}:NAME]" for k in NAMED_SECTIONS},
+               **{k: f"[{k}] or [{k}:NAME]" for k in MIDDLEWARE}}
+    for kind, cls in [*SINGLE_SECTIONS.items(), *NAMED_SECTIONS.items(), *MIDDLEWARE.items()]:
+        header = headers[kind]
         out += [f"#### `{header}`", "", "| key | default | meaning |", "|---|---|---|"]
         for f in fields(cls):
             if "parse" in f.metadata:

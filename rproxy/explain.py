@@ -70,7 +70,9 @@ def explain(config: config_module.Config, url: str, method: str = "GET",
         out.append(f"  forwards   {request.target}")
     host = {"client": request.headers.get("Host", "(none)"), "upstream": "the server's host:port"}
     out.append(f"  Host       {host.get(route.host_header, route.host_header)}")
-    out.append("chain        forward")
+    chain = [kind if section.name == kind else f"{kind}:{section.name}"
+             for kind, section in config.chain_for(route)]
+    out.append(f"chain        {' -> '.join([*chain, 'forward'])}")
     upstream_config = config.upstreams[route.upstream]
     upstream = Upstream(upstream_config)
     try:

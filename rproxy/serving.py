@@ -49,9 +49,23 @@ def to_gunicorn(config: Config) -> dict:
         "certfile": server.certfile,
         "keyfile": server.keyfile,
         "ssl_context": tls.ssl_context,
+        "when_ready": when_ready,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
     }
+
+
+def when_ready(arbiter) -> None:
+    """In the master, once listening: say what several workers change."""
+    config = _serving
+    if config is None or arbiter.cfg.workers < 2:
+        return
+    local = [f"[rate_limit{'' if name == '' else ':' + name}]"
+             for name, section in config.middleware["rate_limit"].items()
+             if section.storage == "memory://"]
+    if local:
+        arbiter.log.warning("rproxy: %s count in memory: with %d workers the limits apply per worker; "
+                            "storage = redis://... shares them", ", ".join(local), arbiter.cfg.workers)
 
 
 def post_worker_init(worker) -> None:

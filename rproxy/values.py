@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+def setting(raw: str | None, parse: Callable[[str], Any], doc: str, required: bool = False) -> Any:
+    """Declares an INI key as a dataclass field: its default as written in
+    the INI (None: unset), its parser and its documentation."""
+    default = None if raw is None or required else parse(raw)
+    return field(default=default, metadata={"parse": parse, "doc": doc, "raw": raw, "required": required})
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -217,3 +225,55 @@ def hash_key(raw: str) -> str:
     if value.lower().startswith("header:") and re.fullmatch(r"[A-Za-z0-9-]+", value[7:]):
         return "header:" + value[7:]
     raise ValueError(f"{raw!r} is not ip, path or header:NAME")
+
+
+def section_choice(raw: str) -> str:
+    """A section name, 'off', or empty (the global section)."""
+    value = raw.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ValueError(f"{raw!r} is not a section name or off")
+    return value
+
+
+def limits(raw: str) -> str:
+    """'100/minute; 10/second' in the `limits` package's notation."""
+    from limits import parse_many
+    try:
+        items = parse_many(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not like '100/minute; 10/second'") from None
+    if not items:
+        raise ValueError("names no limit")
+    return raw.strip()
+
+
+def path_patterns(raw: str) -> tuple[str, ...]:
+    """Prefixes ('/admin') and globs ('*.php', '/private/*')."""
+    result = []
+    for word in words(raw):
+        if not (word.startswith("/") or word.startswith("*")):
+            raise ValueError(f"{word!r} is neither a /prefix nor a *glob")
+        result.append(word if any(c in word for c in "*?[") else (word.rstrip("/") or "/"))
+    return tuple(result)
+
+
+def storage_uri(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"(memory://|redis://\S*|rediss://\S*)", value):
+        raise ValueError(f"{raw!r} is not memory:// or redis://host:port/db")
+    return value
+
+
+def limit_key(raw: str) -> str:
+    """'ip' or 'header:NAME'."""
+    value = raw.strip()
+    if value == "ip" or (value.lower().startswith("header:") and re.fullmatch(r"[A-Za-z0-9-]+", value[7:])):
+        return value
+    raise ValueError(f"{raw!r} is not ip or header:NAME")
+
+
+def header_value(raw: str) -> str:
+    value = raw.strip()
+    if any(ch in value for ch in "\r\n\x00"):
+        raise ValueError("a header value cannot hold CR, LF or NUL")
+    return value

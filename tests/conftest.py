@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,3 +189,33 @@ def single_route(port: int, route_extra: str = "", upstream_extra: str = "") -> 
 def proxy(start_proxy, upstream):
     """rproxy in front of the shared upstream, one worker, defaults."""
     return start_proxy(single_route(upstream.port))
+
+
+class Redis(Process):
+    """A real redis-server on a free port; stop() and start() it again on the same port."""
+
+    def __init__(self, tmp_dir: Path, port: int | None = None):
+        self.tmp_dir = tmp_dir
+        self.port = port or free_port()
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            pytest.fail("redis-server is not installed: python3 scripts/dev.py test installs it")
+        super().__init__([redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], tmp_dir / f"redis-{self.port}-{time.monotonic_ns()}.log")
+        wait_for_port(self.port, self.proc)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    servers = []
+
+    def start(port=None):
+        server = Redis(tmp_path, port)
+        servers.append(server)
+        return server
+    first = start()
+    first.start_again = lambda: start(first.port)
+    yield first
+    for server in servers:
+        server.stop()

@@ -191,6 +191,7 @@ def app(environ, start_response):
         start_response("200 OK", [("Connection", "X-Secret, keep-alive"), ("X-Secret", "internal"),
                                   ("Keep-Alive", "timeout=5"), ("Proxy-Authenticate", "Basic"),
                                   ("Trailer", "X-Checksum"), ("Upgrade", "h2c"), ("X-Kept", "yes"),
+                                  ("X-Frame-Options", "SAMEORIGIN"),
                                   ("Content-Length", str(len(body)))])
         return [body]
 

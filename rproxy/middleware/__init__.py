@@ -7,12 +7,28 @@ calls. Each middleware lives in its own module with its config.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..http import Request, Response
+from . import filter, rate_limit, security_headers
 
 Handler = Callable[[Request], Response]
 Middleware = Callable[[Request, Handler], Response]
+
+# kind -> (config class, factory), in chain order: security headers wrap the
+# rest, so they reach every response, the 429s and 404s of the others too.
+_KINDS = {
+    "security_headers": (security_headers.SecurityHeadersConfig, security_headers.make),
+    "rate_limit": (rate_limit.RateLimitConfig, rate_limit.make),
+    "filter": (filter.FilterConfig, filter.make),
+}
+MIDDLEWARE: dict[str, type] = {kind: cls for kind, (cls, _) in _KINDS.items()}
+
+
+def make(kind: str, config: Any, shared: dict) -> Middleware:
+    """The middleware for a config section; `shared` holds what middlewares
+    of one worker share (e.g. rate-limit storages)."""
+    return _KINDS[kind][1](config, shared)
 
 
 def compose(middlewares: Sequence[Middleware], handler: Handler) -> Handler:

@@ -141,6 +141,8 @@ class RouteConfig:
                           "[filter:NAME] for this route, or off; empty = the global [filter].")
     security_headers: str = setting("", values.section_choice,
                                     "[security_headers:NAME] for this route, or off; empty = the global one.")
+    cache: str = setting("", values.section_choice,
+                         "[cache:NAME] for this route, or off; empty = the global [cache].")
     connect_timeout: float | None = setting(None, values.positive_duration,
                                             "Overrides the upstream's connect_timeout for this route.")
     read_timeout: float | None = setting(None, values.positive_duration,

@@ -16,6 +16,7 @@ import json
 import socket
 import sys
 import time
+from email.utils import formatdate
 from urllib.parse import parse_qs
 
 import gevent
@@ -23,6 +24,7 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 STATS = {"connections": 0, "requests": 0, "sick": False}
+COUNTS: dict[str, int] = {}
 RELEASES: dict[str, Event] = {}
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 
@@ -83,6 +85,9 @@ def app(environ, start_response):
     if path == "/_sick":
         STATS["sick"] = query.get("on") == "1"
         return _json(start_response, STATS)
+    if path == "/cacheable":
+        return cacheable(environ, start_response, query)
+
     if path == "/healthz":
         if STATS["sick"]:
             return _json(start_response, {"healthy": False}, status="503 Service Unavailable")
@@ -209,6 +214,41 @@ def app(environ, start_response):
 
     return _json(start_response, {"error": "no such endpoint", "request_line": environ["upstream.request_line"]},
                  status="404 Not Found")
+
+
+def cacheable(environ, start_response, query):
+    """Answers as the query says (cc, etag, lm, expires, age, vary, cookie,
+    status, size, delay); the body counts how often the upstream answered."""
+    key = environ["PATH_INFO"] + "?" + environ.get("QUERY_STRING", "")
+    if query.get("delay"):
+        gevent.sleep(float(query["delay"]))
+    headers = [("Content-Type", "application/json")]
+    if query.get("cc"):
+        headers.append(("Cache-Control", query["cc"]))
+    etag = query.get("etag")
+    if etag:
+        headers.append(("ETag", f'"{etag}"'))
+    if query.get("lm"):
+        headers.append(("Last-Modified", formatdate(time.time() - float(query["lm"]), usegmt=True)))
+    if query.get("expires"):
+        headers.append(("Expires", formatdate(time.time() + float(query["expires"]), usegmt=True)))
+    if query.get("age"):
+        headers.append(("Age", query["age"]))
+    if query.get("vary"):
+        headers.append(("Vary", query["vary"]))
+    if query.get("cookie"):
+        headers.append(("Set-Cookie", "session=1"))
+    if etag and environ.get("HTTP_IF_NONE_MATCH") == f'"{etag}"':
+        COUNTS["304:" + key] = COUNTS.get("304:" + key, 0) + 1
+        start_response("304 Not Modified", headers[1:])
+        return [b""]
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    body = json.dumps({"n": COUNTS[key], "revalidated": COUNTS.get("304:" + key, 0),
+                       "accept": environ.get("HTTP_ACCEPT")}).encode()
+    body += b" " * max(0, int(query.get("size", 0)) - len(body))
+    headers.append(("Content-Length", str(len(body))))
+    start_response(f"{query.get('status', '200')} X", headers)
+    return [body]
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from ..http import Request, Response
-from . import filter, rate_limit, security_headers
+from . import cache, filter, rate_limit, security_headers
 
 Handler = Callable[[Request], Response]
 Middleware = Callable[[Request, Handler], Response]
@@ -21,6 +21,7 @@ _KINDS = {
     "security_headers": (security_headers.SecurityHeadersConfig, security_headers.make),
     "rate_limit": (rate_limit.RateLimitConfig, rate_limit.make),
     "filter": (filter.FilterConfig, filter.make),
+    "cache": (cache.CacheConfig, cache.make),
 }
 MIDDLEWARE: dict[str, type] = {kind: cls for kind, (cls, _) in _KINDS.items()}
 

@@ -1,0 +1,97 @@
+"""Where cached responses live: an LRU in the worker's memory, or Redis,
+shared by every worker and instance. A key holds the variants (Vary) of one
+URL; both stores bound the total size, and Redis expires keys by itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from .rules import Entry
+
+# Stale entries with validators are kept this long for revalidation.
+KEEP_STALE = 3600.0
+
+
+def _encode(entries: list[Entry]) -> bytes:
+    meta = [{"status": e.status, "reason": e.reason, "headers": e.headers, "request_time": e.request_time,
+             "response_time": e.response_time, "vary": e.vary, "size": len(e.body)} for e in entries]
+    head = json.dumps(meta).encode()
+    return len(head).to_bytes(4, "big") + head + b"".join(e.body for e in entries)
+
+
+def _decode(blob: bytes) -> list[Entry]:
+    size = int.from_bytes(blob[:4], "big")
+    meta = json.loads(blob[4:4 + size])
+    pos, entries = 4 + size, []
+    for m in meta:
+        body = blob[pos:pos + m["size"]]
+        pos += m["size"]
+        entries.append(Entry(m["status"], m["reason"], [tuple(h) for h in m["headers"]], body,
+                             m["request_time"], m["response_time"], m["vary"]))
+    return entries
+
+
+def keep_for(entries: list[Entry]) -> float:
+    """How long a key is worth keeping: fresh time, plus a while for revalidation."""
+    best = 0.0
+    for entry in entries:
+        left = entry.freshness_lifetime() - entry.age()
+        if entry.validators():
+            left += KEEP_STALE
+        best = max(best, left)
+    return best
+
+
+class MemoryStore:
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self.size = 0
+        self.items: OrderedDict[str, list[Entry]] = OrderedDict()
+
+    def get(self, key: str) -> list[Entry]:
+        entries = self.items.get(key)
+        if entries is None:
+            return []
+        self.items.move_to_end(key)
+        return list(entries)
+
+    def put(self, key: str, entries: list[Entry]) -> None:
+        self.delete(key)
+        if not entries or keep_for(entries) <= 0:
+            return
+        size = sum(e.size for e in entries)
+        if size > self.max_size:
+            return
+        self.items[key] = entries
+        self.size += size
+        while self.size > self.max_size:
+            _, evicted = self.items.popitem(last=False)
+            self.size -= sum(e.size for e in evicted)
+
+    def delete(self, key: str) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.size -= sum(e.size for e in old)
+
+
+class RedisStore:
+    def __init__(self, url: str, timeout: float):
+        import redis
+        self.redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.prefix = "rproxy:cache:"
+
+    def get(self, key: str) -> list[Entry]:
+        blob = self.redis.get(self.prefix + key)
+        return _decode(blob) if blob else []
+
+    def put(self, key: str, entries: list[Entry]) -> None:
+        ttl = keep_for(entries)
+        if not entries or ttl <= 0:
+            self.delete(key)
+            return
+        self.redis.set(self.prefix + key, _encode(entries), px=max(1, int(ttl * 1000)))
+
+    def delete(self, key: str) -> None:
+        self.redis.delete(self.prefix + key)

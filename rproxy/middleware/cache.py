@@ -1,0 +1,240 @@
+"""HTTP cache (RFC 9111, shared cache), between the filter and the upstream.
+
+GET responses that may be stored are kept in memory (an LRU per worker) or in
+Redis (shared by every worker and instance); HEAD is answered from them too.
+Fresh entries are served with an Age header; stale ones are revalidated with
+If-None-Match / If-Modified-Since and refreshed on 304. Clients' own
+conditional requests are answered from the cache. Concurrent misses for one
+URL in a worker send one request upstream and the others wait for it when it
+turns out cacheable. A successful POST, PUT, PATCH or DELETE invalidates the
+stored entry of its URL. Every response says what happened:
+X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream) or BYPASS.
+A response too large for an entry streams through untouched. When Redis
+fails, the cache is bypassed, logged once, and used again when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from gevent.event import Event
+
+from ..http import Request, Response
+from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
+from ..httpcache.store import MemoryStore, RedisStore
+from ..values import positive_duration, setting, size, storage_uri
+
+log = logging.getLogger("rproxy.cache")
+
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CONDITIONALS = ("If-None-Match", "If-Modified-Since")
+# Sent with a 304 from the cache (RFC 9110 15.4.5).
+NOT_MODIFIED_HEADERS = frozenset({"etag", "cache-control", "expires", "vary", "content-location",
+                                  "last-modified", "age", "x-cache"})
+# Never copied from a 304 onto the stored response (RFC 9111 3.2).
+NOT_UPDATED = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range"})
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    name: str
+    max_size: int = setting("256m", size, "Total size of the memory cache, per worker.")
+    max_entry_size: int = setting("8m", size, "Largest response stored; larger ones stream through.")
+    storage: str = setting("memory://", storage_uri, "memory:// (per worker) or redis://host:port/db (shared).")
+    storage_timeout: float = setting("500ms", positive_duration, "Longest wait for Redis.")
+    collapse_timeout: float = setting("10s", positive_duration,
+                                      "How long concurrent misses for one URL wait for the first one.")
+
+
+class _Tee:
+    """Passes a body through, keeping a copy up to `limit`, for the cache."""
+
+    __slots__ = ("body", "iterator", "kept", "limit", "done", "on_end")
+
+    def __init__(self, body, limit: int, on_end):
+        self.body, self.iterator, self.limit, self.on_end = body, iter(body), limit, on_end
+        self.kept: bytearray | None = bytearray()
+        self.done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self.iterator)
+        except StopIteration:
+            self._end(bytes(self.kept) if self.kept is not None else None)
+            raise
+        if self.kept is not None:
+            self.kept += chunk
+            if len(self.kept) > self.limit:
+                self.kept = None  # too large for the cache: stream on, keep nothing
+        return chunk
+
+    def close(self) -> None:
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
+        self._end(None)
+
+    def _end(self, body: bytes | None) -> None:
+        if not self.done:
+            self.done = True
+            self.on_end(body)
+
+
+class HTTPCache:
+    def __init__(self, config: CacheConfig, shared: dict):
+        stores = shared.setdefault("cache_stores", {})
+        store_key = (config.storage, config.name)
+        if store_key not in stores:
+            stores[store_key] = (MemoryStore(config.max_size) if config.storage == "memory://"
+                                 else RedisStore(config.storage, config.storage_timeout))
+        self.store = stores[store_key]
+        self.config = config
+        self.inflight: dict[str, Event] = {}
+        self.outage = False
+
+    def __call__(self, request: Request, call_next) -> Response:
+        method = request.method
+        if method not in ("GET", "HEAD"):
+            response = call_next(request)
+            if method in UNSAFE and 200 <= response.status < 400:
+                self._invalidate(request, response)
+            return response
+        if "Range" in request.headers or "no-store" in directives(request.headers.get("Cache-Control")):
+            return _tag(call_next(request), "BYPASS")
+        key = self._key(request)
+        found = self._lookup(key, request)
+        if found is None:  # storage down
+            return _tag(call_next(request), "BYPASS")
+        entries, entry = found
+        if entry is not None and fresh_enough(entry, request.headers):
+            return self._serve(request, entry, "HIT")
+        if entry is None and key in self.inflight:
+            # Someone in this worker is fetching it already: wait, then look again.
+            self.inflight[key].wait(self.config.collapse_timeout)
+            found = self._lookup(key, request)
+            if found is not None and found[1] is not None and fresh_enough(found[1], request.headers):
+                return self._serve(request, found[1], "HIT")
+            entries, entry = found if found is not None else ([], None)
+        return self._fetch(request, call_next, key, entries, entry)
+
+    def _fetch(self, request: Request, call_next, key: str, entries: list[Entry], entry: Entry | None) -> Response:
+        headers = request.headers
+        # The client's own conditions are answered here, from what we store.
+        theirs = {name: headers.pop(name) for name in CONDITIONALS if name in headers}
+        if entry is not None:
+            headers.update(entry.validators())
+        leader = entry is None and request.method == "GET" and key not in self.inflight
+        if leader:
+            self.inflight[key] = Event()
+        request_time = time.time()
+        try:
+            response = call_next(request)
+        except BaseException:
+            self._finish(key, leader)
+            raise
+        finally:
+            for name in CONDITIONALS:
+                headers.pop(name, None)
+            headers.update(theirs)
+        response_time = time.time()
+
+        if entry is not None and response.status == 304:
+            for _ in response.body:  # nothing, but it releases the connection
+                pass
+            refreshed = _refreshed(entry, response, request_time, response_time)
+            self._save(key, [e for e in entries if e is not entry], refreshed)
+            return self._serve(request, refreshed, "EXPIRED")
+        label = "EXPIRED" if entry is not None else "MISS"
+        ok, _ = storable(request.method, headers, response.status, response.headers)
+        if not ok:
+            self._finish(key, leader)
+            if entry is not None and response.status < 500:
+                self._save(key, [e for e in entries if e is not entry], None)
+            return _tag(response, label)
+
+        def store(body: bytes | None) -> None:
+            if body is not None:
+                fresh = Entry(response.status, response.reason, list(response.headers), body,
+                              request_time, response_time, vary_keys(response.headers, headers))
+                self._save(key, [e for e in entries if e.vary != fresh.vary], fresh)
+            self._finish(key, leader)
+        response.body = _Tee(response.body, self.config.max_entry_size, store)
+        return _tag(response, label)
+
+    def _serve(self, request: Request, entry: Entry, label: str) -> Response:
+        headers = [(k, v) for k, v in entry.headers if k.lower() not in ("age", "x-cache")]
+        headers += [("Age", str(int(entry.age()))), ("X-Cache", label)]
+        if not_modified(entry, request.headers):
+            return Response(304, [(k, v) for k, v in headers if k.lower() in NOT_MODIFIED_HEADERS], [b""])
+        return Response(entry.status, headers, [entry.body] if request.method == "GET" else [b""],
+                        entry.reason)
+
+    def _key(self, request: Request) -> str:
+        return f"{request.scheme}://{request.headers.get('Host', '').lower()}{request.target}"
+
+    def _lookup(self, key: str, request: Request):
+        try:
+            entries = self.store.get(key)
+        except Exception as e:  # Redis down or slow
+            self._storage_failed(e)
+            return None
+        self._storage_ok()
+        return entries, next((e for e in entries if selects(e, request.headers)), None)
+
+    def _save(self, key: str, others: list[Entry], entry: Entry | None) -> None:
+        try:
+            self.store.put(key, others + ([entry] if entry is not None else []))
+        except Exception as e:
+            self._storage_failed(e)
+
+    def _invalidate(self, request: Request, response: Response) -> None:
+        keys = {self._key(request)}
+        host = request.headers.get("Host", "").lower()
+        for name in ("Location", "Content-Location"):
+            target = response.header(name)
+            if target and target.startswith("/"):
+                keys.add(f"{request.scheme}://{host}{target}")
+        try:
+            for key in keys:
+                self.store.delete(key)
+        except Exception as e:
+            self._storage_failed(e)
+
+    def _finish(self, key: str, leader: bool) -> None:
+        if leader:
+            event = self.inflight.pop(key, None)
+            if event is not None:
+                event.set()
+
+    def _storage_failed(self, error: Exception) -> None:
+        if not self.outage:
+            self.outage = True
+            log.error("[cache:%s] storage %s failed (%s); bypassing the cache until it is back",
+                      self.config.name, self.config.storage, error)
+
+    def _storage_ok(self) -> None:
+        if self.outage:
+            self.outage = False
+            log.warning("[cache:%s] storage %s is back", self.config.name, self.config.storage)
+
+
+def _tag(response: Response, label: str) -> Response:
+    response.headers.append(("X-Cache", label))
+    return response
+
+
+def _refreshed(entry: Entry, response: Response, request_time: float, response_time: float) -> Entry:
+    """The stored response, with the headers of a 304 that revalidated it."""
+    updates = {k.lower(): (k, v) for k, v in response.headers if k.lower() not in NOT_UPDATED}
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in updates]
+    headers += [pair for pair in updates.values() if pair[0].lower() != "x-cache"]
+    return Entry(entry.status, entry.reason, headers, entry.body, request_time, response_time, entry.vary)
+
+
+def make(config: CacheConfig, shared: dict) -> HTTPCache:
+    return HTTPCache(config, shared)

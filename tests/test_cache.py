@@ -1,0 +1,198 @@
+"""The HTTP cache follows RFC 9111 for a shared cache, through the real proxy."""
+
+import concurrent.futures
+import itertools
+import time
+
+import pytest
+import requests
+
+from conftest import single_route
+
+_unique = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def cached(request, session_tmp, upstream):
+    from conftest import Proxy
+    proxy = Proxy(session_tmp, single_route(upstream.port) + "\n[cache]\nmax_entry_size = 4k\n")
+    yield proxy
+    proxy.stop()
+
+
+def url(proxy, **query):
+    query.setdefault("id", next(_unique))  # every test its own cache key
+    return proxy.url + "/cacheable?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+def get(target, **kw):
+    r = requests.get(target, timeout=10, **kw)
+    return r, (r.json() if r.status_code == 200 and r.content.strip() else None)
+
+
+def test_max_age_is_served_from_the_cache_with_age(cached):
+    target = url(cached, cc="max-age=60")
+    r1, b1 = get(target)
+    r2, b2 = get(target)
+    assert (r1.headers["X-Cache"], r2.headers["X-Cache"]) == ("MISS", "HIT")
+    assert b1["n"] == b2["n"] == 1
+    assert int(r2.headers["Age"]) >= 0
+
+
+@pytest.mark.parametrize("cc", ["no-store", "private, max-age=60", "max-age=60, no-store"])
+def test_no_store_and_private_are_never_stored(cached, cc):
+    target = url(cached, cc=cc.replace(" ", ""))
+    bodies = [get(target)[1]["n"] for _ in range(2)]
+    assert bodies == [1, 2]
+
+
+def test_s_maxage_beats_max_age_for_a_shared_cache(cached):
+    target = url(cached, cc="max-age=0,s-maxage=60")
+    assert [get(target)[1]["n"] for _ in range(2)] == [1, 1]
+
+
+def test_no_cache_response_is_revalidated_every_time(cached):
+    target = url(cached, cc="no-cache", etag="v1")
+    r1, b1 = get(target)
+    r2, b2 = get(target)
+    assert r2.headers["X-Cache"] == "EXPIRED"
+    assert b2["n"] == 1  # the stored body, confirmed by a 304
+    r3, b3 = get(target)
+    assert b3["n"] == 1 and r3.headers["X-Cache"] == "EXPIRED"
+
+
+def test_stale_must_revalidate_entry_is_revalidated_and_refreshed(cached):
+    target = url(cached, cc="max-age=1,must-revalidate", etag="v2")
+    get(target)
+    time.sleep(1.2)
+    r, body = get(target)
+    assert r.headers["X-Cache"] == "EXPIRED" and body["n"] == 1
+    r, body = get(target)  # refreshed by the 304: fresh again
+    assert r.headers["X-Cache"] == "HIT"
+
+
+def test_stale_entry_without_validators_is_fetched_again(cached):
+    target = url(cached, cc="max-age=1")
+    get(target)
+    time.sleep(1.2)
+    r, body = get(target)
+    assert body["n"] == 2 and r.headers["X-Cache"] == "EXPIRED"
+
+
+def test_expires_gives_freshness(cached):
+    assert [get(url(cached, expires=60, id="exp"))[1]["n"] for _ in range(2)] == [1, 1]
+    target = url(cached, expires=-10)
+    assert [get(target)[1]["n"] for _ in range(2)] == [1, 2]
+
+
+def test_age_from_upstream_counts(cached):
+    target = url(cached, cc="max-age=60", age=59)
+    get(target)
+    time.sleep(1.2)
+    assert get(target)[1]["n"] == 2
+
+
+def test_heuristic_freshness_from_last_modified(cached):
+    target = url(cached, lm=10 * 86400)
+    assert [get(target)[1]["n"] for _ in range(2)] == [1, 1]
+
+
+def test_vary_keeps_one_variant_per_header_value(cached):
+    target = url(cached, cc="max-age=60", vary="Accept")
+    seen = [(get(target, headers={"Accept": accept})[1]) for accept in ("text/a", "text/a", "text/b", "text/b")]
+    assert [b["accept"] for b in seen] == ["text/a", "text/a", "text/b", "text/b"]
+    assert [b["n"] for b in seen] == [1, 1, 2, 2]
+
+
+def test_vary_star_is_not_stored(cached):
+    target = url(cached, cc="max-age=60", vary="*")
+    assert [get(target)[1]["n"] for _ in range(2)] == [1, 2]
+
+
+def test_set_cookie_is_never_stored(cached):
+    target = url(cached, cc="public,max-age=60", cookie=1)
+    assert [get(target)[1]["n"] for _ in range(2)] == [1, 2]
+
+
+def test_authorization_requests_stored_only_when_the_response_allows(cached):
+    auth = {"Authorization": "Bearer x"}
+    target = url(cached, cc="max-age=60")
+    assert [get(target, headers=auth)[1]["n"] for _ in range(2)] == [1, 2]
+    target = url(cached, cc="public,max-age=60")
+    assert [get(target, headers=auth)[1]["n"] for _ in range(2)] == [1, 1]
+
+
+def test_client_conditional_is_answered_from_the_cache(cached):
+    target = url(cached, cc="max-age=60", etag="v9")
+    get(target)
+    r = requests.get(target, headers={"If-None-Match": '"v9"'}, timeout=10)
+    assert r.status_code == 304 and r.headers["X-Cache"] == "HIT" and r.headers["ETag"] == '"v9"'
+    r = requests.get(target, headers={"If-None-Match": '"other"'}, timeout=10)
+    assert r.status_code == 200 and r.json()["n"] == 1
+
+
+def test_request_no_cache_and_max_age_zero_go_to_the_upstream(cached):
+    target = url(cached, cc="max-age=60")
+    get(target)
+    assert get(target, headers={"Cache-Control": "no-cache"})[1]["n"] == 2
+    assert get(target, headers={"Cache-Control": "max-age=0"})[1]["n"] == 3
+    assert get(target, headers={"Pragma": "no-cache"})[1]["n"] == 4
+    assert get(target)[0].headers["X-Cache"] == "HIT"
+
+
+def test_head_is_answered_from_a_stored_get(cached):
+    target = url(cached, cc="max-age=60")
+    get(target)
+    r = requests.head(target, timeout=10)
+    assert r.headers["X-Cache"] == "HIT" and r.content == b""
+
+
+def test_unsafe_method_invalidates(cached):
+    target = url(cached, cc="max-age=60")
+    get(target)
+    assert requests.post(target, data=b"x", timeout=10).status_code == 200
+    assert get(target)[1]["n"] == 3  # GET, POST, then GET again upstream
+
+
+def test_too_large_for_an_entry_streams_through_unstored(cached):
+    target = url(cached, cc="max-age=60", size=10000)
+    r1, r2 = requests.get(target, timeout=10), requests.get(target, timeout=10)
+    assert len(r1.content) == len(r2.content) == 10000
+    assert (r1.json()["n"], r2.json()["n"]) == (1, 2)
+
+
+def test_concurrent_misses_send_one_request_upstream(cached):
+    target = url(cached, cc="max-age=60", delay="0.5")
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: requests.get(target, timeout=10), range(10)))
+    assert {r.json()["n"] for r in answers} == {1}
+    assert sorted(r.headers["X-Cache"] for r in answers).count("MISS") == 1
+
+
+def test_range_and_request_no_store_bypass(cached):
+    target = url(cached, cc="max-age=60")
+    get(target)
+    assert requests.get(target, headers={"Cache-Control": "no-store"}, timeout=10).headers["X-Cache"] == "BYPASS"
+
+
+SITE = {"Host": "shop.example"}  # both instances serve one site: one key
+
+
+def test_redis_cache_is_shared_and_survives_an_outage(start_proxy, upstream, redis_server):
+    section = f"\n[cache]\nstorage = {redis_server.url}\nstorage_timeout = 300ms\n"
+    first = start_proxy(single_route(upstream.port) + section)
+    second = start_proxy(single_route(upstream.port) + section)
+    path = f"/cacheable?cc=max-age=60&id=redis-{next(_unique)}"
+    r1 = requests.get(first.url + path, headers=SITE, timeout=10)
+    r2 = requests.get(second.url + path, headers=SITE, timeout=10)
+    assert (r1.headers["X-Cache"], r2.headers["X-Cache"]) == ("MISS", "HIT") and r2.json()["n"] == 1
+    redis_server.stop()
+    r3 = requests.get(first.url + path, headers=SITE, timeout=10)
+    assert r3.status_code == 200 and r3.headers["X-Cache"] == "BYPASS"
+    requests.get(first.url + path, headers=SITE, timeout=10)
+    assert first.log().count("bypassing the cache until it is back") == 1
+    redis_server.start_again()
+    r4 = requests.get(first.url + path, headers=SITE, timeout=10)
+    r5 = requests.get(first.url + path, headers=SITE, timeout=10)
+    assert (r4.headers["X-Cache"], r5.headers["X-Cache"]) == ("MISS", "HIT")
+    assert "is back" in first.log()

@@ -71,7 +71,8 @@ class Proxy:
             raise StopIteration("connection handed over to a tunnel")
         if response.close_connection:
             body = LingeringClose(body, environ)
-        start_response(response.status_line, response.headers)
+        # gunicorn writes its own Date: the upstream's (kept for the cache) goes.
+        start_response(response.status_line, [h for h in response.headers if h[0].lower() != "date"])
         return body
 
     def respond(self, environ) -> Response:

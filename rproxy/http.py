@@ -24,9 +24,10 @@ HOP_BY_HOP = frozenset({
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
 })
 
-# Response headers the proxy writes itself (the WSGI server adds its own
-# Date and Server) or that only describe the upstream hop.
-_RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+# Response headers that only describe the upstream hop (the WSGI server adds
+# its own Server). Date stays for the cache's sake until the response is
+# handed to the WSGI server, which writes its own (see app.py).
+_RESPONSE_DROP = HOP_BY_HOP | {"server"}
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")

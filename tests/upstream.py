@@ -234,6 +234,8 @@ def cacheable(environ, start_response, query):
         headers.append(("Expires", formatdate(time.time() + float(query["expires"]), usegmt=True)))
     if query.get("age"):
         headers.append(("Age", query["age"]))
+    if query.get("sc"):
+        headers.append(("Surrogate-Control", query["sc"]))
     if query.get("vary"):
         headers.append(("Vary", query["vary"]))
     if query.get("cookie"):

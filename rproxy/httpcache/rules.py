@@ -30,6 +30,12 @@ def directives(value: str | None) -> dict[str, str | None]:
     return result
 
 
+def surrogate_directives(headers: list[tuple[str, str]]) -> dict[str, str | None]:
+    """Surrogate-Control, whose directives may name a target after ';'."""
+    return {name: arg.split(";", 1)[0] if arg is not None else None
+            for name, arg in directives(header(headers, "Surrogate-Control")).items()}
+
+
 def seconds(value: str | None) -> int | None:
     """A delta-seconds argument; None when absent or malformed."""
     if value is None:
@@ -77,7 +83,13 @@ class Entry:
         return directives(header(self.headers, "Cache-Control"))
 
     def freshness_lifetime(self) -> float:
-        """RFC 9111 4.2.1, for a shared cache."""
+        """RFC 9111 4.2.1, for a shared cache; Surrogate-Control (a gateway's
+        own directives) first. An invalid Age makes the response stale."""
+        if age_value(self.headers) is None:
+            return 0.0
+        surrogate = surrogate_directives(self.headers)
+        if "max-age" in surrogate and seconds(surrogate["max-age"]) is not None:
+            return float(seconds(surrogate["max-age"]))
         cc = self.cache_control()
         for name in ("s-maxage", "max-age"):
             value = seconds(cc.get(name)) if name in cc else None
@@ -100,8 +112,7 @@ class Entry:
         now = time.time() if now is None else now
         date = http_date(header(self.headers, "Date")) or self.response_time
         apparent = max(0.0, self.response_time - date)
-        age_value = seconds(header(self.headers, "Age")) or 0
-        corrected = age_value + (self.response_time - self.request_time)
+        corrected = (age_value(self.headers) or 0) + (self.response_time - self.request_time)
         return max(apparent, corrected) + (now - self.response_time)
 
     def must_revalidate_when_stale(self) -> bool:
@@ -119,6 +130,17 @@ class Entry:
         return out
 
 
+def age_value(headers: list[tuple[str, str]]) -> int | None:
+    """The Age header's value: 0 when absent, None when invalid (RFC 9111
+    5.1: a list, a negative or non-integer value, parameters...)."""
+    values = [v.strip() for k, v in headers if k.lower() == "age"]
+    if not values:
+        return 0
+    if len(values) != 1 or not values[0].isdigit():
+        return None
+    return int(values[0])
+
+
 def storable(method: str, request_headers: dict[str, str], status: int,
              headers: list[tuple[str, str]]) -> tuple[bool, str]:
     """May a shared cache store this response? (RFC 9111 3.) Returns (verdict, why)."""
@@ -130,18 +152,21 @@ def storable(method: str, request_headers: dict[str, str], status: int,
     if "no-store" in request_cc:
         return False, "request no-store"
     cc = directives(header(headers, "Cache-Control"))
-    if "no-store" in cc:
+    surrogate = surrogate_directives(headers)
+    if "no-store" in surrogate:
+        return False, "Surrogate-Control: no-store"
+    if "no-store" in cc and "max-age" not in surrogate:
         return False, "no-store"
     if "private" in cc:
         return False, "private"
     if header(headers, "Set-Cookie") is not None:
         return False, "Set-Cookie"
-    if (header(headers, "Vary") or "").strip() == "*":
+    if "*" in (v.strip() for v in (header(headers, "Vary") or "").split(",")):
         return False, "Vary: *"
     if "Authorization" in request_headers and not ({"public", "s-maxage", "must-revalidate"} & cc.keys()):
         return False, "Authorization"
     explicit = ("max-age" in cc or "s-maxage" in cc or header(headers, "Expires") is not None
-                or "public" in cc or "no-cache" in cc)
+                or "public" in cc or "no-cache" in cc or "max-age" in surrogate)
     heuristic = status in HEURISTIC_STATUSES and header(headers, "Last-Modified") is not None
     if not (explicit or heuristic):
         return False, "no freshness information"

@@ -7,7 +7,7 @@ If-None-Match / If-Modified-Since and refreshed on 304. Clients' own
 conditional requests are answered from the cache. Concurrent misses for one
 URL in a worker send one request upstream and the others wait for it when it
 turns out cacheable. A successful POST, PUT, PATCH or DELETE invalidates the
-stored entry of its URL. Every response says what happened:
+stored entry of its URL (so does any method not known to be safe). Every response says what happened:
 X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream) or BYPASS.
 A response too large for an entry streams through untouched. When Redis
 fails, the cache is bypassed, logged once, and used again when Redis is back.
@@ -28,13 +28,15 @@ from ..values import positive_duration, setting, size, storage_uri
 
 log = logging.getLogger("rproxy.cache")
 
-UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Any other method, known or not, invalidates what it succeeds on (RFC 9111 4.4).
+SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 CONDITIONALS = ("If-None-Match", "If-Modified-Since")
 # Sent with a 304 from the cache (RFC 9110 15.4.5).
 NOT_MODIFIED_HEADERS = frozenset({"etag", "cache-control", "expires", "vary", "content-location",
                                   "last-modified", "age", "x-cache"})
 # Never copied from a 304 onto the stored response (RFC 9111 3.2).
-NOT_UPDATED = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range"})
+NOT_UPDATED = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range",
+                         "etag", "content-md5"})
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class HTTPCache:
         method = request.method
         if method not in ("GET", "HEAD"):
             response = call_next(request)
-            if method in UNSAFE and 200 <= response.status < 400:
+            if method not in SAFE and 200 <= response.status < 400:
                 self._invalidate(request, response)
             return response
         if "Range" in request.headers or "no-store" in directives(request.headers.get("Cache-Control")):
@@ -157,17 +159,19 @@ class HTTPCache:
                 self._save(key, [e for e in entries if e is not entry], None)
             return _tag(response, label)
 
+        upstream_headers = list(response.headers)  # before _tag trims them for the client
+
         def store(body: bytes | None) -> None:
             if body is not None:
-                fresh = Entry(response.status, response.reason, list(response.headers), body,
-                              request_time, response_time, vary_keys(response.headers, headers))
+                fresh = Entry(response.status, response.reason, upstream_headers, body,
+                              request_time, response_time, vary_keys(upstream_headers, headers))
                 self._save(key, [e for e in entries if e.vary != fresh.vary], fresh)
             self._finish(key, leader)
         response.body = _Tee(response.body, self.config.max_entry_size, store)
         return _tag(response, label)
 
     def _serve(self, request: Request, entry: Entry, label: str) -> Response:
-        headers = [(k, v) for k, v in entry.headers if k.lower() not in ("age", "x-cache")]
+        headers = [(k, v) for k, v in entry.headers if k.lower() not in ("age", "x-cache", "surrogate-control")]
         headers += [("Age", str(int(entry.age()))), ("X-Cache", label)]
         if not_modified(entry, request.headers):
             return Response(304, [(k, v) for k, v in headers if k.lower() in NOT_MODIFIED_HEADERS], [b""])
@@ -224,6 +228,8 @@ class HTTPCache:
 
 
 def _tag(response: Response, label: str) -> Response:
+    # Surrogate-Control is for this cache only (it is the gateway's own).
+    response.headers = [(k, v) for k, v in response.headers if k.lower() != "surrogate-control"]
     response.headers.append(("X-Cache", label))
     return response
 

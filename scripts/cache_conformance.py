@@ -1,0 +1,140 @@
+"""Run the public HTTP cache conformance suite (cache-tests.fyi, npm package
+`http-cache-tests`) with rproxy as the cache in front of the suite's origin.
+
+    python3 scripts/cache_conformance.py [--version 0.4.5] [--keep DIR]
+
+Needs node and npm. Installs the suite into a temporary folder (or --keep
+DIR), starts its origin server and rproxy (gunicorn -c gunicorn.conf.py, one
+worker, a [cache] section) on free loopback ports, runs every test, and prints
+rproxy's counts by the suite's own verdicts (pass, required failure, optional
+failure, ...) beside the results the package ships for other caches, then
+the required failures by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
+
+SCORE = """
+import fs from 'fs'
+import tests from './tests/index.mjs'
+import surrogate from './tests/surrogate-control.mjs'
+import * as display from './lib/display.mjs'
+tests.push(surrogate)
+const names = {'#1aa123': 'pass', '#c33131': 'required_fail', '#bbbd15': 'optional_fail',
+  '#999696': 'check', '#b4b2b2': 'dependency_fail', '#4c61ae': 'setup_or_harness_fail', '': 'untested'}
+const out = {}
+for (const file of process.argv.slice(2)) {
+  const results = JSON.parse(fs.readFileSync(file))
+  const counts = {}, failed = []
+  for (const suite of tests) for (const t of suite.tests) {
+    const verdict = names[display.determineTestResult(tests, t.id, results)[1]] || 'other'
+    counts[verdict] = (counts[verdict] || 0) + 1
+    if (verdict === 'required_fail') failed.push(`${t.id}: ${t.name}`)
+  }
+  out[file] = {counts, failed}
+}
+console.log(JSON.stringify(out))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def start(args, log: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default="0.4.5", help="http-cache-tests version")
+    parser.add_argument("--keep", help="install the suite here and keep it (and the results)")
+    args = parser.parse_args()
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is needed")
+    if not GUNICORN.exists():
+        sys.exit("rproxy is not installed in .venv: python3 scripts/dev.py test first")
+    work = Path(args.keep or tempfile.mkdtemp(prefix="cache-tests-"))
+    work.mkdir(parents=True, exist_ok=True)
+    suite = work / "node_modules" / "http-cache-tests"
+    if not suite.exists():
+        subprocess.run(["npm", "install", "--silent", f"http-cache-tests@{args.version}"], cwd=work, check=True)
+    origin_port, proxy_port = free_port(), free_port()
+    env = dict(os.environ, npm_config_port=str(origin_port), npm_config_protocol="http",
+               npm_config_pidfile=str(work / "origin.pid"))
+    origin = start(["node", "server/server.mjs"], work / "origin.log", cwd=suite, env=env)
+    ini = work / "rproxy.ini"
+    ini.write_text(f"[server]\nbind = 127.0.0.1:{proxy_port}\n[log]\naccess_log = off\nlevel = warning\n"
+                   f"[upstream:origin]\nservers = 127.0.0.1:{origin_port}\n"
+                   f"[route:default]\nupstream = origin\n[cache]\n")
+    proxy = start([str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket"], work / "rproxy.log",
+                  cwd=ROOT, env=dict(os.environ, RPROXY_CONFIG=str(ini)))
+    try:
+        wait_port(origin_port)
+        wait_port(proxy_port)
+        time.sleep(1)  # the worker boots after the master listens
+        results = work / "rproxy-results.json"
+        run_env = dict(os.environ, npm_config_base=f"http://127.0.0.1:{proxy_port}", npm_package_config_id="")
+        with open(results, "wb") as out:
+            subprocess.run(["node", "--no-warnings", "cli.mjs"], cwd=suite, env=run_env, stdout=out,
+                           check=True, timeout=1800)
+    finally:
+        stop(proxy)
+        stop(origin)
+    (suite / "score.mjs").write_text(SCORE)
+    files = [str(results), *sorted(str(p) for p in (suite / "results").glob("*.json") if p.stem != "rproxy")]
+    scores = json.loads(subprocess.run(["node", "score.mjs", *files], cwd=suite, capture_output=True,
+                                       text=True, check=True).stdout)
+    print(f"http-cache-tests {args.version}: verdicts per cache (the suite's own display rules)")
+    print(f"  {'cache':<16} {'pass':>5} {'required_fail':>14} {'optional_fail':>14}")
+    for file, score in sorted(scores.items(), key=lambda kv: -kv[1]["counts"].get("pass", 0)):
+        name = "rproxy" if file == str(results) else Path(file).stem
+        c = score["counts"]
+        print(f"  {name:<16} {c.get('pass', 0):>5} {c.get('required_fail', 0):>14} {c.get('optional_fail', 0):>14}")
+    print("\nrproxy's required failures:")
+    for line in scores[str(results)]["failed"]:
+        print(f"  {line}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

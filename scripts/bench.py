@@ -12,7 +12,11 @@ upstream are pinned to CPU 0, the proxies to CPU 1 (when there are two).
 Prints req/s and p50/p99 latency (medians over the rounds) and the ratios
 rproxy/nginx and rproxy/direct.
 
-Tunnels (`--tunnels`, on by default): an upgrade-echo upstream; tunnel
+Middleware: throughput with rate limit, filter, cache and security headers on
+versus none (a response the cache may not store), and the cache-hit path
+versus nginx's proxy_cache hit.
+
+Tunnels (on by default): an upgrade-echo upstream; tunnel
 throughput (MB/s, one tunnel echoing 256 MiB) direct, through nginx as a
 WebSocket proxy and through rproxy, interleaved; and worker memory per idle
 tunnel (RSS growth of the one worker with `--idle-tunnels` open, divided by
@@ -121,7 +125,10 @@ def start_upstream(tmp: Path, port: int) -> Service:
     www.mkdir(exist_ok=True)
     for name, size in BODIES.items():
         (www / name).write_bytes(b"x" * size)
-    service = nginx(tmp, "upstream", 1, f"server {{ listen 127.0.0.1:{port}; root {www}; }}", "load")
+    # /nostore/ serves the same files, marked uncacheable.
+    block = (f"server {{ listen 127.0.0.1:{port}; root {www}; "
+             f"location /nostore/ {{ alias {www}/; add_header Cache-Control no-store; }} }}")
+    service = nginx(tmp, "upstream", 1, block, "load")
     wait_port(port)
     return service
 
@@ -147,7 +154,19 @@ def start_nginx_proxy(tmp: Path, port: int, upstream: int, workers: int) -> Serv
     return service
 
 
-def start_rproxy(tmp: Path, port: int, upstream: int, workers: int, upgrade: str = "websocket") -> Service:
+# Every middleware on, none of them refusing anything in the benchmark.
+ALL_MIDDLEWARE = """
+[rate_limit]
+limit = 10000000/second
+[filter]
+deny = /admin /.git *.php
+[cache]
+[security_headers]
+"""
+
+
+def start_rproxy(tmp: Path, port: int, upstream: int, workers: int, upgrade: str = "websocket",
+                 extra: str = "") -> Service:
     ini = tmp / f"rproxy{workers}-{port}.ini"
     ini.write_text(f"""
 [server]
@@ -163,6 +182,7 @@ servers = 127.0.0.1:{upstream}
 [route:default]
 upstream = app
 upgrade = {upgrade}
+{extra}
 """)
     env = dict(os.environ, RPROXY_CONFIG=str(ini))
     service = Service([*cpus("proxy"), str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket"],
@@ -313,6 +333,56 @@ def run_tunnels(tmp: Path, args) -> None:
             service.stop()
 
 
+def start_nginx_cache(tmp: Path, port: int, upstream: int) -> Service:
+    block = f"""
+    proxy_cache_path {tmp}/nginx-cache keys_zone=bench:10m;
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache bench;
+            proxy_cache_valid 200 10m;
+            add_header X-Cache $upstream_cache_status;
+        }}
+    }}"""
+    service = nginx(tmp, "nginx-cache", 1, block, "proxy")
+    wait_port(port)
+    return service
+
+
+def run_middleware(tmp: Path, args) -> None:
+    """Middleware cost: all four on versus none, on a response the cache may
+    not store; and the cache-hit path versus nginx's proxy_cache hit."""
+    up, plain, full, ngc = free_port(), free_port(), free_port(), free_port()
+    services = [start_upstream(tmp, up)]
+    try:
+        services += [start_rproxy(tmp, plain, up, 1), start_rproxy(tmp, full, up, 1, extra=ALL_MIDDLEWARE),
+                     start_nginx_cache(tmp, ngc, up)]
+        targets = {"none": f"http://127.0.0.1:{plain}/nostore/100B",
+                   "all four": f"http://127.0.0.1:{full}/nostore/100B",
+                   "cache hit": f"http://127.0.0.1:{full}/100B",
+                   "nginx hit": f"http://127.0.0.1:{ngc}/100B"}
+        for url in targets.values():
+            wrk(url, 1, args.connections)
+        results: dict[str, list[dict]] = {t: [] for t in targets}
+        for _ in range(args.rounds):
+            for target, url in targets.items():
+                results[target].append(wrk(url, args.duration, args.connections))
+        print("\nmiddleware, 1 worker, 100-byte responses (median req/s)")
+        for target, runs in results.items():
+            print(f"  {target:<10} {median(runs, 'rps'):>10.0f} {median(runs, 'p50'):>8.2f} "
+                  f"{median(runs, 'p99'):>8.2f}")
+        rps = {t: median(r, "rps") for t, r in results.items()}
+        print(f"  ratios: all four / none {rps['all four'] / rps['none']:.2f}, "
+              f"rproxy cache hit / nginx cache hit {rps['cache hit'] / rps['nginx hit']:.2f}", flush=True)
+    finally:
+        for service in services:
+            service.stop()
+
+
 def median(results: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in results)
 
@@ -325,6 +395,7 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts to try, comma separated")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP request benchmarks")
     parser.add_argument("--no-tunnels", action="store_true", help="skip the tunnel benchmarks")
+    parser.add_argument("--no-middleware", action="store_true", help="skip the middleware benchmarks")
     parser.add_argument("--idle-tunnels", type=int, default=5000)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,6 +410,8 @@ def main() -> int:
         tmp.chmod(0o755)  # nginx workers run as an unprivileged user
         if not args.no_tunnels:
             run_tunnels(tmp, args)
+        if not args.no_middleware:
+            run_middleware(tmp, args)
         up_port = free_port()
         upstream = start_upstream(tmp, up_port)
         try:

@@ -17,6 +17,7 @@ setup(
         "requests-toolbelt>=1.0,<2",
         "PasteDeploy>=3.0,<4",
         "redis>=5,<9",
+        "prometheus-client>=0.20,<1",
     ],
     extras_require={
         "test": [

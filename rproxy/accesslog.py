@@ -12,11 +12,14 @@ The proxy's own loggers (`rproxy.*`) write to gunicorn's error log.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 from gunicorn import glogging
 from gunicorn.config import AccessLogFormat
+
+from . import metrics
 
 _DEFAULT_FORMAT = AccessLogFormat.default
 
@@ -50,15 +53,50 @@ def line(environ, status, sent, total_ms: float) -> str:
 
 # The environ keys a line is made of, all that a tunnel keeps of its request.
 FACTS = ("rproxy.client", "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PROTOCOL",
-         "HTTP_REFERER", "HTTP_USER_AGENT", "rproxy.upstream", "rproxy.upstream_ms", "rproxy.route",
-         "rproxy.request_id", "rproxy.error")
+         "HTTP_REFERER", "HTTP_USER_AGENT", "rproxy.upstream", "rproxy.upstream_name", "rproxy.upstream_ms",
+         "rproxy.route", "rproxy.request_id", "rproxy.error")
+
+
+def json_line(environ, status, sent, total_ms: float, **extra) -> str:
+    """The same facts as one JSON object."""
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "request_id": environ.get("rproxy.request_id"),
+        "client": environ.get("rproxy.client") or environ.get("REMOTE_ADDR"),
+        "method": environ.get("REQUEST_METHOD"),
+        "path": environ.get("RAW_URI"),
+        "protocol": environ.get("SERVER_PROTOCOL"),
+        "status": int(status) if str(status).isdigit() else status,
+        "bytes": sent,
+        "total_ms": round(total_ms, 1),
+        "upstream": environ.get("rproxy.upstream"),
+        "upstream_ms": float(environ["rproxy.upstream_ms"]) if environ.get("rproxy.upstream_ms") else None,
+        "route": environ.get("rproxy.route"),
+        "cache": environ.get("rproxy.cache"),
+        "user_agent": environ.get("HTTP_USER_AGENT"),
+    }
+    if environ.get("rproxy.error"):
+        record["error"] = environ["rproxy.error"]
+    record.update(extra)
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _json_format() -> bool:
+    from .serving import serving_config
+    config = serving_config()
+    return config is not None and config.log.format == "json"
 
 
 def tunnel_line(facts, seconds: float, upstream_bytes: int, client_bytes: int) -> None:
     """The access line of a finished tunnel: status 101, bytes each way."""
-    text = line(facts, 101, client_bytes, seconds * 1000)
-    logging.getLogger("gunicorn.access").info(
-        f"{text} tunnel_up={upstream_bytes} tunnel_down={client_bytes}")
+    metrics.observe_request(facts, 101, seconds)
+    if _json_format():
+        text = json_line(facts, 101, client_bytes, seconds * 1000, tunnel_up=upstream_bytes,
+                         tunnel_down=client_bytes)
+    else:
+        text = (f"{line(facts, 101, client_bytes, seconds * 1000)} "
+                f"tunnel_up={upstream_bytes} tunnel_down={client_bytes}")
+    logging.getLogger("gunicorn.access").info(text)
 
 
 class AccessLogger(glogging.Logger):
@@ -70,12 +108,15 @@ class AccessLogger(glogging.Logger):
         proxy_log.propagate = False
 
     def access(self, resp, req, environ, request_time):
+        # Every request ends here, logged or not: the moment to count it.
+        metrics.observe_request(environ, resp.status, request_time.total_seconds())
         if not self.access_log_enabled:
             return
         if self.cfg.access_log_format != _DEFAULT_FORMAT:
             return super().access(resp, req, environ, request_time)
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
-        text = line(environ, status, getattr(resp, "sent", None), request_time.total_seconds() * 1000)
+        sent, total_ms = getattr(resp, "sent", None), request_time.total_seconds() * 1000
+        text = json_line(environ, status, sent, total_ms) if _json_format() else line(environ, status, sent, total_ms)
         try:
             self.access_log.info(text)
         except Exception:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from gevent import monkey
 
@@ -19,13 +20,15 @@ from .connection import LingeringClose
 from .forward import Forwarder
 from .forwarded import Forwarding
 from .http import BadRequest, Request, Response, error_response
-from . import middleware
+from . import metrics, middleware
+from .admin import Admin
 from .middleware import compose
 from .middleware.security_headers import SecurityHeaders
 from .routing import Router
 from .serving import serving_config
 from .tunnel import TAKEN_OVER, Tunnels
 from .upstream import Upstream
+from .values import host_port
 
 log = logging.getLogger("rproxy")
 
@@ -54,6 +57,12 @@ class Proxy:
                                   self.tunnels)
             chain = [middleware.make(kind, section, shared) for kind, section in config.chain_for(rc)]
             entries.append((rc.host, rc.path, Route(rc, compose(chain, forwarder))))
+        self.metrics = metrics.get()
+        self.admin = Admin(config)
+        self.admin_address = None
+        if config.admin.bind:
+            host, port = host_port(config.admin.bind)
+            self.admin_address = (host, str(port))
         # The proxy's own answers outside any route (400, 404) get the global security headers.
         headers_config = config.middleware["security_headers"].get("")
         self.security_headers = SecurityHeaders(headers_config) if headers_config else None
@@ -63,11 +72,20 @@ class Proxy:
                 upstream.start()
 
     def __call__(self, environ, start_response):
-        response = self.respond(environ)
+        if self.admin_address is not None and (environ.get("SERVER_NAME"), environ.get("SERVER_PORT")) \
+                == self.admin_address:
+            response = self.admin(environ)
+        else:
+            if self.metrics is not None:
+                self.metrics.in_flight.inc()
+                environ["rproxy.in_flight"] = True
+            response = self.respond(environ)
         body = response.body
         if body is TAKEN_OVER:
             # A tunnel owns the connection now: end gunicorn's handling of it
             # quietly (its connection loop treats StopIteration as "close").
+            if environ.pop("rproxy.in_flight", False):
+                self.metrics.in_flight.dec()
             raise StopIteration("connection handed over to a tunnel")
         if response.close_connection:
             body = LingeringClose(body, environ)
@@ -94,9 +112,13 @@ class Proxy:
             if self.security_headers is not None:
                 self.security_headers.decorate(response, request.scheme == "https")
         else:
-            environ["rproxy.route"] = match.target.name
+            route = match.target
+            environ["rproxy.route"] = route.name
+            started = time.perf_counter()
             try:
-                response = match.target.handler(request)
+                response = route.handler(request)
+                if route.config.server_timing:
+                    response.headers.append(("Server-Timing", server_timing(environ, started)))
             except Exception:
                 log.exception("error handling %s %s, request_id=%s",
                               request.method, request.target, request.request_id)
@@ -113,6 +135,22 @@ class Proxy:
     def close(self) -> None:
         for upstream in self.upstreams.values():
             upstream.close()
+
+
+def server_timing(environ, started: float) -> str:
+    """Time in the proxy, waiting for the upstream, and the cache's verdict."""
+    total = (time.perf_counter() - started) * 1000
+    upstream = environ.get("rproxy.upstream_ms")
+    parts = []
+    if upstream is not None:
+        parts.append(f"proxy;dur={max(0.0, total - float(upstream)):.1f}")
+        parts.append(f"upstream;dur={upstream}")
+    else:
+        parts.append(f"proxy;dur={total:.1f}")
+    cache = environ.get("rproxy.cache")
+    if cache:
+        parts.append(f'cache;desc="{cache}"')
+    return ", ".join(parts)
 
 
 def build(path: str | None = None) -> Proxy:

@@ -65,8 +65,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    bind: str = setting("", values.text,
+                        "host:port of the admin listener (/metrics, /status); empty = none. Never "
+                        "reachable through a route.")
+    metrics_dir: str = setting("", values.text,
+                               "Where workers keep their metric values; default: a fresh temporary folder.")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     access_log: str = setting("-", values.text, "Access log file; '-' is stdout, 'off' disables it.")
+    format: str = setting("combined", values.one_of("combined", "json"),
+                          "Access log lines: combined (with upstream, timing, request id) or json.")
     error_log: str = setting("-", values.text, "Error log file; '-' is stderr.")
     level: str = setting("info", values.one_of("debug", "info", "warning", "error", "critical"),
                          "Error log level.")
@@ -143,13 +154,16 @@ class RouteConfig:
                                     "[security_headers:NAME] for this route, or off; empty = the global one.")
     cache: str = setting("", values.section_choice,
                          "[cache:NAME] for this route, or off; empty = the global [cache].")
+    server_timing: bool = setting("no", values.boolean,
+                                  "Add a Server-Timing header: time in the proxy, waiting for the "
+                                  "upstream, and the cache's verdict.")
     connect_timeout: float | None = setting(None, values.positive_duration,
                                             "Overrides the upstream's connect_timeout for this route.")
     read_timeout: float | None = setting(None, values.positive_duration,
                                          "Overrides the upstream's read_timeout for this route.")
 
 
-SINGLE_SECTIONS: dict[str, type] = {"server": ServerConfig, "log": LogConfig}
+SINGLE_SECTIONS: dict[str, type] = {"server": ServerConfig, "log": LogConfig, "admin": AdminConfig}
 NAMED_SECTIONS: dict[str, type] = {"upstream": UpstreamConfig, "route": RouteConfig}
 
 
@@ -158,6 +172,7 @@ class Config:
     path: str
     server: ServerConfig
     log: LogConfig
+    admin: AdminConfig
     upstreams: Mapping[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
     # kind -> {"": the global section, NAME: [kind:NAME]}
@@ -223,11 +238,19 @@ def load(path: str) -> Config:
         path=path,
         server=singles.get("server", ServerConfig()),
         log=singles.get("log", LogConfig()),
+        admin=singles.get("admin", AdminConfig()),
         upstreams=MappingProxyType(named["upstream"]),
         routes=tuple(named["route"].values()),
         middleware=MappingProxyType({k: MappingProxyType(v) for k, v in middleware.items()}),
     )
     _check_references(config)
+    if config.admin.bind:
+        try:
+            values.host_port(config.admin.bind)
+        except ValueError as e:
+            raise ConfigError(path, "admin", "bind", str(e)) from None
+        if config.admin.bind in config.server.bind:
+            raise ConfigError(path, "admin", "bind", "must differ from every [server] bind address")
     if bool(config.server.certfile) != bool(config.server.keyfile):
         raise ConfigError(path, "server", "keyfile" if config.server.certfile else "certfile",
                           "is required when the other of certfile/keyfile is set")

@@ -153,7 +153,7 @@ class UpstreamBody:
 
 def _release(server: Server, conn, reusable: bool) -> None:
     """Back to the pool; a connection in an unknown state goes back closed."""
-    server.in_flight -= 1
+    server.end()
     if not reusable:
         conn.close()
     server.pool._put_conn(conn)
@@ -192,6 +192,7 @@ class Forwarder:
             if server is None:
                 return self._none_available(request)
             request.environ["rproxy.upstream"] = server.label
+            request.environ["rproxy.upstream_name"] = self.upstream.name
             return open_tunnel(request, server, self, self._target(request), self._headers(request, server))
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
             return self._closing(error_response(request, 413, "request body is too large"))
@@ -200,6 +201,7 @@ class Forwarder:
         except ClientGone as e:
             return self._client_gone(request, e)
         target = self._target(request)
+        request.environ["rproxy.upstream_name"] = self.upstream.name
         first_try = time.monotonic()
         tried: list[Server] = []
         while True:
@@ -231,7 +233,7 @@ class Forwarder:
             conn = server.pool._get_conn(timeout=self.connect_timeout)
         except EmptyPoolError as e:
             return e
-        server.in_flight += 1
+        server.begin()
         release = partial(_release, server, conn)
         for attempt in (1, 2):
             reused = conn.sock is not None

@@ -50,6 +50,7 @@ class ActiveCheck:
                         log.warning("upstream %s: server %s fails its health check (%s); "
                                     "out of rotation", self.upstream.name, server.label, why)
                     server.healthy = ok
+                    server.mark()
             gevent.sleep(self.interval)
 
     def check(self, server) -> tuple[bool, str]:

@@ -14,7 +14,7 @@ import resource
 import sys
 
 from . import config as config_module
-from . import tls
+from . import metrics, tls
 from .config import Config, ConfigError
 
 
@@ -34,7 +34,7 @@ def to_gunicorn(config: Config) -> dict:
     return {
         "wsgi_app": "rproxy.app:application",
         "worker_class": "gevent",
-        "bind": list(server.bind),
+        "bind": list(server.bind) + ([config.admin.bind] if config.admin.bind else []),
         "workers": server.workers,
         "worker_connections": server.worker_connections,
         "keepalive": math.ceil(server.keepalive),
@@ -52,7 +52,13 @@ def to_gunicorn(config: Config) -> dict:
         "when_ready": when_ready,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        "child_exit": child_exit,
     }
+
+
+def child_exit(arbiter, worker) -> None:
+    """In the master: a dead worker's live gauges stop counting."""
+    metrics.worker_died(worker.pid)
 
 
 def when_ready(arbiter) -> None:
@@ -113,6 +119,8 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
     # Workers read the same file if they must: make sure they find it whatever their cwd.
     os.environ["RPROXY_CONFIG"] = path
     raise_open_files_limit()
+    if config.admin.bind and _serving is None:
+        metrics.prepare_directory(config.admin.metrics_dir or None)
     _serving, _settings = config, to_gunicorn(config)
     return _settings
 

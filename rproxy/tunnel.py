@@ -34,7 +34,7 @@ import time
 import gevent
 import gevent.socket
 
-from . import accesslog
+from . import accesslog, metrics
 from .http import Request, Response, clean_response_headers, error_response
 from .upstream import Server
 
@@ -132,7 +132,7 @@ class Tunnel:
 
     def start(self, client_bytes: bytes, upstream_bytes: bytes) -> None:
         self.registry.add(self)
-        self.server.in_flight += 1
+        self.server.begin()
         for direction, pending in ((0, client_bytes), (1, upstream_bytes)):
             if pending:
                 gevent.spawn_raw(self._pump, direction, pending)
@@ -188,8 +188,8 @@ class Tunnel:
         _shutdown(client, socket.SHUT_RDWR)
         upstream.close()
         self.keeper.close()  # the client socket really closes once gunicorn let go too
-        self.registry.open.discard(self)
-        self.server.in_flight -= 1
+        self.registry.discard(self)
+        self.server.end()
         accesslog.tunnel_line(self.facts, time.monotonic() - self.started, self.sent[0], self.sent[1])
 
     def going_away(self) -> None:
@@ -249,14 +249,24 @@ class Tunnels:
         self.open: set[Tunnel] = set()
         self.shutting_down = False
         self._sweeper = None
+        counters = metrics.get()
+        self.gauge = counters.tunnels if counters is not None else None
 
     def full(self) -> bool:
         return len(self.open) >= self.limit or self.shutting_down
 
     def add(self, tunnel: Tunnel) -> None:
         self.open.add(tunnel)
+        if self.gauge is not None:
+            self.gauge.inc()
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)
+
+    def discard(self, tunnel: Tunnel) -> None:
+        if tunnel in self.open:
+            self.open.discard(tunnel)
+            if self.gauge is not None:
+                self.gauge.dec()
 
     def _sweep(self) -> None:
         while True:

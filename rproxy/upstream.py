@@ -17,6 +17,7 @@ import time
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 
+from . import metrics
 from .balancing import POLICIES, ConsistentHash
 from .config import UpstreamConfig
 from .health import ActiveCheck
@@ -54,7 +55,8 @@ class Server:
     worker knows of its health."""
 
     __slots__ = ("address", "label", "weight", "pool", "current_weight", "in_flight",
-                 "healthy", "fails", "window_start", "down_until", "probing", "__weakref__")
+                 "healthy", "fails", "window_start", "down_until", "probing", "up_gauge", "busy_gauge",
+                 "__weakref__")
 
     def __init__(self, address: ServerAddress, config: UpstreamConfig):
         self.address = address
@@ -67,6 +69,11 @@ class Server:
         self.window_start = 0.0
         self.down_until = 0.0     # passive: out of rotation until then
         self.probing = False      # passive: one request is trying it again
+        counters = metrics.get()
+        self.up_gauge = counters.server_up.labels(config.name, self.label) if counters else None
+        self.busy_gauge = counters.server_busy.labels(config.name, self.label) if counters else None
+        if self.up_gauge is not None:
+            self.up_gauge.set(1)
         capped = config.max_connections > 0
         tls = {}
         if address.scheme == "https":
@@ -82,6 +89,22 @@ class Server:
             retries=False,
             **tls,
         )
+
+    def begin(self) -> None:
+        """A request or tunnel starts on this server."""
+        self.in_flight += 1
+        if self.busy_gauge is not None:
+            self.busy_gauge.inc()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        if self.busy_gauge is not None:
+            self.busy_gauge.dec()
+
+    def mark(self) -> None:
+        """Tell the metrics whether this server is in rotation."""
+        if self.up_gauge is not None:
+            self.up_gauge.set(1 if self.healthy and not self.down_until else 0)
 
     def available(self, now: float) -> bool:
         if not self.healthy or self.down_until > now:
@@ -151,6 +174,7 @@ class Upstream:
         server.fails += 1
         if server.fails >= config.max_fails:
             server.down_until = now + config.fail_timeout
+            server.mark()
             log.warning("upstream %s: server %s out of rotation for %gs after %d failure(s), last: %s",
                         self.name, server.label, config.fail_timeout, server.fails, why)
 
@@ -159,6 +183,7 @@ class Upstream:
             if server.down_until:
                 log.info("upstream %s: server %s is answering again", self.name, server.label)
             server.fails, server.down_until, server.probing = 0, 0.0, False
+            server.mark()
 
     def close(self) -> None:
         if self.active_check is not None:

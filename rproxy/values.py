@@ -277,3 +277,11 @@ def header_value(raw: str) -> str:
     if any(ch in value for ch in "\r\n\x00"):
         raise ValueError("a header value cannot hold CR, LF or NUL")
     return value
+
+
+def host_port(raw: str) -> tuple[str, int]:
+    """'127.0.0.1:9180' or '[::1]:9180' -> (host, port)."""
+    match = re.fullmatch(r"\[?([0-9A-Za-z.:-]+?)\]?:(\d{1,5})", raw.strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"{raw!r} is not host:port")
+    return match.group(1), int(match.group(2))

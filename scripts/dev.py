@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 # System programs the test suite drives, by the Debian package that brings them.
-TEST_PROGRAMS = {"curl": "curl", "redis-server": "redis-server"}
+TEST_PROGRAMS = {"curl": "curl", "redis-server": "redis-server", "chromium": "chromium"}
 
 
 def say(message: str) -> None:

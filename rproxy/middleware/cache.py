@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from gevent.event import Event
 
+from .. import metrics
 from ..http import Request, Response
 from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
 from ..httpcache.store import MemoryStore, RedisStore
@@ -107,11 +108,11 @@ class HTTPCache:
                 self._invalidate(request, response)
             return response
         if "Range" in request.headers or "no-store" in directives(request.headers.get("Cache-Control")):
-            return _tag(call_next(request), "BYPASS")
+            return _tag(request, call_next(request), "BYPASS")
         key = self._key(request)
         found = self._lookup(key, request)
         if found is None:  # storage down
-            return _tag(call_next(request), "BYPASS")
+            return _tag(request, call_next(request), "BYPASS")
         entries, entry = found
         if entry is not None and fresh_enough(entry, request.headers):
             return self._serve(request, entry, "HIT")
@@ -157,7 +158,7 @@ class HTTPCache:
             self._finish(key, leader)
             if entry is not None and response.status < 500:
                 self._save(key, [e for e in entries if e is not entry], None)
-            return _tag(response, label)
+            return _tag(request, response, label)
 
         upstream_headers = list(response.headers)  # before _tag trims them for the client
 
@@ -168,9 +169,10 @@ class HTTPCache:
                 self._save(key, [e for e in entries if e.vary != fresh.vary], fresh)
             self._finish(key, leader)
         response.body = _Tee(response.body, self.config.max_entry_size, store)
-        return _tag(response, label)
+        return _tag(request, response, label)
 
     def _serve(self, request: Request, entry: Entry, label: str) -> Response:
+        _count(request, label, len(entry.body) if label == "HIT" and request.method == "GET" else 0)
         headers = [(k, v) for k, v in entry.headers if k.lower() not in ("age", "x-cache", "surrogate-control")]
         headers += [("Age", str(int(entry.age()))), ("X-Cache", label)]
         if not_modified(entry, request.headers):
@@ -227,7 +229,17 @@ class HTTPCache:
             log.warning("[cache:%s] storage %s is back", self.config.name, self.config.storage)
 
 
-def _tag(response: Response, label: str) -> Response:
+def _count(request: Request, label: str, hit_bytes: int = 0) -> None:
+    request.environ["rproxy.cache"] = label
+    counters = metrics.get()
+    if counters is not None:
+        counters.cache.labels(label).inc()
+        if hit_bytes:
+            counters.cache_bytes.inc(hit_bytes)
+
+
+def _tag(request: Request, response: Response, label: str) -> Response:
+    _count(request, label)
     # Surrogate-Control is for this cache only (it is the gateway's own).
     response.headers = [(k, v) for k, v in response.headers if k.lower() != "surrogate-control"]
     response.headers.append(("X-Cache", label))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from limits import parse_many, strategies
 from limits.storage import storage_from_string
 
+from .. import metrics
 from ..http import Request, Response, error_response, header_environ_key
 from ..values import boolean, limit_key, limits, one_of, positive_duration, setting, storage_uri
 
@@ -71,6 +72,7 @@ class RateLimiter:
         self.header_key = header_environ_key(header) if header else None
         self.namespace = f"rproxy:{config.name}"
         self.outage = False
+        self.metrics = metrics.get()
 
     def __call__(self, request: Request, call_next) -> Response:
         key = request.environ.get(self.header_key) if self.header_key else None
@@ -87,6 +89,8 @@ class RateLimiter:
                    ("RateLimit-Reset", str(reset))]
         if not allowed:
             request.environ["rproxy.error"] = "rate limited"
+            if self.metrics is not None:
+                self.metrics.rate_limited.labels(self.config.name).inc()
             return error_response(request, 429, "too many requests", [("Retry-After", str(reset)), *headers])
         response = call_next(request)
         if self.config.headers:

@@ -1,0 +1,113 @@
+"""Prometheus metrics, counted by every worker and read as one.
+
+prometheus_client's multiprocess mode: each worker writes its values to
+files in a directory the master prepares ($PROMETHEUS_MULTIPROC_DIR, emptied
+at start) and the admin listener adds them up. A dead worker's live gauges
+are dropped by the master (gunicorn's child_exit hook). Counting happens at
+the end of each request, from what the access log sees, so the hot path
+pays a few label lookups at most.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Latency buckets, seconds: fine below 100 ms where a proxy lives.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_metrics = None
+
+
+def prepare_directory(configured: str | None) -> str:
+    """In the master, before any worker: an empty directory for the values."""
+    path = configured or os.path.join(tempfile.gettempdir(), f"rproxy-metrics-{os.getpid()}")
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.makedirs(path, mode=0o700)
+    os.environ[ENV] = path
+    return path
+
+
+def worker_died(pid: int) -> None:
+    """In the master, when a worker exits: its live gauges no longer count."""
+    if os.environ.get(ENV):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, Histogram
+        self.requests = Counter("rproxy_requests", "Requests answered",
+                                ["route", "upstream", "method", "status"])
+        self.duration = Histogram("rproxy_request_duration_seconds", "Time from request to the last byte sent",
+                                  ["route"], buckets=BUCKETS)
+        self.upstream_duration = Histogram("rproxy_upstream_duration_seconds",
+                                           "Time from sending upstream to its response head",
+                                           ["upstream"], buckets=BUCKETS)
+        self.in_flight = Gauge("rproxy_requests_in_flight", "Requests being answered",
+                               multiprocess_mode="livesum")
+        self.tunnels = Gauge("rproxy_tunnels_open", "Open WebSocket/upgrade tunnels",
+                             multiprocess_mode="livesum")
+        self.server_up = Gauge("rproxy_upstream_server_up", "1 when a server is in rotation (every worker agrees)",
+                               ["upstream", "server"], multiprocess_mode="livemin")
+        self.server_busy = Gauge("rproxy_upstream_server_in_flight", "Requests and tunnels under way per server",
+                                 ["upstream", "server"], multiprocess_mode="livesum")
+        self.rate_limited = Counter("rproxy_rate_limited", "Requests refused by a rate limit", ["limit"])
+        self.cache = Counter("rproxy_cache_responses", "Responses by cache outcome", ["result"])
+        self.cache_bytes = Counter("rproxy_cache_hit_bytes", "Body bytes served from the cache")
+
+
+def get() -> Metrics | None:
+    """The worker's metrics, or None when no admin listener asks for them."""
+    global _metrics
+    if _metrics is None and enabled():
+        _metrics = Metrics()
+    return _metrics
+
+
+def status_class(status) -> str:
+    text = str(status)
+    return f"{text[0]}xx" if text[:1].isdigit() else "other"
+
+
+def observe_request(environ: dict, status, seconds: float) -> None:
+    metrics = get()
+    if metrics is None:
+        return
+    route = environ.get("rproxy.route", "-")
+    upstream = environ.get("rproxy.upstream_name", "-")
+    metrics.requests.labels(route, upstream, environ.get("REQUEST_METHOD", "-"), status_class(status)).inc()
+    metrics.duration.labels(route).observe(seconds)
+    upstream_ms = environ.get("rproxy.upstream_ms")
+    if upstream_ms is not None:
+        metrics.upstream_duration.labels(upstream).observe(float(upstream_ms) / 1000)
+    if environ.pop("rproxy.in_flight", False):
+        metrics.in_flight.dec()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of every worker's values."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def snapshot() -> dict:
+    """Every worker's values as plain data, for the status page."""
+    from prometheus_client import CollectorRegistry, multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    out: dict = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append({"labels": sample.labels, "value": sample.value})
+    return out

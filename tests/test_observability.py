@@ -1,0 +1,146 @@
+"""Metrics across workers, the status page, JSON logs and Server-Timing."""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import requests
+
+from conftest import REPO, free_port, single_route
+
+
+def admin_ini(upstream_port, admin_port, extra=""):
+    return single_route(upstream_port) + f"\n[admin]\nbind = 127.0.0.1:{admin_port}\n" + extra
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def scrape(admin_port) -> str:
+    r = requests.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10)
+    assert r.status_code == 200
+    return r.text
+
+
+def test_metrics_count_every_worker(start_proxy, upstream):
+    admin = free_port()
+    proxy = start_proxy(admin_ini(upstream.port, admin, "[rate_limit:tight]\nlimit = 2/minute\n"
+                                                         "[cache]\n[route:tight]\npath = /echo/tight\n"
+                                                         "upstream = app\nrate_limit = tight\n"),
+                        workers=2)
+    for _ in range(30):
+        assert requests.get(proxy.url + "/echo", timeout=10).status_code == 200
+    for _ in range(4):
+        requests.get(proxy.url + "/echo/tight", timeout=10)
+    requests.get(proxy.url + "/cacheable?cc=max-age=60&id=metrics", timeout=10)
+    requests.get(proxy.url + "/cacheable?cc=max-age=60&id=metrics", timeout=10)
+    # A request is counted once its last byte is out: let the workers finish counting.
+    deadline = time.monotonic() + 5
+    while metric(scrape(admin), "rproxy_requests_total") < 36 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = scrape(admin)
+    assert metric(text, "rproxy_requests_total", route="default", status="2xx") == 32
+    # Memory limits count per worker: how many of the 4 were refused depends on where they landed.
+    allowed = metric(text, "rproxy_requests_total", route="tight", status="2xx")
+    refused = metric(text, "rproxy_requests_total", route="tight", status="4xx")
+    assert allowed + refused == 4 and refused >= 0
+    assert metric(text, "rproxy_rate_limited_total", limit="tight") == refused
+    # Every GET let through asks the cache; each worker has its own.
+    hits = metric(text, "rproxy_cache_responses_total", result="HIT")
+    assert hits + metric(text, "rproxy_cache_responses_total", result="MISS") == 32 + allowed
+    assert metric(text, "rproxy_requests_total", route="default", upstream="app", status="2xx") == 32 - hits
+    assert (metric(text, "rproxy_cache_hit_bytes_total") > 0) == (hits == 1)
+    assert metric(text, "rproxy_request_duration_seconds_count", route="default") == 32
+    assert metric(text, "rproxy_upstream_duration_seconds_count", upstream="app") >= 32
+    assert metric(text, "rproxy_requests_in_flight") == 0
+    assert metric(text, "rproxy_upstream_server_up", upstream="app", server=f"127.0.0.1:{upstream.port}") == 1
+
+
+def test_admin_pages_are_not_reachable_through_a_route(start_proxy, upstream):
+    admin = free_port()
+    proxy = start_proxy(admin_ini(upstream.port, admin))
+    r = requests.get(proxy.url + "/metrics", timeout=10)
+    assert "rproxy_requests_total" not in r.text  # the upstream's answer, not ours
+    assert "Host" not in requests.get(f"http://127.0.0.1:{admin}/echo", timeout=10).text
+    assert requests.get(f"http://127.0.0.1:{admin}/echo", timeout=10).status_code == 404
+    assert requests.get(f"http://127.0.0.1:{admin}/status", timeout=10).headers["Content-Type"].startswith("text/html")
+
+
+def test_a_dead_workers_live_gauges_stop_counting(start_proxy, upstream):
+    admin = free_port()
+    proxy = start_proxy(admin_ini(upstream.port, admin), workers=2)
+    hold = threading.Thread(target=lambda: requests.get(proxy.url + "/slow?delay=3", timeout=10))
+    hold.start()
+    deadline = time.monotonic() + 5
+    while metric(scrape(admin), "rproxy_requests_in_flight") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(scrape(admin), "rproxy_requests_in_flight") == 1
+    busy = [w for w in proxy.workers() if any(c.status == "ESTABLISHED" and c.raddr and
+                                             c.raddr.port == upstream.port for c in w.net_connections())]
+    assert len(busy) == 1
+    os.kill(busy[0].pid, signal.SIGKILL)
+    hold.join()
+    deadline = time.monotonic() + 5
+    while metric(scrape(admin), "rproxy_requests_in_flight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(scrape(admin), "rproxy_requests_in_flight") == 0
+
+
+def test_json_access_log(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port) + "\n[cache]\n", server={})
+    proxy.rewrite(single_route(upstream.port) + "\n[cache]\n")
+    text = proxy.ini_path.read_text().replace("[log]\n", "[log]\nformat = json\n")
+    proxy.ini_path.write_text(text)
+    os.kill(proxy.pid, signal.SIGHUP)
+    time.sleep(2.5)
+    requests.get(proxy.url + "/echo/json?x=1", headers={"X-Request-ID": "json-1"}, timeout=10)
+    deadline = time.monotonic() + 5
+    while '"request_id":"json-1"' not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(l for l in proxy.log().splitlines() if '"request_id":"json-1"' in l)
+    record = json.loads(line)
+    assert record["method"] == "GET" and record["path"] == "/echo/json?x=1" and record["status"] == 200
+    assert record["upstream"] == f"127.0.0.1:{upstream.port}" and record["upstream_ms"] > 0
+    assert record["total_ms"] >= record["upstream_ms"] and record["bytes"] > 0
+    assert record["client"] == "127.0.0.1" and record["cache"] == "MISS" and record["route"] == "default"
+
+
+def test_server_timing_when_the_route_asks(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port, route_extra="server_timing = yes") + "\n[cache]\n")
+    r = requests.get(proxy.url + "/slow?delay=0.2", timeout=10)
+    timing = r.headers["Server-Timing"]
+    upstream_ms = float(re.search(r"upstream;dur=([\d.]+)", timing).group(1))
+    assert upstream_ms >= 200
+    assert re.search(r"proxy;dur=[\d.]+", timing) and 'cache;desc="MISS"' in timing
+
+
+def test_status_page_in_a_real_browser(start_proxy, upstream, tmp_path):
+    from browser import Chromium
+    admin = free_port()
+    proxy = start_proxy(admin_ini(upstream.port, admin))
+    requests.get(proxy.url + "/echo", timeout=10)
+    with Chromium(tmp_path) as browser:
+        page = browser.open(f"http://127.0.0.1:{admin}/status")
+        page.wait_for("document.getElementById('total-requests').textContent !== '-'")
+        before = int(page.evaluate("document.getElementById('total-requests').textContent"))
+        for _ in range(25):
+            requests.get(proxy.url + "/echo", timeout=10)
+        page.wait_for(f"Number(document.getElementById('total-requests').textContent) >= {before + 25}")
+        page.wait_for("document.querySelector('#routes tr canvas') !== null")
+        rate = page.evaluate("document.querySelector('#routes tr td:nth-child(2)').textContent")
+        health = page.evaluate("document.querySelector('#servers tr td:nth-child(3)').textContent")
+        artifacts = REPO / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        page.screenshot(artifacts / "status-page.png")
+        assert page.errors == []
+    assert float(rate) >= 0 and health == "up"
+    assert (artifacts / "status-page.png").stat().st_size > 5000

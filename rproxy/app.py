@@ -149,7 +149,7 @@ def server_timing(environ, started: float) -> str:
         parts.append(f"proxy;dur={total:.1f}")
     cache = environ.get("rproxy.cache")
     if cache:
-        parts.append(f'cache;desc="{cache}"')
+        parts.append(f'cache;desc="{cache}";dur={environ.get("rproxy.cache_ms", "0")}')
     return ", ".join(parts)
 
 

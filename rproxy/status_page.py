@@ -112,7 +112,7 @@ function draw(now) {
     history[route.name].splice(0, history[route.name].length - HISTORY);
     const row = routes.insertRow();
     row.dataset.route = route.name;
-    cell(row, route.name + ' <span class="muted">' + (route.host.join(" ") || "*") + route.path + "</span>");
+    cell(row, route.name + ' <span class="muted">' + (route.host.join(" ") || "any host") + " " + route.path + "</span>");
     cell(row, dt ? rate.toFixed(1) : "-");
     cell(row, count - before > 0 ? (100 * errors / (count - before)).toFixed(1) + " %" : "-");
     cell(row, previous ? ms(quantile(s, p, route.name, 0.5)) : "-");

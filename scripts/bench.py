@@ -166,7 +166,7 @@ deny = /admin /.git *.php
 
 
 def start_rproxy(tmp: Path, port: int, upstream: int, workers: int, upgrade: str = "websocket",
-                 extra: str = "") -> Service:
+                 extra: str = "", log_format: str = "combined") -> Service:
     ini = tmp / f"rproxy{workers}-{port}.ini"
     ini.write_text(f"""
 [server]
@@ -175,7 +175,8 @@ workers = {workers}
 worker_connections = 12000
 max_tunnels = 11000
 [log]
-access_log = {tmp}/rproxy-access.log
+access_log = {tmp}/rproxy-access-{port}.log
+format = {log_format}
 level = warning
 [upstream:app]
 servers = 127.0.0.1:{upstream}
@@ -353,6 +354,30 @@ def start_nginx_cache(tmp: Path, port: int, upstream: int) -> Service:
     return service
 
 
+def run_observability(tmp: Path, args) -> None:
+    """The cost of metrics (admin listener on) and JSON access logs."""
+    up, plain, observed = free_port(), free_port(), free_port()
+    services = [start_upstream(tmp, up)]
+    try:
+        services += [start_rproxy(tmp, plain, up, 1),
+                     start_rproxy(tmp, observed, up, 1, extra=f"[admin]\nbind = 127.0.0.1:{free_port()}\n",
+                                  log_format="json")]
+        targets = {"off": f"http://127.0.0.1:{plain}/100B", "on": f"http://127.0.0.1:{observed}/100B"}
+        for url in targets.values():
+            wrk(url, 1, args.connections)
+        results: dict[str, list[dict]] = {t: [] for t in targets}
+        for _ in range(args.rounds):
+            for target, url in targets.items():
+                results[target].append(wrk(url, args.duration, args.connections))
+        print("\nmetrics and JSON access log, 1 worker, 100-byte responses (median req/s)")
+        for target, runs in results.items():
+            print(f"  {target:<4} {median(runs, 'rps'):>10.0f} {median(runs, 'p50'):>8.2f} {median(runs, 'p99'):>8.2f}")
+        print(f"  ratio on/off {median(results['on'], 'rps') / median(results['off'], 'rps'):.2f}", flush=True)
+    finally:
+        for service in services:
+            service.stop()
+
+
 def run_middleware(tmp: Path, args) -> None:
     """Middleware cost: all four on versus none, on a response the cache may
     not store; and the cache-hit path versus nginx's proxy_cache hit."""
@@ -396,6 +421,7 @@ def main() -> int:
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP request benchmarks")
     parser.add_argument("--no-tunnels", action="store_true", help="skip the tunnel benchmarks")
     parser.add_argument("--no-middleware", action="store_true", help="skip the middleware benchmarks")
+    parser.add_argument("--no-observability", action="store_true", help="skip the metrics/JSON-log benchmark")
     parser.add_argument("--idle-tunnels", type=int, default=5000)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -412,6 +438,8 @@ def main() -> int:
             run_tunnels(tmp, args)
         if not args.no_middleware:
             run_middleware(tmp, args)
+        if not args.no_observability:
+            run_observability(tmp, args)
         up_port = free_port()
         upstream = start_upstream(tmp, up_port)
         try:

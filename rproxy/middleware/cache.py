@@ -110,7 +110,9 @@ class HTTPCache:
         if "Range" in request.headers or "no-store" in directives(request.headers.get("Cache-Control")):
             return _tag(request, call_next(request), "BYPASS")
         key = self._key(request)
+        looked = time.perf_counter()
         found = self._lookup(key, request)
+        request.environ["rproxy.cache_ms"] = f"{(time.perf_counter() - looked) * 1000:.2f}"
         if found is None:  # storage down
             return _tag(request, call_next(request), "BYPASS")
         entries, entry = found

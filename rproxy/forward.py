@@ -28,7 +28,6 @@ from urllib.parse import quote
 
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
-from urllib3.util import SKIP_HEADER
 
 from .config import RouteConfig
 from .http import Request, Response, clean_response_headers, error_response
@@ -130,6 +129,9 @@ class UpstreamBody:
     def __next__(self) -> bytes:
         try:
             data = self.response.read1(CHUNK)
+            if not data and self.response.length:
+                # http.client ends a short Content-Length body quietly: it is a cut.
+                raise http.client.IncompleteRead(b"", self.response.length)
         except (HTTPError, OSError, http.client.HTTPException) as e:
             self._done(reusable=False)
             reason = _describe(e)
@@ -139,7 +141,10 @@ class UpstreamBody:
             raise UpstreamCut(f"upstream {self.label} cut the response: {reason}") from None
         if data:
             return data
-        self._done(reusable=self.response.isclosed())
+        # Read to the end (http.client leaves a finished Content-Length body
+        # open): close it so that the connection can carry the next request.
+        self.response.close()
+        self._done(reusable=True)
         raise StopIteration
 
     def close(self) -> None:
@@ -157,6 +162,11 @@ def _release(server: Server, conn, reusable: bool) -> None:
     if not reusable:
         conn.close()
     server.pool._put_conn(conn)
+
+
+# http.client's own methods, past urllib3's overrides (see Forwarder._exchange).
+_putheader = http.client.HTTPConnection.putheader
+_getresponse = http.client.HTTPConnection.getresponse
 
 
 def _retriable(error: Exception, request: Request, request_body: RequestBody | None) -> bool:
@@ -226,9 +236,6 @@ class Forwarder:
     def _attempt(self, server: Server, request: Request, target: str, request_body):
         """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
-        # urllib3 and http.client add User-Agent and Accept-Encoding unless told not to.
-        headers.setdefault("User-Agent", SKIP_HEADER)
-        headers.setdefault("Accept-Encoding", SKIP_HEADER)
         try:
             conn = server.pool._get_conn(timeout=self.connect_timeout)
         except EmptyPoolError as e:
@@ -273,28 +280,47 @@ class Forwarder:
 
     @staticmethod
     def proxied(request: Request, label: str, response, release) -> Response:
-        """The client's Response for an upstream response head (urllib3's or
-        http.client's); its body streams from the upstream."""
+        """The client's Response for an upstream's http.client response head;
+        its body streams from the upstream."""
         headers = response_headers(response.headers.items(), response.headers.get("Connection"),
                                    response.chunked)
         body = UpstreamBody(response, request, label, release)
         return Response(response.status, headers, body, response.reason or None)
 
     def _exchange(self, conn, method, target, headers, body, chunked):
+        """Send the request on urllib3's connection and read the response head.
+
+        urllib3 connects (timeouts, TLS, SNI, verification) and pools; the
+        exchange itself goes through http.client's methods directly: the
+        headers are ours already, so urllib3's per-request header policing
+        and response wrapping would be work done twice on the hot path."""
         if conn.sock is None:
             conn.timeout = self.connect_timeout
             conn.connect()
         conn.timeout = self.read_timeout
-        try:
-            conn.request(method, target, body=body.payload() if body is not None else None,
-                         headers=headers, chunked=chunked, preload_content=False,
-                         decode_content=False)
-        except (BrokenPipeError, ConnectionResetError):
-            # The upstream may have answered early and stopped reading
-            # (e.g. 413 or 401): its answer is still worth reading.
-            if body is None or body.sent == 0:
-                raise
-        return conn.getresponse()
+        conn.sock.settimeout(self.read_timeout)
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            _putheader(conn, name, value)
+        if chunked:
+            _putheader(conn, "Transfer-Encoding", "chunked")
+        conn.endheaders()
+        if body is not None:
+            try:
+                payload = body.payload()
+                if isinstance(payload, bytes):
+                    conn.send(payload)
+                else:
+                    for chunk in payload:
+                        conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if chunked:
+                    conn.send(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                # The upstream may have answered early and stopped reading
+                # (e.g. 413 or 401): its answer is still worth reading.
+                if body.sent == 0:
+                    raise
+        return _getresponse(conn)
 
     def _headers(self, request: Request, server: Server) -> dict[str, str]:
         headers = dict(request.headers)

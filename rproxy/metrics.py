@@ -19,6 +19,7 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 _metrics = None
+_looked = False
 
 
 def prepare_directory(configured: str | None) -> str:
@@ -67,9 +68,11 @@ class Metrics:
 
 def get() -> Metrics | None:
     """The worker's metrics, or None when no admin listener asks for them."""
-    global _metrics
-    if _metrics is None and enabled():
-        _metrics = Metrics()
+    global _metrics, _looked
+    if not _looked:
+        _looked = True
+        if enabled():
+            _metrics = Metrics()
     return _metrics
 
 

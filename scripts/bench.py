@@ -362,13 +362,8 @@ def run_observability(tmp: Path, args) -> None:
         services += [start_rproxy(tmp, plain, up, 1),
                      start_rproxy(tmp, observed, up, 1, extra=f"[admin]\nbind = 127.0.0.1:{free_port()}\n",
                                   log_format="json")]
-        targets = {"off": f"http://127.0.0.1:{plain}/100B", "on": f"http://127.0.0.1:{observed}/100B"}
-        for url in targets.values():
-            wrk(url, 1, args.connections)
-        results: dict[str, list[dict]] = {t: [] for t in targets}
-        for _ in range(args.rounds):
-            for target, url in targets.items():
-                results[target].append(wrk(url, args.duration, args.connections))
+        results = interleave({"off": f"http://127.0.0.1:{plain}/100B",
+                              "on": f"http://127.0.0.1:{observed}/100B"}, args)
         print("\nmetrics and JSON access log, 1 worker, 100-byte responses (median req/s)")
         for target, runs in results.items():
             print(f"  {target:<4} {median(runs, 'rps'):>10.0f} {median(runs, 'p50'):>8.2f} {median(runs, 'p99'):>8.2f}")
@@ -390,12 +385,7 @@ def run_middleware(tmp: Path, args) -> None:
                    "all four": f"http://127.0.0.1:{full}/nostore/100B",
                    "cache hit": f"http://127.0.0.1:{full}/100B",
                    "nginx hit": f"http://127.0.0.1:{ngc}/100B"}
-        for url in targets.values():
-            wrk(url, 1, args.connections)
-        results: dict[str, list[dict]] = {t: [] for t in targets}
-        for _ in range(args.rounds):
-            for target, url in targets.items():
-                results[target].append(wrk(url, args.duration, args.connections))
+        results = interleave(targets, args)
         print("\nmiddleware, 1 worker, 100-byte responses (median req/s)")
         for target, runs in results.items():
             print(f"  {target:<10} {median(runs, 'rps'):>10.0f} {median(runs, 'p50'):>8.2f} "
@@ -406,6 +396,18 @@ def run_middleware(tmp: Path, args) -> None:
     finally:
         for service in services:
             service.stop()
+
+
+def interleave(targets: dict[str, str], args) -> dict[str, list[dict]]:
+    """Warm every target up, then run wrk on each in turn, round after round,
+    so that all of them see the same machine."""
+    for url in targets.values():
+        wrk(url, 1, args.connections)
+    results: dict[str, list[dict]] = {t: [] for t in targets}
+    for _ in range(args.rounds):
+        for target, url in targets.items():
+            results[target].append(wrk(url, args.duration, args.connections))
+    return results
 
 
 def median(results: list[dict], key: str) -> float:
@@ -452,12 +454,7 @@ def main() -> int:
                         targets = {"direct": f"http://127.0.0.1:{up_port}/{body}",
                                    "nginx": f"http://127.0.0.1:{ng_port}/{body}",
                                    "rproxy": f"http://127.0.0.1:{rp_port}/{body}"}
-                        for url in targets.values():  # warm up pools and caches
-                            wrk(url, 1, args.connections)
-                        results: dict[str, list[dict]] = {t: [] for t in targets}
-                        for _ in range(args.rounds):
-                            for target, url in targets.items():
-                                results[target].append(wrk(url, args.duration, args.connections))
+                        results = interleave(targets, args)
                         rows.append((workers, body, results))
                         print_row(workers, body, results, flush=True)
                 finally:

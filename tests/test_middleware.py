@@ -1,7 +1,6 @@
 """Rate limiting, path filtering and security headers, through the real proxy."""
 
 import concurrent.futures
-import time
 
 import pytest
 import requests

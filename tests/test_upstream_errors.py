@@ -1,6 +1,5 @@
 """What the client sees when the upstream, or the client itself, fails."""
 
-import json
 import socket
 import time
 

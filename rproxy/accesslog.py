@@ -20,6 +20,7 @@ from gunicorn import glogging
 from gunicorn.config import AccessLogFormat
 
 from . import metrics
+from .serving import serving_config
 
 _DEFAULT_FORMAT = AccessLogFormat.default
 
@@ -33,11 +34,24 @@ def _quote(value) -> str:
     return value
 
 
+_clock = [0, "", ""]  # the second, and its two renderings: computed once a second
+
+
+def _now() -> tuple[str, str]:
+    """(common log format time, ISO 8601 time) for this second."""
+    second = int(time.time())
+    if second != _clock[0]:
+        local = time.localtime(second)
+        _clock[:] = [second, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", local),
+                     time.strftime("%Y-%m-%dT%H:%M:%S%z", local)]
+    return _clock[1], _clock[2]
+
+
 def line(environ, status, sent, total_ms: float) -> str:
     """One access-log line, combined format plus the proxy's facts."""
     text = (
         f'{environ.get("rproxy.client") or environ.get("REMOTE_ADDR", "-")} - - '
-        f'{time.strftime("[%d/%b/%Y:%H:%M:%S %z]")} '
+        f'{_now()[0]} '
         f'"{_quote(environ.get("REQUEST_METHOD"))} {_quote(environ.get("RAW_URI"))} '
         f'{_quote(environ.get("SERVER_PROTOCOL"))}" {status} {sent if sent is not None else "-"} '
         f'"{_quote(environ.get("HTTP_REFERER"))}" "{_quote(environ.get("HTTP_USER_AGENT"))}" '
@@ -60,7 +74,7 @@ FACTS = ("rproxy.client", "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PR
 def json_line(environ, status, sent, total_ms: float, **extra) -> str:
     """The same facts as one JSON object."""
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": _now()[1],
         "request_id": environ.get("rproxy.request_id"),
         "client": environ.get("rproxy.client") or environ.get("REMOTE_ADDR"),
         "method": environ.get("REQUEST_METHOD"),
@@ -82,7 +96,6 @@ def json_line(environ, status, sent, total_ms: float, **extra) -> str:
 
 
 def _json_format() -> bool:
-    from .serving import serving_config
     config = serving_config()
     return config is not None and config.log.format == "json"
 

@@ -76,22 +76,46 @@ def get() -> Metrics | None:
     return _metrics
 
 
+# Label values come from the config, or from these closed sets: a client
+# cannot grow the number of series by inventing methods.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
 def status_class(status) -> str:
     text = str(status)
     return f"{text[0]}xx" if text[:1].isdigit() else "other"
+
+
+class _Children(dict):
+    """Labelled series, looked up once: labels() is the costly part of a count."""
+
+    def __init__(self, family):
+        super().__init__()
+        self.family = family
+
+    def __missing__(self, labels):
+        child = self[labels] = self.family.labels(*labels)
+        return child
+
+
+_series: dict[str, _Children] = {}
 
 
 def observe_request(environ: dict, status, seconds: float) -> None:
     metrics = get()
     if metrics is None:
         return
+    if not _series:
+        _series.update(requests=_Children(metrics.requests), duration=_Children(metrics.duration),
+                       upstream=_Children(metrics.upstream_duration))
     route = environ.get("rproxy.route", "-")
     upstream = environ.get("rproxy.upstream_name", "-")
-    metrics.requests.labels(route, upstream, environ.get("REQUEST_METHOD", "-"), status_class(status)).inc()
-    metrics.duration.labels(route).observe(seconds)
+    method = environ.get("REQUEST_METHOD", "-")
+    _series["requests"][route, upstream, method if method in METHODS else "OTHER", status_class(status)].inc()
+    _series["duration"][route, ].observe(seconds)
     upstream_ms = environ.get("rproxy.upstream_ms")
     if upstream_ms is not None:
-        metrics.upstream_duration.labels(upstream).observe(float(upstream_ms) / 1000)
+        _series["upstream"][upstream, ].observe(float(upstream_ms) / 1000)
     if environ.pop("rproxy.in_flight", False):
         metrics.in_flight.dec()
 

@@ -26,6 +26,7 @@ import time
 from functools import partial
 from urllib.parse import quote
 
+from gunicorn.http.errors import NoMoreData
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
 
@@ -49,6 +50,10 @@ _STALE_ERRORS = (http.client.BadStatusLine, ConnectionResetError,
 
 class ClientGone(Exception):
     """The client stopped sending its request body before the end."""
+
+
+class MalformedBody(Exception):
+    """The client's chunked body does not parse."""
 
 
 class BodyTooLarge(Exception):
@@ -94,8 +99,10 @@ class RequestBody:
         want = CHUNK if self.remaining is None else min(CHUNK, self.remaining)
         try:
             data = self.stream.read(want) if want else b""
-        except Exception as e:  # gunicorn's NoMoreData, InvalidChunkSize, ...
+        except NoMoreData as e:
             raise ClientGone(f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
+            raise MalformedBody(f"{type(e).__name__}: {e}") from None
         if not data:
             if self.remaining:
                 raise ClientGone(f"body ended {self.remaining} bytes short")
@@ -210,6 +217,8 @@ class Forwarder:
             request_body = RequestBody(request, self.max_body_size) if request.has_body else None
         except ClientGone as e:
             return self._client_gone(request, e)
+        except MalformedBody as e:
+            return self._malformed_body(request, e)
         target = self._target(request)
         request.environ["rproxy.upstream_name"] = self.upstream.name
         first_try = time.monotonic()
@@ -254,6 +263,9 @@ class Forwarder:
             except BodyTooLarge:
                 release(reusable=False)
                 return self._closing(error_response(request, 413, "request body is too large"))
+            except MalformedBody as e:
+                release(reusable=False)  # the upstream got a cut request: never a whole one
+                return self._malformed_body(request, e)
             except Exception as e:  # anything else is the upstream's doing
                 conn.close()
                 if (attempt == 1 and reused and isinstance(e, _STALE_ERRORS)
@@ -350,6 +362,12 @@ class Forwarder:
                  request.client_ip, error, request.request_id)
         request.environ["rproxy.error"] = "client went away mid-upload"
         return self._closing(error_response(request, 499, "client closed the request"))
+
+    def _malformed_body(self, request: Request, error: Exception) -> Response:
+        log.info("malformed chunked body from %s (%s), request_id=%s", request.client_ip, error,
+                 request.request_id)
+        request.environ["rproxy.error"] = "malformed chunked body"
+        return self._closing(error_response(request, 400, "malformed chunked body"))
 
     def _none_available(self, request: Request) -> Response:
         request.environ["rproxy.error"] = "no server available"

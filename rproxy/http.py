@@ -182,7 +182,12 @@ class Request:
         content_type = environ.get("CONTENT_TYPE")
         if content_type:
             headers["Content-Type"] = content_type
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        coding = environ.get("HTTP_TRANSFER_ENCODING")
+        chunked = coding is not None
+        if chunked and coding.strip().lower() != "chunked":
+            # gunicorn decodes chunked alone: any other coding would reach the
+            # upstream still applied, and be read as something else there.
+            raise BadRequest("only the chunked transfer coding is supported", 501)
         length = environ.get("CONTENT_LENGTH")
         content_length = None
         if length and not chunked:

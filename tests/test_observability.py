@@ -89,8 +89,14 @@ def test_a_dead_workers_live_gauges_stop_counting(start_proxy, upstream):
     while metric(scrape(admin), "rproxy_requests_in_flight") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(scrape(admin), "rproxy_requests_in_flight") == 1
-    busy = [w for w in proxy.workers() if any(c.status == "ESTABLISHED" and c.raddr and
-                                             c.raddr.port == upstream.port for c in w.net_connections())]
+
+    def busy_workers():
+        return [w for w in proxy.workers() if any(c.status == "ESTABLISHED" and c.raddr and
+                                                 c.raddr.port == upstream.port for c in w.net_connections())]
+    deadline = time.monotonic() + 5  # counted on arrival; connected upstream a moment later
+    while not busy_workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    busy = busy_workers()
     assert len(busy) == 1
     os.kill(busy[0].pid, signal.SIGKILL)
     hold.join()

@@ -179,6 +179,20 @@ def start_proxy(tmp_path):
         assert "Traceback" not in proxy.log(), proxy.log()
 
 
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send bytes exactly as given; return all that comes back until the
+    proxy closes (or resets, or stops talking for 10 s)."""
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return data
+
+
 def single_route(port: int, route_extra: str = "", upstream_extra: str = "") -> str:
     """An INI body with one upstream server and a catch-all route."""
     return (f"[upstream:app]\nservers = 127.0.0.1:{port}\n{upstream_extra}\n"

@@ -67,19 +67,16 @@ def ports_of(proxy, n, **kw):
     return [requests.get(proxy.url + "/echo", timeout=10, **kw).json()["port"] for _ in range(n)]
 
 
-def two_servers(start_upstream):
-    return start_upstream(), start_upstream()
+def balanced(start_proxy, start_upstream, policy: str):
+    """Two real upstream servers behind one upstream with `policy` lines."""
+    a, b = start_upstream(), start_upstream()
+    proxy = start_proxy(f"[upstream:app]\nservers = 127.0.0.1:{a.port} 127.0.0.1:{b.port}\n{policy}\n"
+                        f"[route:default]\nupstream = app\n")
+    return proxy, a, b
 
 
 def test_least_conn_sends_work_away_from_a_busy_server(start_proxy, start_upstream):
-    a, b = two_servers(start_upstream)
-    proxy = start_proxy(f"""
-        [upstream:app]
-        servers = 127.0.0.1:{a.port} 127.0.0.1:{b.port}
-        balance = least_conn
-        [route:default]
-        upstream = app
-        """)
+    proxy, a, b = balanced(start_proxy, start_upstream, "balance = least_conn")
     # A slow request holds one server; everything else goes to the other.
     slow = threading.Thread(target=requests.get, args=(proxy.url + "/slow?delay=2",), kwargs={"timeout": 10})
     slow.start()
@@ -90,15 +87,7 @@ def test_least_conn_sends_work_away_from_a_busy_server(start_proxy, start_upstre
 
 
 def test_hash_on_a_header_is_sticky(start_proxy, start_upstream):
-    a, b = two_servers(start_upstream)
-    proxy = start_proxy(f"""
-        [upstream:app]
-        servers = 127.0.0.1:{a.port} 127.0.0.1:{b.port}
-        balance = hash
-        hash_key = header:X-User
-        [route:default]
-        upstream = app
-        """)
+    proxy, a, b = balanced(start_proxy, start_upstream, "balance = hash\nhash_key = header:X-User")
     for user in ("alice", "bob", "carol", "dave"):
         assert len(set(ports_of(proxy, 5, headers={"X-User": user}))) == 1
     spread = {ports_of(proxy, 1, headers={"X-User": f"user-{i}"})[0] for i in range(20)}
@@ -106,14 +95,7 @@ def test_hash_on_a_header_is_sticky(start_proxy, start_upstream):
 
 
 def test_ip_hash_keeps_a_client_on_one_server(start_proxy, start_upstream):
-    a, b = two_servers(start_upstream)
-    proxy = start_proxy(f"""
-        [upstream:app]
-        servers = 127.0.0.1:{a.port} 127.0.0.1:{b.port}
-        balance = ip_hash
-        [route:default]
-        upstream = app
-        """)
+    proxy, a, b = balanced(start_proxy, start_upstream, "balance = ip_hash")
     # The real client address comes from X-Forwarded-For: the test client is a trusted proxy.
     for ip in ("203.0.113.1", "203.0.113.2", "198.51.100.7"):
         assert len(set(ports_of(proxy, 4, headers={"X-Forwarded-For": ip}))) == 1
@@ -122,13 +104,6 @@ def test_ip_hash_keeps_a_client_on_one_server(start_proxy, start_upstream):
 
 
 def test_random_uses_every_server(start_proxy, start_upstream):
-    a, b = two_servers(start_upstream)
-    proxy = start_proxy(f"""
-        [upstream:app]
-        servers = 127.0.0.1:{a.port} 127.0.0.1:{b.port}
-        balance = random
-        [route:default]
-        upstream = app
-        """)
+    proxy, a, b = balanced(start_proxy, start_upstream, "balance = random")
     counts = collections.Counter(ports_of(proxy, 60))
     assert set(counts) == {str(a.port), str(b.port)} and min(counts.values()) > 10

@@ -1,10 +1,10 @@
 """Requests reach the upstream and come back: pooling, balancing, headers."""
 
-import socket
+import json
 
 import requests
 
-from conftest import single_route
+from conftest import raw_exchange, single_route
 
 
 def test_proxied_request_reaches_upstream_and_returns(proxy, upstream):
@@ -56,15 +56,9 @@ def test_request_id_is_propagated_or_generated(proxy):
 
 
 def test_client_headers_pass_untouched_and_no_defaults_added(proxy):
-    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    s.sendall(b"GET /echo HTTP/1.1\r\nHost: example.test\r\nX-Custom: A b  c\r\n"
-              b"Connection: close\r\n\r\n")
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    s.close()
+    data = raw_exchange(proxy.port, b"GET /echo HTTP/1.1\r\nHost: example.test\r\nX-Custom: A b  c\r\n"
+                                    b"Connection: close\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
-    import json
     headers = dict(json.loads(body)["headers"])
     assert headers["X-Custom"] == "A b  c"
     assert headers["Host"] == "example.test"

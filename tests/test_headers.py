@@ -1,11 +1,9 @@
 """Hop-by-hop headers go nowhere; forwarding headers say who the client is,
 believed only from trusted proxies."""
 
-import socket
-
 import requests
 
-from conftest import single_route
+from conftest import raw_exchange, single_route
 
 
 def upstream_headers(response) -> dict:
@@ -67,11 +65,7 @@ def test_untrusted_peer_cannot_forge_forwarding_headers(start_proxy, upstream):
 
 
 def test_several_set_cookie_headers_survive_intact(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(b"GET /cookies HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+    data = raw_exchange(proxy.port, b"GET /cookies HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     cookies = [line.split(b": ", 1)[1] for line in data.split(b"\r\n")
                if line.lower().startswith(b"set-cookie:")]
     assert cookies == [b"a=1; Path=/", b"b=2; HttpOnly",

@@ -5,7 +5,7 @@ import concurrent.futures
 import pytest
 import requests
 
-from conftest import single_route
+from conftest import raw_exchange, single_route
 
 
 def limited(upstream_port, section, route_extra=""):

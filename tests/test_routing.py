@@ -1,9 +1,9 @@
 """Routes by host and longest path prefix; nothing else is reachable."""
 
-import socket
-
 import pytest
 import requests
+
+from conftest import raw_exchange
 
 from rproxy.http import BadRequest, normalize_path
 from rproxy.routing import Router
@@ -115,15 +115,6 @@ def test_no_matching_route_gives_404(start_proxy, upstream):
     assert r.status_code == 404 and "no route" in r.text and len(r.content) < 200
 
 
-def raw(proxy, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(request)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
-
-
 def test_absolute_form_target_is_not_an_open_proxy(start_proxy, upstream):
     proxy = start_proxy(f"""
         [upstream:app]
@@ -133,10 +124,10 @@ def test_absolute_form_target_is_not_an_open_proxy(start_proxy, upstream):
         upstream = app
         """)
     # A host no route names: 404, nothing is fetched from it.
-    data = raw(proxy, b"GET http://127.0.0.1:9/echo HTTP/1.1\r\nHost: site.example\r\nConnection: close\r\n\r\n")
+    data = raw_exchange(proxy.port, b"GET http://127.0.0.1:9/echo HTTP/1.1\r\nHost: site.example\r\nConnection: close\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 404 ")
     # A host a route names: its authority replaces Host, the path goes to the route's upstream.
-    data = raw(proxy, b"GET http://site.example/echo?a=1 HTTP/1.1\r\nHost: evil.example\r\n"
+    data = raw_exchange(proxy.port, b"GET http://site.example/echo?a=1 HTTP/1.1\r\nHost: evil.example\r\n"
                       b"Connection: close\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200 ")
     assert b'"request_line": "GET /echo?a=1 HTTP/1.1"' in data
@@ -144,11 +135,11 @@ def test_absolute_form_target_is_not_an_open_proxy(start_proxy, upstream):
 
 
 def test_connect_is_refused(routed):
-    data = raw(routed, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n")
+    data = raw_exchange(routed.port, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n")
     assert data.split(b" ")[1] in (b"400", b"405")
 
 
 def test_traversal_and_nul_get_400(routed):
     for target in (b"/../../etc/passwd", b"/a%00b"):
-        data = raw(routed, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = raw_exchange(routed.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert data.startswith(b"HTTP/1.1 400 "), data

@@ -1,10 +1,10 @@
 """Ambiguous or malformed requests are refused (or normalised beyond doubt)
 and never reach the upstream as something it would read differently."""
 
-import socket
-
 import pytest
 import requests
+
+from conftest import raw_exchange
 
 REFUSED = {
     "both Content-Length and Transfer-Encoding":
@@ -31,18 +31,6 @@ NORMALISED = {
 }
 
 
-def exchange(port: int, raw: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(raw)
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-    return data
-
-
 def upstream_requests(upstream) -> int:
     return upstream.stats()["requests"] - 1  # less the stats call itself
 
@@ -50,7 +38,7 @@ def upstream_requests(upstream) -> int:
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_ambiguous_requests_are_refused_before_the_upstream(proxy, upstream, case):
     upstream.reset()
-    data = exchange(proxy.port, REFUSED[case])
+    data = raw_exchange(proxy.port, REFUSED[case])
     status = data.split(b" ", 2)[1]
     assert status in (b"400", b"501"), data[:200]
     assert upstream_requests(upstream) == 0
@@ -59,7 +47,7 @@ def test_ambiguous_requests_are_refused_before_the_upstream(proxy, upstream, cas
 @pytest.mark.parametrize("case", sorted(NORMALISED))
 def test_loose_but_unambiguous_framing_is_normalised(proxy, upstream, case):
     upstream.reset()
-    data = exchange(proxy.port, NORMALISED[case].replace(b"HTTP/1.1\r\nHost: x\r\n",
+    data = raw_exchange(proxy.port, NORMALISED[case].replace(b"HTTP/1.1\r\nHost: x\r\n",
                                                          b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n", 1))
     assert data.startswith(b"HTTP/1.1 200 "), data[:200]
     body = data.split(b"\r\n\r\n", 1)[1]
@@ -68,7 +56,7 @@ def test_loose_but_unambiguous_framing_is_normalised(proxy, upstream, case):
 
 def test_malformed_chunk_size_is_400_and_no_whole_request_reaches_the_upstream(proxy, upstream):
     upstream.reset()
-    data = exchange(proxy.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data = raw_exchange(proxy.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                 b"zz\r\nabc\r\n0\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400 ") and b"malformed chunked body" in data
     assert b"smuggled" not in data

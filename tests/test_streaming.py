@@ -2,14 +2,13 @@
 
 import gzip
 import hashlib
-import socket
 import threading
 import time
 
 import requests
 from requests_toolbelt.streaming_iterator import StreamingIterator
 
-from conftest import single_route
+from conftest import raw_exchange, single_route
 from upstream import PATTERN, pattern_bytes
 
 GIB = 1 << 30
@@ -106,15 +105,6 @@ def test_event_stream_reaches_client_event_by_event(proxy, upstream):
         requests.get(upstream.url + f"/release?key={key}", timeout=5)
         rest = [line for line in lines if line]
     assert rest == [b"data: second"]
-
-
-def raw_exchange(port, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
 
 
 def test_head_204_and_304_carry_no_body(proxy):

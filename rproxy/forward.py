@@ -52,6 +52,10 @@ class ClientGone(Exception):
     """The client stopped sending its request body before the end."""
 
 
+class ClientTimeout(ClientGone):
+    """The client sent no body bytes for client_timeout (the socket's timeout)."""
+
+
 class MalformedBody(Exception):
     """The client's chunked body does not parse."""
 
@@ -101,6 +105,8 @@ class RequestBody:
             data = self.stream.read(want) if want else b""
         except NoMoreData as e:
             raise ClientGone(f"{type(e).__name__}: {e}") from None
+        except TimeoutError:
+            raise ClientTimeout(f"no body bytes within client_timeout, after {self.sent} bytes") from None
         except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
             raise MalformedBody(f"{type(e).__name__}: {e}") from None
         if not data:
@@ -358,6 +364,11 @@ class Forwarder:
         return response
 
     def _client_gone(self, request: Request, error: Exception) -> Response:
+        if isinstance(error, ClientTimeout):
+            log.info("client %s stalled mid-upload (%s): 408, request_id=%s",
+                     request.client_ip, error, request.request_id)
+            request.environ["rproxy.error"] = "client stalled mid-upload"
+            return self._closing(error_response(request, 408, "request body not received in time"))
         log.info("client %s went away mid-upload (%s), request_id=%s",
                  request.client_ip, error, request.request_id)
         request.environ["rproxy.error"] = "client went away mid-upload"

@@ -42,7 +42,7 @@ class Forwarding:
         if self.is_trusted(peer):
             chain = headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
-            request.client_ip = self._client_from_chain(chain, peer)
+            request.client_ip = self.client_from_chain(chain, peer)
             headers.setdefault("X-Forwarded-Proto", request.scheme)
             headers.setdefault("X-Forwarded-Host", headers.get("Host", ""))
             headers.setdefault("X-Real-Ip", request.client_ip)
@@ -56,7 +56,7 @@ class Forwarding:
         if not headers["X-Forwarded-Host"]:
             del headers["X-Forwarded-Host"]
 
-    def _client_from_chain(self, chain: str | None, peer: str) -> str:
+    def client_from_chain(self, chain: str | None, peer: str) -> str:
         """The right-most address in the chain that is not a trusted proxy."""
         if not chain:
             return peer

@@ -59,6 +59,10 @@ class ServerConfig:
                                     "Once a request head is in: the longest wait for the client's "
                                     "next body bytes (then 408) or for it to take response bytes "
                                     "(then closed, the upstream connection freed).")
+    min_body_rate: int = setting("1k", values.size,
+                                 "Slowest a request body may arrive, in bytes per second: each 64 KiB "
+                                 "of it may take client_timeout plus 64 KiB at this rate; then 408 "
+                                 "(slow-body attacks). 0 = only client_timeout applies.")
     max_request_line: int = setting("8k", values.size_between(256, 8192),
                                     "Longest request line (method, target, version), at most 8k; 414 above it.")
     max_headers: int = setting("100", values.count_between(1, 32768),

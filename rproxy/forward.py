@@ -24,13 +24,15 @@ import logging
 import socket
 import time
 from functools import partial
+
+import gevent
 from urllib.parse import quote
 
 from gunicorn.http.errors import NoMoreData
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
 
-from .config import RouteConfig
+from .config import RouteConfig, ServerConfig
 from .http import Request, Response, clean_response_headers, error_response
 from .tunnel import Tunnels, open_tunnel
 from .upstream import Server, Upstream
@@ -73,23 +75,34 @@ class UpstreamCut(ConnectionResetError):
 
 
 class RequestBody:
-    """The client's body as an iterable of chunks for urllib3, read as it is sent."""
+    """The client's body as an iterable of chunks for urllib3, read as it is sent.
 
-    __slots__ = ("stream", "remaining", "limit", "sent", "complete", "buffered")
+    A small body is read whole first, so that it can be sent again. Of a
+    larger one the first chunk is read before any upstream is chosen: a client
+    that declares a body and then stalls (a slow-body attack) holds no
+    upstream connection, only its own, until client_timeout cuts it."""
 
-    def __init__(self, request: Request, limit: int):
+    __slots__ = ("stream", "remaining", "limit", "deadline", "sent", "complete", "buffered", "first",
+                 "streaming")
+
+    def __init__(self, request: Request, limit: int, deadline: float | None):
         self.stream = request.environ["wsgi.input"]
         self.remaining = request.content_length  # None when chunked
         self.limit = limit
+        self.deadline = deadline  # for each chunk, however it trickles in
         self.sent = 0
         self.complete = False
         self.buffered: bytes | None = None
+        self.first = b""
+        self.streaming = False
         if self.remaining is not None and self.remaining <= REPLAYABLE_BODY:
             self.buffered = b"".join(self)
+        else:
+            self.first = self._read()
 
     @property
     def replayable(self) -> bool:
-        return self.buffered is not None or self.sent == 0
+        return self.buffered is not None or not self.streaming
 
     def payload(self):
         return self.buffered if self.buffered is not None else self
@@ -98,22 +111,41 @@ class RequestBody:
         return self
 
     def __next__(self) -> bytes:
-        if self.complete:
+        if not self.streaming:
+            self.streaming = True
+            if self.first:
+                return self.first
+        data = self._read()
+        if not data:
             raise StopIteration
+        return data
+
+    def _read(self) -> bytes:
+        """The next chunk; b"" once the body is complete."""
+        if self.complete:
+            return b""
         want = CHUNK if self.remaining is None else min(CHUNK, self.remaining)
+        timer = gevent.Timeout.start_new(self.deadline) if self.deadline and want else None
         try:
             data = self.stream.read(want) if want else b""
+        except gevent.Timeout as e:
+            if e is not timer:
+                raise
+            raise ClientTimeout(f"body slower than min_body_rate, after {self.sent} bytes") from None
         except NoMoreData as e:
             raise ClientGone(f"{type(e).__name__}: {e}") from None
         except TimeoutError:
             raise ClientTimeout(f"no body bytes within client_timeout, after {self.sent} bytes") from None
         except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
             raise MalformedBody(f"{type(e).__name__}: {e}") from None
+        finally:
+            if timer is not None:
+                timer.close()
         if not data:
             if self.remaining:
                 raise ClientGone(f"body ended {self.remaining} bytes short")
             self.complete = True
-            raise StopIteration
+            return b""
         self.sent += len(data)
         if self.limit and self.sent > self.limit:
             raise BodyTooLarge()
@@ -195,13 +227,15 @@ def _retriable(error: Exception, request: Request, request_body: RequestBody | N
 class Forwarder:
     """Forwards the requests of one route to its upstream."""
 
-    def __init__(self, route: RouteConfig, upstream: Upstream, max_body_size: int, tunnels: Tunnels):
+    def __init__(self, route: RouteConfig, upstream: Upstream, server: ServerConfig, tunnels: Tunnels):
         self.upstream = upstream
+        self.max_body_size = server.max_body_size
+        self.body_chunk_deadline = (server.client_timeout + CHUNK / server.min_body_rate
+                                    if server.min_body_rate else None)
         self.connect_timeout = route.connect_timeout or upstream.config.connect_timeout
         self.read_timeout = route.read_timeout or upstream.config.read_timeout
         self.strip = route.path if route.strip_prefix and route.path != "/" else None
         self.host_header = route.host_header
-        self.max_body_size = max_body_size
         self.upgrades = frozenset(route.upgrade)
         self.idle_timeout = route.idle_timeout
         self.tunnels = tunnels
@@ -220,9 +254,11 @@ class Forwarder:
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
             return self._closing(error_response(request, 413, "request body is too large"))
         try:
-            request_body = RequestBody(request, self.max_body_size) if request.has_body else None
+            request_body = RequestBody(request, self.max_body_size, self.body_chunk_deadline) if request.has_body else None
         except ClientGone as e:
             return self._client_gone(request, e)
+        except BodyTooLarge:
+            return self._closing(error_response(request, 413, "request body is too large"))
         except MalformedBody as e:
             return self._malformed_body(request, e)
         target = self._target(request)

@@ -109,6 +109,11 @@ class Worker(GeventWorker):
                 client.close()
                 return
             counted = address
+        if client.family != socket.AF_UNIX:
+            # Streamed responses go out in small writes (events, chunks): without
+            # this, Nagle holds each until the client ACKs the one before
+            # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _connection.deadline = self._arm(self.header_timeout, first=True)
         try:
             super().handle(listener, client, addr)

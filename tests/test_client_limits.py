@@ -84,6 +84,8 @@ def test_idle_keepalive_connection_is_closed_quietly(start_proxy, upstream):
         s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
         s.settimeout(5)
         first = s.recv(65536)
+        while not first.endswith(b"}"):  # the whole JSON answer
+            first += s.recv(65536)
         assert first.startswith(b"HTTP/1.1 200 ")
         idle_from = time.monotonic()
         data, closed = read_until_closed(s)
@@ -113,6 +115,29 @@ def test_stalled_request_body_gets_408_and_the_upstream_sees_a_cut_request(start
     assert closed - started < 8
     wait_for_log(proxy, r"client 127\.0\.0\.1 stalled mid-upload .*: 408")
     wait_for_open(upstream, lambda n: n == 1)  # 1: the stats request itself
+
+
+def test_body_trickling_below_min_body_rate_gets_408(start_proxy, start_upstream):
+    upstream = start_upstream()
+    # Each 64 KiB of body may take client_timeout (1 s) + 64 KiB at 64 KiB/s (1 s).
+    proxy = start_proxy(single_route(upstream.port), server=dict(FAST, min_body_rate="64k"))
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        started = time.monotonic()
+        s.settimeout(0.3)
+        reply = b""
+        while time.monotonic() - started < 6 and not reply:
+            try:
+                s.sendall(b"x")  # well within client_timeout each time
+                reply = s.recv(65536)
+            except socket.timeout:
+                pass
+            except OSError:
+                break
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert 1.8 <= time.monotonic() - started < 4
+    wait_for_log(proxy, r"stalled mid-upload \(body slower than min_body_rate")
+    assert upstream.stats()["requests"] == 1  # this one: the upstream never saw the trickle
 
 
 def test_client_that_never_reads_is_dropped_and_frees_the_upstream_connection(start_proxy, start_upstream):

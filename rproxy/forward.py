@@ -33,7 +33,8 @@ from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
 
 from .config import RouteConfig, ServerConfig
-from .http import Request, Response, clean_response_headers, error_response
+from .http import (Request, Response, bad_header_value, clean_response_headers, error_response,
+                   valid_header_name)
 from .tunnel import Tunnels, open_tunnel
 from .upstream import Server, Upstream
 
@@ -382,6 +383,14 @@ class Forwarder:
             headers["Host"] = server.label if self.host_header == "upstream" else self.host_header
         if "Host" not in headers:
             headers["Host"] = server.label
+        # The parsers in front refuse such bytes; this makes a header that
+        # could split the upstream request impossible whatever changed it since.
+        if bad_header_value("\t".join(headers.values())) or not valid_header_name("".join(headers)):
+            for name, value in list(headers.items()):
+                if bad_header_value(value) or not valid_header_name(name):
+                    log.warning("dropped request header %r: not a valid header, request_id=%s",
+                                name[:64], request.request_id)
+                    del headers[name]
         return headers
 
     def _target(self, request: Request) -> str:

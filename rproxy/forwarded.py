@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .http import Request
+from .http import Request, valid_host
 
 _SPOOFABLE = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
               "X-Forwarded-Port", "X-Real-Ip", "Forwarded")
@@ -43,8 +43,12 @@ class Forwarding:
             chain = headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
             request.client_ip = self.client_from_chain(chain, peer)
-            headers.setdefault("X-Forwarded-Proto", request.scheme)
-            headers.setdefault("X-Forwarded-Host", headers.get("Host", ""))
+            # Believed, but only when well-formed: the upstream builds URLs from these.
+            if headers.get("X-Forwarded-Proto", "").lower() not in ("http", "https"):
+                headers["X-Forwarded-Proto"] = request.scheme
+            forwarded_host = headers.get("X-Forwarded-Host")
+            if forwarded_host is None or not all(valid_host(h.strip()) for h in forwarded_host.split(",")):
+                headers["X-Forwarded-Host"] = headers.get("Host", "")
             headers.setdefault("X-Real-Ip", request.client_ip)
         else:
             for name in _SPOOFABLE:

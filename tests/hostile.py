@@ -4,7 +4,7 @@ measures:
 
     python tests/hostile.py slowloris PORT --count 500 --interval 1 --duration 10
     python tests/hostile.py slowbody  PORT --count 500 --interval 4 --duration 10
-    python tests/hostile.py load      PORT --count 8 --duration 5 [--path /echo]
+    python tests/hostile.py load      PORT --count 8 --duration 5 [--path /echo ...]
 
 An attack keeps `count` connections open, sending one byte of a request
 head (slowloris) or of a declared body (slowbody) every `interval` seconds,
@@ -116,35 +116,64 @@ class Attacker:
                 "lifetime_max": round(lifetimes[-1], 3) if lifetimes else None}
 
 
-def load(port: int, count: int, duration: float, path: str) -> dict:
-    results = {"ok": 0, "failed": 0, "latencies": []}
+PATTERN = bytes(range(256)) * 256  # what tests/upstream.py's /bytes and /abort send
+
+
+def expected_body(path: str) -> bytes | None:
+    """The body a /bytes?n=N answer must carry, byte for byte."""
+    if not path.startswith("/bytes?n="):
+        return None
+    n = int(path.split("=", 1)[1].split("&", 1)[0])
+    return (PATTERN * (n // len(PATTERN) + 1))[:n]
+
+
+def load(port: int, count: int, duration: float, paths: list[str]) -> dict:
+    """`count` keep-alive clients cycling through `paths`. Every outcome is
+    counted: 200 with the right body, another status, a cut connection, a
+    wrong body (must never happen) or no answer within 15 s (a hang)."""
+    results = {"ok": 0, "failed": 0, "statuses": {}, "cut": 0, "wrong": 0, "hung": 0, "latencies": []}
     lock = threading.Lock()
     end = time.monotonic() + duration
+    expected = {path: expected_body(path) for path in paths}
 
-    def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        ok, failed, latencies = 0, 0, []
+    def client(offset: int):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        mine = {"ok": 0, "failed": 0, "statuses": {}, "cut": 0, "wrong": 0, "hung": 0, "latencies": []}
+        i = offset
         while time.monotonic() < end:
+            path = paths[i % len(paths)]
+            i += 1
             started = time.monotonic()
             try:
                 conn.request("GET", path)
                 response = conn.getresponse()
-                response.read()
-                if response.status == 200:
-                    ok += 1
+                body = response.read()
+                status = str(response.status)
+                mine["statuses"][status] = mine["statuses"].get(status, 0) + 1
+                if response.status == 200 and (expected[path] is None or body == expected[path]):
+                    mine["ok"] += 1
+                elif response.status == 200:
+                    mine["wrong"] += 1
                 else:
-                    failed += 1
-            except (OSError, http.client.HTTPException):
-                failed += 1
+                    mine["failed"] += 1
+                if response.will_close:
+                    conn.close()
+            except TimeoutError:
+                mine["hung"] += 1
                 conn.close()
-            latencies.append(time.monotonic() - started)
+            except (OSError, http.client.HTTPException):
+                mine["cut"] += 1  # a cut connection: the client knows the answer is incomplete
+                conn.close()
+            mine["latencies"].append(time.monotonic() - started)
         conn.close()
         with lock:
-            results["ok"] += ok
-            results["failed"] += failed
-            results["latencies"].extend(latencies)
+            for key in ("ok", "failed", "cut", "wrong", "hung"):
+                results[key] += mine[key]
+            for status, n in mine["statuses"].items():
+                results["statuses"][status] = results["statuses"].get(status, 0) + n
+            results["latencies"].extend(mine["latencies"])
 
-    threads = [threading.Thread(target=client) for _ in range(count)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
@@ -152,6 +181,7 @@ def load(port: int, count: int, duration: float, path: str) -> dict:
     latencies = sorted(results.pop("latencies"))
     results["rate"] = round(results["ok"] / duration, 1)
     results["p99_ms"] = round(latencies[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None
+    results["max_ms"] = round(latencies[-1] * 1000, 1) if latencies else None
     return results
 
 
@@ -162,10 +192,10 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--path", default="/echo")
+    parser.add_argument("--path", action="append", help="load: paths to cycle through (default /echo)")
     args = parser.parse_args(argv)
     if args.kind == "load":
-        result = load(args.port, args.count, args.duration, args.path)
+        result = load(args.port, args.count, args.duration, args.path or ["/echo"])
     else:
         result = Attacker(args.port, args.kind, args.interval).run(args.count, args.duration)
     print(json.dumps(result), flush=True)

@@ -25,7 +25,8 @@ def pin_others() -> None:
 def run(kind: str, port: int, **options) -> subprocess.Popen:
     args = [*HOSTILE, kind, str(port)]
     for key, value in options.items():
-        args += [f"--{key}", str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            args += [f"--{key}", str(item)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, preexec_fn=pin_others)
 
 

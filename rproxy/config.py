@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import difflib
 import os
+import ssl
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -126,6 +127,19 @@ class UpstreamConfig:
     ca_file: str | None = setting(None, values.readable_file,
                                   "CA certificates (PEM) that https:// servers are verified against; "
                                   "default: the system's.")
+    tls_verify: bool = setting("yes", values.boolean,
+                               "Verify https:// servers: their certificate chain (ca_file or the "
+                               "system's CAs) and their name. no accepts any certificate, with a "
+                               "warning at start.")
+    tls_name: str = setting("", values.host_name,
+                            "Name sent as SNI and checked against https:// servers' certificates "
+                            "(like nginx's proxy_ssl_name); empty = the host written in servers.")
+    client_certfile: str | None = setting(None, values.readable_file,
+                                          "Client certificate chain (PEM) presented to https:// "
+                                          "servers that ask for one (mutual TLS).")
+    client_keyfile: str | None = setting(None, values.readable_file,
+                                         "Private key (PEM) of client_certfile, unless that file "
+                                         "holds it too.")
 
 
 @dataclass(frozen=True)
@@ -244,6 +258,8 @@ def load(path: str) -> Config:
         middleware=MappingProxyType({k: MappingProxyType(v) for k, v in middleware.items()}),
     )
     _check_references(config)
+    for upstream in config.upstreams.values():
+        _check_upstream_tls(path, upstream)
     if config.admin.bind:
         try:
             values.host_port(config.admin.bind)
@@ -297,6 +313,27 @@ def _check_references(config: Config) -> None:
                 raise ConfigError(config.path, section, "path",
                                   f"{route.path!r}{' for host ' + host if host else ''} "
                                   f"is already routed by [route:{other}]")
+
+
+def _check_upstream_tls(path: str, upstream: UpstreamConfig) -> None:
+    """Load the upstream's TLS files now, so that a wrong key or a file that
+    holds no certificate is a config error rather than a 502 per request."""
+    section = f"upstream:{upstream.name}"
+    if upstream.client_keyfile and not upstream.client_certfile:
+        raise ConfigError(path, section, "client_keyfile", "needs client_certfile")
+    if not any(s.scheme == "https" for s in upstream.servers):
+        return
+    if upstream.ca_file:
+        try:
+            ssl.create_default_context(cafile=upstream.ca_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(path, section, "ca_file", f"holds no usable CA certificate: {e}") from None
+    if upstream.client_certfile:
+        try:
+            ssl.create_default_context().load_cert_chain(upstream.client_certfile, upstream.client_keyfile)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(path, section, "client_certfile",
+                              f"is not a certificate chain with its private key: {e}") from None
 
 
 def _did_you_mean(word: str, choices) -> str:

@@ -27,11 +27,13 @@ from functools import partial
 from urllib.parse import quote
 
 from gunicorn.http.errors import NoMoreData
+from gunicorn.http2.errors import HTTP2StreamError
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
 
 from .config import RouteConfig
 from .http import Request, Response, clean_response_headers, error_response
+from . import upstream_tls
 from .tunnel import Tunnels, open_tunnel
 from .upstream import Server, Upstream
 
@@ -410,6 +412,12 @@ def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> 
         return 504, f"upstream did not accept the connection within {connect_timeout:g}s"
     if isinstance(error, (socket.timeout, TimeoutError)):
         return 504, f"upstream sent no response within {read_timeout:g}s"
+    bad_certificate = upstream_tls.verification_failure(error)
+    if bad_certificate is not None:
+        return 502, f"TLS verification of the upstream failed: {bad_certificate.verify_message or bad_certificate}"
+    tls_error = upstream_tls.tls_failure(error)
+    if tls_error is not None:
+        return 502, f"TLS with the upstream failed: {tls_error.reason or tls_error}"
     if isinstance(error, (SSLError, ProtocolError)) and isinstance(error.__cause__, OSError):
         error = error.__cause__
     if isinstance(error, http.client.RemoteDisconnected):

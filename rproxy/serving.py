@@ -62,9 +62,16 @@ def child_exit(arbiter, worker) -> None:
 
 
 def when_ready(arbiter) -> None:
-    """In the master, once listening: say what several workers change."""
+    """In the master, once listening: say what is unsafe, and what several
+    workers change."""
     config = _serving
-    if config is None or arbiter.cfg.workers < 2:
+    if config is None:
+        return
+    for upstream in config.upstreams.values():
+        if not upstream.tls_verify and any(s.scheme == "https" for s in upstream.servers):
+            arbiter.log.warning("rproxy: [upstream:%s] tls_verify = no: its https:// servers' certificates "
+                                "are not verified; anyone on the path can impersonate them", upstream.name)
+    if arbiter.cfg.workers < 2:
         return
     local = [f"[rate_limit{'' if name == '' else ':' + name}]"
              for name, section in config.middleware["rate_limit"].items()

@@ -63,6 +63,16 @@ class ServerConfig:
     certfile: str | None = setting(None, values.readable_file,
                                    "TLS certificate chain (PEM): serve HTTPS. Needs keyfile.")
     keyfile: str | None = setting(None, values.readable_file, "TLS private key (PEM) for certfile.")
+    http2: bool = setting("no", values.boolean,
+                          "Offer HTTP/2 to TLS clients (ALPN: h2, then http/1.1). Needs certfile, "
+                          "or http2_cleartext.")
+    http2_cleartext: bool = setting("no", values.boolean,
+                                    "Without TLS: serve HTTP/2 to peers in trusted_proxies that start with "
+                                    "the HTTP/2 preface (prior knowledge) or ask for Upgrade: h2c; "
+                                    "HTTP/1.1 is still served. Needs http2 = yes.")
+    http2_max_concurrent_streams: int = setting("100", values.positive_count,
+                                                "Requests one HTTP/2 connection may have in flight; each is "
+                                                "served on its own.")
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,11 @@ def load(path: str) -> Config:
             raise ConfigError(path, "admin", "bind", str(e)) from None
         if config.admin.bind in config.server.bind:
             raise ConfigError(path, "admin", "bind", "must differ from every [server] bind address")
+    if config.server.http2_cleartext and not config.server.http2:
+        raise ConfigError(path, "server", "http2_cleartext", "needs http2 = yes")
+    if config.server.http2_cleartext and config.server.certfile:
+        raise ConfigError(path, "server", "http2_cleartext",
+                          "does not apply with certfile: TLS clients choose HTTP/2 by ALPN")
     if bool(config.server.certfile) != bool(config.server.keyfile):
         raise ConfigError(path, "server", "keyfile" if config.server.certfile else "certfile",
                           "is required when the other of certfile/keyfile is set")

@@ -70,6 +70,24 @@ class UpstreamCut(ConnectionResetError):
         super().__init__(errno.ECONNRESET, message)
 
 
+class StreamCut(HTTP2StreamError):
+    """UpstreamCut over HTTP/2: the worker resets just this stream
+    (RST_STREAM), quietly; the connection's other streams go on."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def cut_client(request: Request, message: str) -> Exception:
+    """The exception that cuts this client's response short."""
+    if request.environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
+        return StreamCut(message)
+    return UpstreamCut(message)
+
+
 class RequestBody:
     """The client's body as an iterable of chunks for urllib3, read as it is sent."""
 
@@ -101,7 +119,7 @@ class RequestBody:
         want = CHUNK if self.remaining is None else min(CHUNK, self.remaining)
         try:
             data = self.stream.read(want) if want else b""
-        except NoMoreData as e:
+        except (NoMoreData, HTTP2StreamError) as e:  # HTTP/2: the stream was reset, or its connection lost
             raise ClientGone(f"{type(e).__name__}: {e}") from None
         except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
             raise MalformedBody(f"{type(e).__name__}: {e}") from None
@@ -147,7 +165,7 @@ class UpstreamBody:
             self.request.environ["rproxy.error"] = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
-            raise UpstreamCut(f"upstream {self.label} cut the response: {reason}") from None
+            raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
         if data:
             return data
         # Read to the end (http.client leaves a finished Content-Length body

@@ -33,7 +33,8 @@ def to_gunicorn(config: Config) -> dict:
     server, log = config.server, config.log
     return {
         "wsgi_app": "rproxy.app:application",
-        "worker_class": "gevent",
+        # gevent's worker, serving the streams of an HTTP/2 connection side by side.
+        "worker_class": "rproxy.worker.Worker",
         "bind": list(server.bind) + ([config.admin.bind] if config.admin.bind else []),
         "workers": server.workers,
         "worker_connections": server.worker_connections,
@@ -49,6 +50,11 @@ def to_gunicorn(config: Config) -> dict:
         "certfile": server.certfile,
         "keyfile": server.keyfile,
         "ssl_context": tls.ssl_context,
+        "http_protocols": "h2,h1" if server.http2 else "h1",
+        # "both": HTTP/1.1 stays served beside the preface (gunicorn's
+        # "prior-knowledge" alone answers HTTP/1.1 from trusted peers with 400).
+        "http2_cleartext": "both" if server.http2_cleartext else "off",
+        "http2_max_concurrent_streams": server.http2_max_concurrent_streams,
         "when_ready": when_ready,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,

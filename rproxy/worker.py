@@ -17,6 +17,7 @@ import errno
 import ssl
 import time
 
+from gevent import Timeout
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Pool
@@ -26,13 +27,46 @@ from gunicorn.http2.stream import StreamState
 from gunicorn.workers.ggevent import GeventWorker
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+
+class _Socket:
+    """The client socket as gunicorn's HTTP/2 code uses it. Its reads are
+    timed by settimeout() (the reader's: keepalive when idle); writes get
+    their own bound, so that the reader setting its timeout never cuts a
+    stream's write to a client that is slow to read."""
+
+    def __init__(self, sock, write_timeout: float | None):
+        sock.settimeout(None)
+        self._sock = sock
+        self._read_timeout = None
+        self._write_timeout = write_timeout
+
+    def settimeout(self, seconds):
+        self._read_timeout = seconds
+
+    def gettimeout(self):
+        return self._read_timeout
+
+    def recv(self, size):
+        with Timeout(self._read_timeout, TimeoutError("timed out")):
+            return self._sock.recv(size)
+
+    def sendall(self, data):
+        with Timeout(self._write_timeout, TimeoutError("write timed out")):
+            return self._sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 class ConcurrentConnection(HTTP2ServerConnection):
     """gunicorn's HTTP/2 connection, shared by one reader and many writers."""
 
     def __init__(self, cfg, sock, client_addr):
-        super().__init__(cfg, sock, client_addr)
+        # A write that makes no progress for gunicorn's timeout gives up, as
+        # a stream without progress does.
+        super().__init__(cfg, _Socket(sock, cfg.timeout or None), client_addr)
         self._write_lock = Semaphore()
         self._progress = Event()
 
@@ -54,6 +88,21 @@ class ConcurrentConnection(HTTP2ServerConnection):
         current = dict(self.h2_conn.local_settings.items())
         current[SettingCodes.MAX_CONCURRENT_STREAMS] = self.max_concurrent_streams
         self.h2_conn.local_settings = Settings(client=False, initial_values=current)
+
+    def announce_goaway(self, last_stream_id: int) -> None:
+        """Graceful shutdown: tell the client, with GOAWAY, that streams after
+        `last_stream_id` will not be served (it retries them on a new
+        connection), while those up to it finish. Written past h2, whose own
+        GOAWAY would close the state machine to the streams still running."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = HTTP2ErrorCode.NO_ERROR
+        with self._write_lock:
+            try:
+                self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
+            except OSError as e:
+                self._closed = True
+                raise HTTP2ConnectionError(f"Socket write error: {e}") from None
 
     def _wake(self) -> None:
         """Frames were processed (or the connection ended): waiters look again."""
@@ -154,14 +203,21 @@ class Worker(GeventWorker):
                 conn.initiate_connection()
             if preface:
                 conn.receive_data(preface)
+            stopping = False
             while not conn.is_closed and (self.alive or conn.streams):
                 for req in conn.receive_data():
-                    if not self.alive:
-                        # Stopping: the client may safely retry it elsewhere (RFC 9113 8.7).
-                        conn.abort_stream(req.stream.stream_id, HTTP2ErrorCode.REFUSED_STREAM)
+                    if self.alive:
+                        last = max(last, req.stream.stream_id)
+                        streams.spawn(serve, req)
                         continue
-                    last = max(last, req.stream.stream_id)
-                    streams.spawn(serve, req)
+                    if not stopping:
+                        conn.announce_goaway(last)
+                        stopping = True
+                    # Beyond the GOAWAY: never served, the client sends it again elsewhere.
+                    conn.streams.pop(req.stream.stream_id, None)
+                if not self.alive and not stopping:
+                    conn.announce_goaway(last)
+                    stopping = True
         except (HTTP2ConnectionError, HTTP2ProtocolError) as e:
             self.log.debug("HTTP/2 connection closed: %s", e)
         except ssl.SSLError as e:

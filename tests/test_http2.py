@@ -4,7 +4,9 @@ served side by side."""
 
 import asyncio
 import hashlib
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -315,3 +317,39 @@ def test_http2_config_errors(tmp_path, certs, server, problem):
     ini.write_text("[server]\n" + server.format(cert=certs.cert, key=certs.key) + single_route(1))
     out = subprocess.run([str(BIN / "rproxy"), "check", str(ini)], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and problem in out.stderr, out.stderr
+
+
+def test_a_client_that_pauses_reading_is_not_cut_by_the_idle_timeout(start_proxy, upstream, certs):
+    # keepalive (the idle read timeout) is 1s; the client stops reading for
+    # 3s while the proxy's writes are blocked on its full buffers.
+    proxy = start_proxy(single_route(upstream.port), server=tls(certs, keepalive="1s"))
+    size = 32 * MIB
+    digest, total = hashlib.sha256(), 0
+    with client(certs) as c, c.stream("GET", https(proxy) + f"/bytes?n={size}") as r:
+        pieces = r.iter_raw()
+        first = next(pieces)
+        digest.update(first)
+        total += len(first)
+        time.sleep(3)
+        for piece in pieces:
+            digest.update(piece)
+            total += len(piece)
+    assert total == size and digest.hexdigest() == expected_sha(size)
+
+
+async def _through_reload(url, ca_file, pid):
+    async with httpx.AsyncClient(http2=True, verify=ca_file, timeout=30) as c:
+        assert (await c.get(url + "/echo")).http_version == "HTTP/2"
+        in_flight = asyncio.ensure_future(c.get(url + "/slow?delay=2"))
+        await asyncio.sleep(0.5)
+        os.kill(pid, signal.SIGHUP)
+        answer = await in_flight
+        # Later requests reach the new worker, on a new connection if need be.
+        after = [await c.get(url + "/echo") for _ in range(3)]
+        return answer, after
+
+
+def test_reload_finishes_the_streams_in_flight(h2_proxy, certs):
+    answer, after = asyncio.run(_through_reload(https(h2_proxy), certs.ca_file, h2_proxy.pid))
+    assert answer.status_code == 200 and answer.json() == {"slept": 2.0}
+    assert [r.status_code for r in after] == [200, 200, 200]

@@ -31,8 +31,12 @@ def https(proxy) -> str:
     return f"https://127.0.0.1:{proxy.port}"
 
 
+def trusting(ca_file: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
 def client(certs, **kwargs) -> httpx.Client:
-    return httpx.Client(http2=True, verify=certs.ca_file, timeout=20, **kwargs)
+    return httpx.Client(http2=True, verify=trusting(certs.ca_file), timeout=20, **kwargs)
 
 
 def alpn(port: int, ca_file: str, offered: list[str]) -> str | None:
@@ -88,7 +92,7 @@ def test_curl_http2_over_tls(h2_proxy, certs):
 
 
 async def _slow_and_fast(url, ca_file, fast_count):
-    async with httpx.AsyncClient(http2=True, verify=ca_file, timeout=30,
+    async with httpx.AsyncClient(http2=True, verify=trusting(ca_file), timeout=30,
                                  limits=httpx.Limits(max_connections=1)) as c:
         started = time.monotonic()
         slow = asyncio.ensure_future(c.get(url + "/slow?delay=4"))
@@ -111,7 +115,7 @@ def test_a_slow_stream_does_not_hold_back_the_others_on_one_connection(h2_proxy,
 
 
 async def _many(url, ca_file, count):
-    async with httpx.AsyncClient(http2=True, verify=ca_file, timeout=60,
+    async with httpx.AsyncClient(http2=True, verify=trusting(ca_file), timeout=60,
                                  limits=httpx.Limits(max_connections=1)) as c:
         async def one(i):
             if i % 5 == 0:
@@ -338,7 +342,7 @@ def test_a_client_that_pauses_reading_is_not_cut_by_the_idle_timeout(start_proxy
 
 
 async def _through_reload(url, ca_file, pid):
-    async with httpx.AsyncClient(http2=True, verify=ca_file, timeout=30) as c:
+    async with httpx.AsyncClient(http2=True, verify=trusting(ca_file), timeout=30) as c:
         assert (await c.get(url + "/echo")).http_version == "HTTP/2"
         in_flight = asyncio.ensure_future(c.get(url + "/slow?delay=2"))
         await asyncio.sleep(0.5)

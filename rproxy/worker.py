@@ -201,8 +201,10 @@ class Worker(GeventWorker):
                 last = 1
             else:
                 conn.initiate_connection()
-            if preface:
-                conn.receive_data(preface)
+            for req in conn.receive_data(preface) if preface else ():
+                # Bytes read during h2c negotiation may hold requests already.
+                last = max(last, req.stream.stream_id)
+                streams.spawn(serve, req)
             stopping = False
             while not conn.is_closed and (self.alive or conn.streams):
                 for req in conn.receive_data():

@@ -18,6 +18,7 @@ setup(
         "PasteDeploy>=3.0,<4",
         "redis>=5,<9",
         "prometheus-client>=0.20,<1",
+        "h2>=4.1,<5",
     ],
     extras_require={
         "test": [
@@ -29,6 +30,7 @@ setup(
             "websockets>=13",
             "trustme>=1.1",
             "hypothesis>=6.100",
+            "httpx[http2]>=0.27,<1",
         ],
     },
     entry_points={

@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import difflib
 import os
+import ssl
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -85,6 +86,16 @@ class ServerConfig:
     certfile: str | None = setting(None, values.readable_file,
                                    "TLS certificate chain (PEM): serve HTTPS. Needs keyfile.")
     keyfile: str | None = setting(None, values.readable_file, "TLS private key (PEM) for certfile.")
+    http2: bool = setting("no", values.boolean,
+                          "Offer HTTP/2 to TLS clients (ALPN: h2, then http/1.1). Needs certfile, "
+                          "or http2_cleartext.")
+    http2_cleartext: bool = setting("no", values.boolean,
+                                    "Without TLS: serve HTTP/2 to peers in trusted_proxies that start with "
+                                    "the HTTP/2 preface (prior knowledge) or ask for Upgrade: h2c; "
+                                    "HTTP/1.1 is still served. Needs http2 = yes.")
+    http2_max_concurrent_streams: int = setting("100", values.positive_count,
+                                                "Requests one HTTP/2 connection may have in flight; each is "
+                                                "served on its own.")
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,19 @@ class UpstreamConfig:
     ca_file: str | None = setting(None, values.readable_file,
                                   "CA certificates (PEM) that https:// servers are verified against; "
                                   "default: the system's.")
+    tls_verify: bool = setting("yes", values.boolean,
+                               "Verify https:// servers: their certificate chain (ca_file or the "
+                               "system's CAs) and their name. no accepts any certificate, with a "
+                               "warning at start.")
+    tls_name: str = setting("", values.host_name,
+                            "Name sent as SNI and checked against https:// servers' certificates "
+                            "(like nginx's proxy_ssl_name); empty = the host written in servers.")
+    client_certfile: str | None = setting(None, values.readable_file,
+                                          "Client certificate chain (PEM) presented to https:// "
+                                          "servers that ask for one (mutual TLS).")
+    client_keyfile: str | None = setting(None, values.readable_file,
+                                         "Private key (PEM) of client_certfile, unless that file "
+                                         "holds it too.")
 
 
 @dataclass(frozen=True)
@@ -267,6 +291,8 @@ def load(path: str) -> Config:
         middleware=MappingProxyType({k: MappingProxyType(v) for k, v in middleware.items()}),
     )
     _check_references(config)
+    for upstream in config.upstreams.values():
+        _check_upstream_tls(path, upstream)
     if config.admin.bind:
         try:
             values.host_port(config.admin.bind)
@@ -274,6 +300,11 @@ def load(path: str) -> Config:
             raise ConfigError(path, "admin", "bind", str(e)) from None
         if config.admin.bind in config.server.bind:
             raise ConfigError(path, "admin", "bind", "must differ from every [server] bind address")
+    if config.server.http2_cleartext and not config.server.http2:
+        raise ConfigError(path, "server", "http2_cleartext", "needs http2 = yes")
+    if config.server.http2_cleartext and config.server.certfile:
+        raise ConfigError(path, "server", "http2_cleartext",
+                          "does not apply with certfile: TLS clients choose HTTP/2 by ALPN")
     if bool(config.server.certfile) != bool(config.server.keyfile):
         raise ConfigError(path, "server", "keyfile" if config.server.certfile else "certfile",
                           "is required when the other of certfile/keyfile is set")
@@ -320,6 +351,27 @@ def _check_references(config: Config) -> None:
                 raise ConfigError(config.path, section, "path",
                                   f"{route.path!r}{' for host ' + host if host else ''} "
                                   f"is already routed by [route:{other}]")
+
+
+def _check_upstream_tls(path: str, upstream: UpstreamConfig) -> None:
+    """Load the upstream's TLS files now, so that a wrong key or a file that
+    holds no certificate is a config error rather than a 502 per request."""
+    section = f"upstream:{upstream.name}"
+    if upstream.client_keyfile and not upstream.client_certfile:
+        raise ConfigError(path, section, "client_keyfile", "needs client_certfile")
+    if not any(s.scheme == "https" for s in upstream.servers):
+        return
+    if upstream.ca_file:
+        try:
+            ssl.create_default_context(cafile=upstream.ca_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(path, section, "ca_file", f"holds no usable CA certificate: {e}") from None
+    if upstream.client_certfile:
+        try:
+            ssl.create_default_context().load_cert_chain(upstream.client_certfile, upstream.client_keyfile)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(path, section, "client_certfile",
+                              f"is not a certificate chain with its private key: {e}") from None
 
 
 def _did_you_mean(word: str, choices) -> str:

@@ -29,9 +29,11 @@ import gevent
 from urllib.parse import quote
 
 from gunicorn.http.errors import NoMoreData
+from gunicorn.http2.errors import HTTP2StreamError
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
 
+from . import upstream_tls
 from .config import RouteConfig, ServerConfig
 from .http import (Request, Response, bad_header_value, clean_response_headers, error_response,
                    valid_header_name)
@@ -73,6 +75,24 @@ class UpstreamCut(ConnectionResetError):
 
     def __init__(self, message: str):
         super().__init__(errno.ECONNRESET, message)
+
+
+class StreamCut(HTTP2StreamError):
+    """UpstreamCut over HTTP/2: the worker resets just this stream
+    (RST_STREAM), quietly; the connection's other streams go on."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def cut_client(request: Request, message: str) -> Exception:
+    """The exception that cuts this client's response short."""
+    if request.environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
+        return StreamCut(message)
+    return UpstreamCut(message)
 
 
 class RequestBody:
@@ -133,7 +153,7 @@ class RequestBody:
             if e is not timer:
                 raise
             raise ClientTimeout(f"body slower than min_body_rate, after {self.sent} bytes") from None
-        except NoMoreData as e:
+        except (NoMoreData, HTTP2StreamError) as e:  # HTTP/2: the stream was reset, or its connection lost
             raise ClientGone(f"{type(e).__name__}: {e}") from None
         except TimeoutError:
             raise ClientTimeout(f"no body bytes within client_timeout, after {self.sent} bytes") from None
@@ -184,7 +204,7 @@ class UpstreamBody:
             self.request.environ["rproxy.error"] = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
-            raise UpstreamCut(f"upstream {self.label} cut the response: {reason}") from None
+            raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
         if data:
             return data
         # Read to the end (http.client leaves a finished Content-Length body
@@ -466,6 +486,12 @@ def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> 
         return 504, f"upstream did not accept the connection within {connect_timeout:g}s"
     if isinstance(error, (socket.timeout, TimeoutError)):
         return 504, f"upstream sent no response within {read_timeout:g}s"
+    bad_certificate = upstream_tls.verification_failure(error)
+    if bad_certificate is not None:
+        return 502, f"TLS verification of the upstream failed: {bad_certificate.verify_message or bad_certificate}"
+    tls_error = upstream_tls.tls_failure(error)
+    if tls_error is not None:
+        return 502, f"TLS with the upstream failed: {tls_error.reason or tls_error}"
     if isinstance(error, (SSLError, ProtocolError)) and isinstance(error.__cause__, OSError):
         error = error.__cause__
     if isinstance(error, http.client.RemoteDisconnected):

@@ -11,6 +11,8 @@ import logging
 import gevent
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
 
+from . import upstream_tls
+
 log = logging.getLogger("rproxy.health")
 
 
@@ -27,7 +29,7 @@ class ActiveCheck:
         for server in upstream.servers:
             address = server.address
             if address.scheme == "https":
-                tls = {"ca_certs": config.ca_file} if config.ca_file else {}
+                tls = upstream_tls.pool_options(config, address.host, upstream.tls_context)
                 pool = HTTPSConnectionPool(address.host, address.port, maxsize=1, retries=False, **tls)
             else:
                 pool = HTTPConnectionPool(address.host, address.port, maxsize=1, retries=False)

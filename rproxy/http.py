@@ -60,6 +60,11 @@ def clean_response_headers(pairs, connection: str | None, chunked: bool,
     return out
 
 
+# rproxy's worker puts an HTTP/2 request's :protocol here (no client header
+# can have this name: HTTP/2 field names never start with a colon).
+EXTENDED_CONNECT = "HTTP_:PROTOCOL"
+
+
 class BadRequest(Exception):
     """The request cannot be served as sent; carries the status to answer."""
 
@@ -145,6 +150,11 @@ class Request:
     @classmethod
     def from_environ(cls, environ: dict) -> "Request":
         method = environ["REQUEST_METHOD"]
+        if method == "CONNECT" and EXTENDED_CONNECT in environ:
+            # RFC 8441, e.g. WebSocket over HTTP/2: the tunnel would need the
+            # whole multiplexed connection.
+            raise BadRequest(f"protocol upgrades ({environ[EXTENDED_CONNECT]}) need HTTP/1.1; "
+                             "extended CONNECT over HTTP/2 is not supported")
         if method == "CONNECT":
             # Tunnelling to a client-chosen host would make us an open proxy.
             raise BadRequest("CONNECT is not served here", 405)
@@ -174,6 +184,9 @@ class Request:
                 upgrade = environ.get("HTTP_UPGRADE", "").strip() or None
         else:
             drop = HOP_BY_HOP
+        if environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
+            # gunicorn marks HTTP/2 requests with HTTP_VERSION; no client sent it.
+            drop = drop | {"version"}
         headers: dict[str, str] = {}
         for key, value in environ.items():
             if key[:5] == "HTTP_":

@@ -33,6 +33,8 @@ def to_gunicorn(config: Config) -> dict:
     server, log = config.server, config.log
     return {
         "wsgi_app": "rproxy.app:application",
+        # gevent's worker, guarding client connections and serving the streams
+        # of an HTTP/2 connection side by side.
         "worker_class": "rproxy.worker.Worker",
         "bind": list(server.bind) + ([config.admin.bind] if config.admin.bind else []),
         "workers": server.workers,
@@ -52,6 +54,11 @@ def to_gunicorn(config: Config) -> dict:
         "certfile": server.certfile,
         "keyfile": server.keyfile,
         "ssl_context": tls.ssl_context,
+        "http_protocols": "h2,h1" if server.http2 else "h1",
+        # "both": HTTP/1.1 stays served beside the preface (gunicorn's
+        # "prior-knowledge" alone answers HTTP/1.1 from trusted peers with 400).
+        "http2_cleartext": "both" if server.http2_cleartext else "off",
+        "http2_max_concurrent_streams": server.http2_max_concurrent_streams,
         "when_ready": when_ready,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
@@ -65,9 +72,16 @@ def child_exit(arbiter, worker) -> None:
 
 
 def when_ready(arbiter) -> None:
-    """In the master, once listening: say what several workers change."""
+    """In the master, once listening: say what is unsafe, and what several
+    workers change."""
     config = _serving
-    if config is None or arbiter.cfg.workers < 2:
+    if config is None:
+        return
+    for upstream in config.upstreams.values():
+        if not upstream.tls_verify and any(s.scheme == "https" for s in upstream.servers):
+            arbiter.log.warning("rproxy: [upstream:%s] tls_verify = no: its https:// servers' certificates "
+                                "are not verified; anyone on the path can impersonate them", upstream.name)
+    if arbiter.cfg.workers < 2:
         return
     local = [f"[rate_limit{'' if name == '' else ':' + name}]"
              for name, section in config.middleware["rate_limit"].items()

@@ -17,7 +17,7 @@ import time
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import metrics
+from . import metrics, upstream_tls
 from .balancing import POLICIES, ConsistentHash
 from .config import UpstreamConfig
 from .health import ActiveCheck
@@ -58,7 +58,7 @@ class Server:
                  "healthy", "fails", "window_start", "down_until", "probing", "up_gauge", "busy_gauge",
                  "__weakref__")
 
-    def __init__(self, address: ServerAddress, config: UpstreamConfig):
+    def __init__(self, address: ServerAddress, config: UpstreamConfig, tls_context=None):
         self.address = address
         self.label = address.authority
         self.weight = address.weight
@@ -78,8 +78,7 @@ class Server:
         tls = {}
         if address.scheme == "https":
             pool_cls = TLSServerPool
-            if config.ca_file:
-                tls["ca_certs"] = config.ca_file
+            tls = upstream_tls.pool_options(config, address.host, tls_context)
         else:
             pool_cls = ServerPool
         self.pool = pool_cls(
@@ -123,7 +122,10 @@ class Upstream:
     def __init__(self, config: UpstreamConfig):
         self.name = config.name
         self.config = config
-        self.servers = [Server(address, config) for address in config.servers]
+        # One TLS client context for all of its https:// servers.
+        self.tls_context = (upstream_tls.client_context(config)
+                            if any(a.scheme == "https" for a in config.servers) else None)
+        self.servers = [Server(address, config, self.tls_context) for address in config.servers]
         self.policy = POLICIES[config.balance](self.servers)
         key = config.hash_key if config.balance == "hash" else "ip"
         self._header = header_environ_key(key[len("header:"):]) if key.startswith("header:") else None

@@ -140,6 +140,20 @@ def path_prefix(raw: str) -> str:
 _HOST_RE = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
 
 
+def host_name(raw: str) -> str:
+    """A host name or IP address, lower-cased; empty allowed."""
+    value = raw.strip().lower().rstrip(".")
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        pass
+    if value.startswith("*") or not _HOST_RE.fullmatch(value):
+        raise ValueError(f"{raw!r} is not a host name")
+    return value
+
+
 def host_patterns(raw: str) -> tuple[str, ...]:
     """Host names, exact or '*.example.com', lower-cased."""
     result = []

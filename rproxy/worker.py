@@ -1,4 +1,5 @@
-"""gunicorn's gevent worker, guarding each client connection.
+"""rproxy's gunicorn worker: gevent's, guarding each client connection, and
+serving the streams of an HTTP/2 connection side by side (see http2.py).
 
 What a proxy in front of everything must bound before any request reaches
 the app:
@@ -26,6 +27,7 @@ from gevent.baseserver import BaseServer
 from gevent.local import local
 from gunicorn.workers.ggevent import GeventWorker
 
+from . import http2
 from .connection import linger
 from .forwarded import Forwarding
 
@@ -122,10 +124,14 @@ class Worker(GeventWorker):
             if counted is not None:
                 self.per_address.leave(counted)
 
-    def handle_http2(self, *args, **kwargs):
-        # Streams are bounded by the HTTP/2 layer's own flow; no head deadline.
+    def handle_http2(self, listener, client, addr, preface=b"", upgrade=None):
+        # An HTTP/2 connection has its own idle and stream timeouts: no head deadline.
         _connection.deadline.close()
-        return super().handle_http2(*args, **kwargs)
+        http2.serve_connection(self, listener, client, addr, preface, upgrade)
+
+    def handle_http2_request(self, listener_name, req, sock, addr, h2_conn):
+        http2.http1_framing(req)
+        super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
 
     def handle_request(self, listener_name, req, sock, addr):
         _connection.deadline.close()

@@ -16,6 +16,9 @@ Middleware: throughput with rate limit, filter, cache and security headers on
 versus none (a response the cache may not store), and the cache-hit path
 versus nginx's proxy_cache hit.
 
+HTTPS and HTTP/2 (scripts/bench_tls.py): keep-alive throughput, new-handshake
+rate and h2load throughput, rproxy beside nginx on the same certificate.
+
 Tunnels (on by default): an upgrade-echo upstream; tunnel
 throughput (MB/s, one tunnel echoing 256 MiB) direct, through nginx as a
 WebSocket proxy and through rproxy, interleaved; and worker memory per idle
@@ -166,7 +169,7 @@ deny = /admin /.git *.php
 
 
 def start_rproxy(tmp: Path, port: int, upstream: int, workers: int, upgrade: str = "websocket",
-                 extra: str = "", log_format: str = "combined") -> Service:
+                 extra: str = "", log_format: str = "combined", server_extra: str = "") -> Service:
     ini = tmp / f"rproxy{workers}-{port}.ini"
     ini.write_text(f"""
 [server]
@@ -174,6 +177,7 @@ bind = 127.0.0.1:{port}
 workers = {workers}
 worker_connections = 12000
 max_tunnels = 11000
+{server_extra}
 [log]
 access_log = {tmp}/rproxy-access-{port}.log
 format = {log_format}
@@ -424,6 +428,8 @@ def main() -> int:
     parser.add_argument("--no-tunnels", action="store_true", help="skip the tunnel benchmarks")
     parser.add_argument("--no-middleware", action="store_true", help="skip the middleware benchmarks")
     parser.add_argument("--no-observability", action="store_true", help="skip the metrics/JSON-log benchmark")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="skip HTTPS (keep-alive, new handshakes) and HTTP/2 (h2load) beside nginx")
     parser.add_argument("--idle-tunnels", type=int, default=5000)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -442,6 +448,9 @@ def main() -> int:
             run_middleware(tmp, args)
         if not args.no_observability:
             run_observability(tmp, args)
+        if not args.no_tls:
+            from bench_tls import run_tls
+            run_tls(tmp, args)
         up_port = free_port()
         upstream = start_upstream(tmp, up_port)
         try:

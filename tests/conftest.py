@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -81,18 +82,27 @@ class Process:
 
 
 class Upstream(Process):
-    def __init__(self, tmp_dir: Path, port: int | None = None):
+    """tests/upstream.py; with `tls` (--certfile/--keyfile/--client-ca ...) it speaks HTTPS."""
+
+    def __init__(self, tmp_dir: Path, port: int | None = None, tls: dict[str, str] | None = None):
         self.port = port or free_port()
-        super().__init__([sys.executable, str(REPO / "tests" / "upstream.py"), "--port", str(self.port)],
-                         tmp_dir / f"upstream-{self.port}.log")
+        tls_args = [arg for key, value in (tls or {}).items() for arg in (f"--{key}", value)]
+        super().__init__([sys.executable, str(REPO / "tests" / "upstream.py"), "--port", str(self.port),
+                          *tls_args], tmp_dir / f"upstream-{self.port}.log")
         wait_for_port(self.port, self.proc)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def stats(self) -> dict:
-        return requests.get(self.url + "/_stats", timeout=5).json()
+        return self._control("/_stats").json()
 
     def reset(self) -> None:
-        requests.get(self.url + "/_reset", timeout=5)
+        self._control("/_reset")
+
+    def _control(self, path: str) -> requests.Response:
+        # The tests' own channel: no need to verify a TLS upstream here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return requests.get(self.url + path, timeout=5, verify=False)
 
 
 class Proxy(Process):
@@ -154,8 +164,8 @@ def upstream(session_tmp):
 def start_upstream(tmp_path):
     started = []
 
-    def start(port: int | None = None) -> Upstream:
-        server = Upstream(tmp_path, port)
+    def start(port: int | None = None, tls: dict[str, str] | None = None) -> Upstream:
+        server = Upstream(tmp_path, port, tls)
         started.append(server)
         return server
     yield start
@@ -177,6 +187,35 @@ def start_proxy(tmp_path):
     for proxy in started:
         # Whatever a test did, the proxy never logs a traceback.
         assert "Traceback" not in proxy.log(), proxy.log()
+
+
+class Certificates:
+    """A throwaway CA (trustme) and PEM files it issued, under `folder`."""
+
+    def __init__(self, folder: Path):
+        import trustme
+        self.folder = folder
+        self.ca = trustme.CA()
+        self.ca_file = self._write("ca.pem", self.ca.cert_pem)
+
+    def _write(self, name: str, *blobs) -> str:
+        path = self.folder / name
+        path.write_bytes(b"".join(blob.bytes() for blob in blobs))
+        return str(path)
+
+    def issue(self, name: str, *hosts: str) -> tuple[str, str]:
+        """(certfile, keyfile) for `hosts` (default 127.0.0.1 and localhost)."""
+        cert = self.ca.issue_cert(*(hosts or ("127.0.0.1", "localhost")))
+        return (self._write(f"{name}.pem", *cert.cert_chain_pems),
+                self._write(f"{name}.key", cert.private_key_pem))
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Certificates:
+    """A CA, and a server certificate for 127.0.0.1/localhost: certs.cert, certs.key."""
+    made = Certificates(tmp_path_factory.mktemp("certs"))
+    made.cert, made.key = made.issue("server")
+    return made
 
 
 def raw_exchange(port: int, request: bytes) -> bytes:

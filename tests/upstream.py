@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import socket
+import ssl
 import sys
 import time
 from email.utils import formatdate
@@ -46,6 +47,10 @@ class RecordingHandler(WSGIHandler):
     def get_environ(self):
         env = super().get_environ()
         env["upstream.socket"] = self.socket
+        if isinstance(self.socket, ssl.SSLSocket):
+            peer = self.socket.getpeercert()
+            env["upstream.client_cert"] = dict(x[0] for x in peer["subject"]) if peer else None
+            env["upstream.sni"] = getattr(self.socket, "rproxy_sni", None)
         env["upstream.request_line"] = self.requestline
         env["upstream.raw_headers"] = list(self.headers.items())
         return env
@@ -107,6 +112,8 @@ def app(environ, start_response):
             "headers": environ["upstream.raw_headers"],
             "body_length": length,
             "body_sha256": digest,
+            "tls_sni": environ.get("upstream.sni"),
+            "tls_client_cert": environ.get("upstream.client_cert"),
         })
 
     if path == "/bytes":
@@ -261,9 +268,22 @@ def cacheable(environ, start_response, query):
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate chain")
+    parser.add_argument("--keyfile")
+    parser.add_argument("--client-ca", help="require client certificates issued by this CA")
     args = parser.parse_args(argv)
+    tls = {}
+    if args.certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        if args.client_ca:
+            context.load_verify_locations(args.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        # Remember the name the client asked for (SNI), for the echo.
+        context.sni_callback = lambda sock, name, _: setattr(sock, "rproxy_sni", name)
+        tls["ssl_context"] = context
     server = WSGIServer(("127.0.0.1", args.port), app, handler_class=RecordingHandler,
-                        log=None, error_log=None)
+                        log=None, error_log=None, **tls)
     print(f"upstream listening on {args.port}", flush=True)
     server.serve_forever()
 

@@ -1,0 +1,231 @@
+"""HTTP/2 connections served with their streams side by side.
+
+gunicorn's gevent worker serves the streams of one HTTP/2 connection one
+after another, so one slow upstream response holds back every other request
+on that connection. Here the connection's greenlet only reads frames; each
+stream is served by a greenlet of its own (at most
+http2_max_concurrent_streams per connection). Writes to the connection are
+serialised by a lock, so frames never interleave; a stream that waits for
+its request body or for send window waits for the reader to bring the
+frames, rather than reading the socket itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+import time
+
+from gevent import Timeout
+from gevent.event import Event
+from gevent.lock import Semaphore
+from gevent.pool import Pool
+from gunicorn.http2.connection import HTTP2ServerConnection
+from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ErrorCode, HTTP2ProtocolError
+from gunicorn.http2.stream import StreamState
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+
+class _Socket:
+    """The client socket as gunicorn's HTTP/2 code uses it. Its reads are
+    timed by settimeout() (the reader's: keepalive when idle); writes get
+    their own bound, so that the reader setting its timeout never cuts a
+    stream's write to a client that is slow to read."""
+
+    def __init__(self, sock, write_timeout: float | None):
+        sock.settimeout(None)
+        self._sock = sock
+        self._read_timeout = None
+        self._write_timeout = write_timeout
+
+    def settimeout(self, seconds):
+        self._read_timeout = seconds
+
+    def gettimeout(self):
+        return self._read_timeout
+
+    def recv(self, size):
+        with Timeout(self._read_timeout, TimeoutError("timed out")):
+            return self._sock.recv(size)
+
+    def sendall(self, data):
+        with Timeout(self._write_timeout, TimeoutError("write timed out")):
+            return self._sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class ConcurrentConnection(HTTP2ServerConnection):
+    """gunicorn's HTTP/2 connection, shared by one reader and many writers."""
+
+    def __init__(self, cfg, sock, client_addr):
+        # A write that makes no progress for gunicorn's timeout gives up, as
+        # a stream without progress does.
+        super().__init__(cfg, _Socket(sock, cfg.timeout or None), client_addr)
+        self._write_lock = Semaphore()
+        self._progress = Event()
+
+    def initiate_connection(self):
+        self._settle_stream_limit()
+        super().initiate_connection()
+
+    def initiate_upgrade(self, settings_header, http1_req, body=None):
+        self._settle_stream_limit()
+        return super().initiate_upgrade(settings_header, http1_req, body)
+
+    def _settle_stream_limit(self) -> None:
+        # gunicorn queues its settings with update_settings(), then h2's
+        # preamble sends a second SETTINGS frame with h2's current values:
+        # clients are told 100 streams whatever is configured, while the
+        # configured limit is enforced once they ack the first frame, and a
+        # client that opens more loses the whole connection. Make the limit
+        # current before either frame is written, so both say the same.
+        current = dict(self.h2_conn.local_settings.items())
+        current[SettingCodes.MAX_CONCURRENT_STREAMS] = self.max_concurrent_streams
+        self.h2_conn.local_settings = Settings(client=False, initial_values=current)
+
+    def announce_goaway(self, last_stream_id: int) -> None:
+        """Graceful shutdown: tell the client, with GOAWAY, that streams after
+        `last_stream_id` will not be served (it retries them on a new
+        connection), while those up to it finish. Written past h2, whose own
+        GOAWAY would close the state machine to the streams still running."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = HTTP2ErrorCode.NO_ERROR
+        with self._write_lock:
+            try:
+                self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
+            except OSError as e:
+                self._closed = True
+                raise HTTP2ConnectionError(f"Socket write error: {e}") from None
+
+    def _wake(self) -> None:
+        """Frames were processed (or the connection ended): waiters look again."""
+        progress, self._progress = self._progress, Event()
+        progress.set()
+
+    def _send_pending_data(self):
+        # h2 queues frames in order; taking them and writing them under one
+        # lock keeps them in that order on the wire.
+        with self._write_lock:
+            super()._send_pending_data()
+
+    def _process_events(self, events):
+        try:
+            return super()._process_events(events)
+        finally:
+            self._wake()
+
+    def _abort_all_streams(self):
+        super()._abort_all_streams()
+        self._wake()
+
+    def pump(self, stream_id=None):
+        """A stream's body reader needs more: wait until the reader brought
+        some, the body ended or the stream died; a body stalled longer than
+        gunicorn's timeout is cancelled, as gunicorn does."""
+        stream = self.streams.get(stream_id)
+        deadline = time.monotonic() + self.stream_timeout if self.stream_timeout else None
+        while (stream is not None and not self._closed and stream.state is not StreamState.CLOSED
+               and not stream.unacked_size and not stream.body_complete):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self.abort_stream(stream_id, HTTP2ErrorCode.CANCEL)
+                return
+            self._progress.wait(remaining)
+
+    def _wait_for_flow_control_window(self, stream_id, deadline=None):
+        """As gunicorn's, but waiting for the reader's WINDOW_UPDATEs."""
+        while True:
+            stream = self.streams.get(stream_id)
+            if self._closed or stream is None or stream.state is StreamState.CLOSED:
+                return -1
+            try:
+                available = self.h2_conn.local_flow_control_window(stream_id)
+            except ProtocolError:
+                return -1
+            if available > 0:
+                return available
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return 0
+            self._progress.wait(remaining)
+
+
+def http1_framing(req) -> None:
+    """What an HTTP/1.1 upstream needs to see of an HTTP/2 request.
+
+    Cookie crumbs are joined with "; " (RFC 9113 8.2.3), not with the ","
+    gunicorn uses for repeated fields. A body without content-length (HTTP/2
+    has no chunked coding) is given its length when it is all in already,
+    else it is marked chunked, which is how it will go upstream. An extended
+    CONNECT's :protocol is kept where the app can see it."""
+    protocol = req.stream.get_pseudo_headers().get(":protocol")
+    if protocol is not None:  # extended CONNECT: the app refuses it (see http.EXTENDED_CONNECT)
+        req.headers.append((":PROTOCOL", protocol))
+    cookies = [value for name, value in req.headers if name == "COOKIE"]
+    if len(cookies) > 1:
+        req.headers = [h for h in req.headers if h[0] != "COOKIE"] + [("COOKIE", "; ".join(cookies))]
+    if req.get_header("CONTENT-LENGTH") is None:
+        stream = req.stream
+        if not stream.body_complete:
+            req.headers.append(("TRANSFER-ENCODING", "chunked"))
+        elif stream.body_size:
+            req.headers.append(("CONTENT-LENGTH", str(stream.body_size)))
+
+
+def serve_connection(worker, listener, client, addr, preface=b"", upgrade=None) -> None:
+    """gunicorn's handle_http2, for `worker`: read frames here, serve each stream in a greenlet."""
+    listener_name = listener.getsockname()
+    conn = ConcurrentConnection(worker.cfg, client, addr)
+    streams = Pool(worker.cfg.http2_max_concurrent_streams)
+    last = 0
+
+    def serve(req):
+        worker._serve_http2_stream(listener_name, req, client, addr, conn)
+
+    try:
+        if upgrade is not None:  # h2c via Upgrade: the request is stream 1
+            settings, http1_req, body = upgrade
+            streams.spawn(serve, conn.initiate_upgrade(settings, http1_req, body))
+            last = 1
+        else:
+            conn.initiate_connection()
+        for req in conn.receive_data(preface) if preface else ():
+            # Bytes read during h2c negotiation may hold requests already.
+            last = max(last, req.stream.stream_id)
+            streams.spawn(serve, req)
+        stopping = False
+        while not conn.is_closed and (worker.alive or conn.streams):
+            for req in conn.receive_data():
+                if worker.alive:
+                    last = max(last, req.stream.stream_id)
+                    streams.spawn(serve, req)
+                    continue
+                if not stopping:
+                    conn.announce_goaway(last)
+                    stopping = True
+                # Beyond the GOAWAY: never served, the client sends it again elsewhere.
+                conn.streams.pop(req.stream.stream_id, None)
+            if not worker.alive and not stopping:
+                conn.announce_goaway(last)
+                stopping = True
+    except (HTTP2ConnectionError, HTTP2ProtocolError) as e:
+        worker.log.debug("HTTP/2 connection closed: %s", e)
+    except ssl.SSLError as e:
+        worker.log.debug("HTTP/2 TLS connection ended: %s", e)
+    except OSError as e:
+        if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            worker.log.exception("HTTP/2 socket error")
+    except Exception as e:
+        worker.log.exception("HTTP/2 connection error: %s", e)
+    finally:
+        # GOAWAY names the last stream served; streams still running see
+        # the connection closed at their next read or write and end.
+        conn.close(last_stream_id=last)
+        streams.join()

@@ -46,7 +46,7 @@ def wait_for_open(upstream, condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_incomplete_head_gets_408_at_the_header_timeout(start_proxy, upstream):
+def test_incomplete_head_gets_408_at_the_header_timeout(start_proxy, upstream, hardening_record):
     proxy = start_proxy(single_route(upstream.port), server=FAST)
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:
         started = time.monotonic()
@@ -55,9 +55,11 @@ def test_incomplete_head_gets_408_at_the_header_timeout(start_proxy, upstream):
     assert data.startswith(b"HTTP/1.1 408 ")
     assert 0.9 <= closed - started < 3
     wait_for_log(proxy, r"client 127\.0\.0\.1 sent no complete request head within 1s: 408")
+    hardening_record(("incomplete request head (client_header_timeout 1s)", "1",
+                      f"408 after {closed - started:.1f} s, logged"))
 
 
-def test_slowloris_dribbling_the_head_is_cut_at_the_header_timeout(start_proxy, upstream):
+def test_slowloris_dribbling_the_head_is_cut_at_the_header_timeout(start_proxy, upstream, hardening_record):
     proxy = start_proxy(single_route(upstream.port), server=FAST)
     head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 100
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:
@@ -76,6 +78,8 @@ def test_slowloris_dribbling_the_head_is_cut_at_the_header_timeout(start_proxy, 
                 cut = time.monotonic()
                 break
         assert cut is not None and 0.9 <= cut - started < 3
+    hardening_record(("head dribbled a byte every 50 ms (client_header_timeout 1s)", "1",
+                      f"cut after {cut - started:.1f} s"))
 
 
 def test_idle_keepalive_connection_is_closed_quietly(start_proxy, upstream):
@@ -103,7 +107,8 @@ def test_keepalive_zero_serves_one_request_and_still_bounds_the_head(start_proxy
     assert data.startswith(b"HTTP/1.1 408 ")
 
 
-def test_stalled_request_body_gets_408_and_the_upstream_sees_a_cut_request(start_proxy, start_upstream):
+def test_stalled_request_body_gets_408_and_the_upstream_sees_a_cut_request(start_proxy, start_upstream,
+                                                                           hardening_record):
     upstream = start_upstream()
     proxy = start_proxy(single_route(upstream.port), server=FAST)
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:
@@ -115,9 +120,11 @@ def test_stalled_request_body_gets_408_and_the_upstream_sees_a_cut_request(start
     assert closed - started < 8
     wait_for_log(proxy, r"client 127\.0\.0\.1 stalled mid-upload .*: 408")
     wait_for_open(upstream, lambda n: n == 1)  # 1: the stats request itself
+    hardening_record(("request body stalls after 200 kB (client_timeout 1s)", "1",
+                      f"408 after {closed - started:.1f} s; the upstream's connection closed"))
 
 
-def test_body_trickling_below_min_body_rate_gets_408(start_proxy, start_upstream):
+def test_body_trickling_below_min_body_rate_gets_408(start_proxy, start_upstream, hardening_record):
     upstream = start_upstream()
     # Each 64 KiB of body may take client_timeout (1 s) + 64 KiB at 64 KiB/s (1 s).
     proxy = start_proxy(single_route(upstream.port), server=dict(FAST, min_body_rate="64k"))
@@ -138,9 +145,12 @@ def test_body_trickling_below_min_body_rate_gets_408(start_proxy, start_upstream
     assert 1.8 <= time.monotonic() - started < 4
     wait_for_log(proxy, r"stalled mid-upload \(body slower than min_body_rate")
     assert upstream.stats()["requests"] == 1  # this one: the upstream never saw the trickle
+    hardening_record(("body trickled a byte every 0.3 s (min_body_rate 64k)", "1",
+                      "408 after about 2 s; the upstream never saw the request"))
 
 
-def test_client_that_never_reads_is_dropped_and_frees_the_upstream_connection(start_proxy, start_upstream):
+def test_client_that_never_reads_is_dropped_and_frees_the_upstream_connection(start_proxy, start_upstream,
+                                                                              hardening_record):
     upstream = start_upstream()
     proxy = start_proxy(single_route(upstream.port), server=FAST)
     worker = proxy.workers()[0]
@@ -158,6 +168,9 @@ def test_client_that_never_reads_is_dropped_and_frees_the_upstream_connection(st
         # Held: the socket buffers and a chunk each, not the 200 MB bodies.
         assert worker.memory_info().rss - rss_before < 30 << 20
         assert requests.get(proxy.url + "/echo", timeout=5).status_code == 200
+        hardening_record(("clients that never read a 200 MB response (client_timeout 1s)", "20",
+                          f"all closed and logged, upstream connections freed, worker RSS "
+                          f"+{(worker.memory_info().rss - rss_before) / 2**20:.1f} MiB"))
     finally:
         for s in readers:
             s.close()
@@ -168,13 +181,15 @@ def test_client_that_never_reads_is_dropped_and_frees_the_upstream_connection(st
     (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(120)) + b"\r\n", b"431"),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n", b"431"),
 ])
-def test_request_line_and_header_limits(start_proxy, start_upstream, request_bytes, status):
+def test_request_line_and_header_limits(start_proxy, start_upstream, request_bytes, status, hardening_record):
     upstream = start_upstream()
     proxy = start_proxy(single_route(upstream.port))
     reply = raw_exchange(proxy.port, request_bytes)
     assert reply.startswith(b"HTTP/1.1 " + status), reply[:200]
     wait_for_log(proxy, r"Invalid request from ip=127\.0\.0\.1")
     assert upstream.stats()["requests"] == 1  # this stats call only
+    hardening_record((f"oversized request head ({len(request_bytes)} bytes)", "1",
+                      f"{status.decode()}, logged, nothing forwarded"))
 
 
 def test_limits_are_configurable(start_proxy, upstream):
@@ -189,7 +204,7 @@ def test_limits_are_configurable(start_proxy, upstream):
     assert requests.get(proxy.url + "/echo", headers={"X-Ok": "y" * 200}, timeout=5).status_code == 200
 
 
-def test_connections_per_client_address_are_capped(start_proxy, upstream):
+def test_connections_per_client_address_are_capped(start_proxy, upstream, hardening_record):
     # 127.0.0.1 is an ordinary client here, not a trusted proxy.
     proxy = start_proxy(single_route(upstream.port),
                         server={"max_connections_per_ip": "3", "trusted_proxies": "192.0.2.1"})
@@ -208,6 +223,8 @@ def test_connections_per_client_address_are_capped(start_proxy, upstream):
                 break
             time.sleep(0.05)
         assert reply.startswith(b"HTTP/1.1 200 ")
+        hardening_record(("4th connection from one address (max_connections_per_ip 3)", "4",
+                          "429 and closed, logged; served again once one closed"))
     finally:
         for s in held:
             s.close()
@@ -238,7 +255,7 @@ def test_behind_a_trusted_proxy_requests_are_capped_per_forwarded_client(start_p
             s.close()
 
 
-def test_out_of_file_descriptors_pauses_accepting_with_a_log_line(start_proxy, upstream):
+def test_out_of_file_descriptors_pauses_accepting_with_a_log_line(start_proxy, upstream, hardening_record):
     proxy = start_proxy(single_route(upstream.port))
     worker = proxy.workers()[0]
     baseline = worker.num_fds()
@@ -266,3 +283,6 @@ def test_out_of_file_descriptors_pauses_accepting_with_a_log_line(start_proxy, u
         assert time.monotonic() < deadline, "the worker did not recover from EMFILE"
         time.sleep(0.2)
     assert worker.is_running() and worker.pid in [w.pid for w in proxy.workers()]
+    hardening_record(("file descriptors run out (RLIMIT_NOFILE lowered, 60 connections)", "60",
+                      "accepting paused with back-off and one log line a second, no busy loop, "
+                      "served again after"))

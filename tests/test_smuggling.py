@@ -36,29 +36,34 @@ def upstream_requests(upstream) -> int:
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_ambiguous_requests_are_refused_before_the_upstream(proxy, upstream, case):
+def test_ambiguous_requests_are_refused_before_the_upstream(proxy, upstream, case, hardening_record):
     upstream.reset()
     data = raw_exchange(proxy.port, REFUSED[case])
     status = data.split(b" ", 2)[1]
+    reached = upstream_requests(upstream)
+    hardening_record((f"smuggling: {case}", "1 request (+1 pipelined behind some)",
+                      f"{status.decode()}; upstream received {reached} requests"))
     assert status in (b"400", b"501"), data[:200]
-    assert upstream_requests(upstream) == 0
+    assert reached == 0
 
 
 @pytest.mark.parametrize("case", sorted(NORMALISED))
-def test_loose_but_unambiguous_framing_is_normalised(proxy, upstream, case):
+def test_loose_but_unambiguous_framing_is_normalised(proxy, upstream, case, hardening_record):
     upstream.reset()
     data = raw_exchange(proxy.port, NORMALISED[case].replace(b"HTTP/1.1\r\nHost: x\r\n",
                                                          b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n", 1))
     assert data.startswith(b"HTTP/1.1 200 "), data[:200]
     body = data.split(b"\r\n\r\n", 1)[1]
+    hardening_record((f"smuggling: {case}", "1", "normalised: the upstream got one clean chunked body"))
     assert b'"body_length": 3' in body and b'["Transfer-Encoding", "chunked"]' in body
 
 
-def test_malformed_chunk_size_is_400_and_no_whole_request_reaches_the_upstream(proxy, upstream):
+def test_malformed_chunk_size_is_400_and_no_whole_request_reaches_the_upstream(proxy, upstream, hardening_record):
     upstream.reset()
     data = raw_exchange(proxy.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                 b"zz\r\nabc\r\n0\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400 ") and b"malformed chunked body" in data
     assert b"smuggled" not in data
+    hardening_record(("smuggling: bad chunk size, a request pipelined behind", "1", "400; nothing smuggled"))
     # Whatever the upstream saw, it was never a complete request.
     assert requests.get(upstream.url + "/_stats", timeout=5).json()["requests"] <= 2

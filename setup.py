@@ -18,6 +18,8 @@ setup(
         "PasteDeploy>=3.0,<4",
         "redis>=5,<9",
         "prometheus-client>=0.20,<1",
+        "acme>=5.0,<6",
+        "cryptography>=42",
     ],
     extras_require={
         "test": [

@@ -7,6 +7,7 @@ gunicorn here, in the master, with the same message `rproxy check` prints.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -14,8 +15,12 @@ import resource
 import sys
 
 from . import config as config_module
-from . import metrics, tls
+from . import acme, certificates, metrics, tls
 from .config import Config, ConfigError
+
+
+# Certificates from files closer to expiry than this get a warning at start.
+EXPIRY_WARNING = datetime.timedelta(days=14)
 
 
 def ini_path(conf_dir: str, argv: list[str]) -> str:
@@ -34,7 +39,7 @@ def to_gunicorn(config: Config) -> dict:
     return {
         "wsgi_app": "rproxy.app:application",
         "worker_class": "gevent",
-        "bind": list(server.bind) + ([config.admin.bind] if config.admin.bind else []),
+        "bind": [*server.bind, *server.http_bind, *([config.admin.bind] if config.admin.bind else [])],
         "workers": server.workers,
         "worker_connections": server.worker_connections,
         "keepalive": math.ceil(server.keepalive),
@@ -46,14 +51,25 @@ def to_gunicorn(config: Config) -> dict:
         "loglevel": log.level,
         "logger_class": "rproxy.accesslog.AccessLogger",
         "proc_name": "rproxy",
-        "certfile": server.certfile,
-        "keyfile": server.keyfile,
-        "ssl_context": tls.ssl_context,
+        # gunicorn turns TLS on when certfile is set; our ssl_context hook then
+        # chooses the certificate per connection, and leaves plain listeners plain.
+        "certfile": default_certificate(config),
+        "ssl_context": tls.ssl_context_hook(config),
         "when_ready": when_ready,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "child_exit": child_exit,
     }
+
+
+def default_certificate(config: Config) -> str | None:
+    if not config.tls:
+        return None
+    if config.server.certfile:
+        return config.server.certfile
+    for section in config.certificates.values():
+        return section.certfile
+    return acme.CacheDir(config.acme).placeholder
 
 
 def child_exit(arbiter, worker) -> None:
@@ -62,9 +78,19 @@ def child_exit(arbiter, worker) -> None:
 
 
 def when_ready(arbiter) -> None:
-    """In the master, once listening: say what several workers change."""
+    """In the master, once listening: say which listeners are plain, and what
+    several workers change."""
     config = _serving
-    if config is None or arbiter.cfg.workers < 2:
+    if config is None:
+        return
+    if config.tls:
+        plain = [*config.server.http_bind, *([config.admin.bind] if config.admin.bind else [])]
+        if plain:
+            arbiter.log.info("rproxy: plain HTTP (no TLS) on %s%s", " ".join(plain),
+                             "; redirects to HTTPS" if config.server.redirect_http and config.server.http_bind
+                             else "")
+        _warn_expiring(config, arbiter.log)
+    if arbiter.cfg.workers < 2:
         return
     local = [f"[rate_limit{'' if name == '' else ':' + name}]"
              for name, section in config.middleware["rate_limit"].items()
@@ -74,11 +100,31 @@ def when_ready(arbiter) -> None:
                             "storage = redis://... shares them", ", ".join(local), arbiter.cfg.workers)
 
 
+def _warn_expiring(config: Config, log) -> None:
+    """Certificates from files are not renewed by rproxy: say so when one is about to expire."""
+    pairs = [("[server] certfile", config.server.certfile)]
+    pairs += [(f"[certificate:{name}]", c.certfile) for name, c in config.certificates.items()]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for label, path in pairs:
+        if not path:
+            continue
+        try:
+            leaf = certificates.load_chain(path)[0]
+        except certificates.CertificateProblem:
+            continue
+        left = leaf.not_valid_after_utc - now
+        if left < EXPIRY_WARNING:
+            log.warning("rproxy: %s: the certificate in %s expires in %d days (%s UTC)", label, path,
+                        left.days, f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}")
+
+
 def post_worker_init(worker) -> None:
     config = getattr(worker.wsgi, "config", None)
     if config is not None:
         worker.log.info("rproxy worker %s ready: %d routes, %d upstreams", worker.pid,
                         len(config.routes), len(config.upstreams))
+        if config.acme.domains:
+            acme.start(config, lambda: worker.alive)
 
 
 def worker_exit(arbiter, worker) -> None:
@@ -109,6 +155,8 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
     path = os.path.abspath(ini_path(conf_dir, sys.argv if argv is None else argv))
     try:
         config = config_module.load(path)
+        if config.acme.domains:
+            prepare_acme(config)
     except ConfigError as e:
         if _serving is None:
             print(f"rproxy: {e}", file=sys.stderr, flush=True)
@@ -123,6 +171,14 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
         metrics.prepare_directory(config.admin.metrics_dir or None)
     _serving, _settings = config, to_gunicorn(config)
     return _settings
+
+
+def prepare_acme(config: Config) -> None:
+    try:
+        acme.prepare(config)
+    except OSError as e:
+        raise ConfigError(config.path, "acme", "cache_dir",
+                          f"cannot prepare {config.acme.cache_dir!r}: {e.strerror or e}") from None
 
 
 def raise_open_files_limit() -> None:

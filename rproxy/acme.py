@@ -163,6 +163,8 @@ class Manager:
                 log.info("acme: %s: certificate from the cache, renewal due %s", domain, _when(due))
         while self.alive():
             for domain in self.config.domains:
+                if not self.alive():
+                    return
                 now = time.time()
                 due = self.due(domain)
                 if (due is None or due <= now) and self.retry_at[domain] <= now:
@@ -192,14 +194,16 @@ class Manager:
 
     def obtain(self, domain: str) -> None:
         started = time.monotonic()
+        path = self.cache.certificate(domain)
         try:
             chain, key = self._order(domain)
+            # Key and chain in one file, replaced in one rename: a worker never
+            # sees the new certificate with the old key.
+            certificates.write_private(path, certificates.key_pem(key) + chain.encode())
+            leaf = certificates.load_chain(path)[0]
         except Exception as e:  # noqa: BLE001 - every failure is logged, then retried
             self._failed(domain, e)
             return
-        path = self.cache.certificate(domain)
-        certificates.write_private(path, certificates.key_pem(key) + chain.encode())
-        leaf = certificates.load_chain(path)[0]
         self.failures[domain], self.retry_at[domain] = 0, 0.0
         log.info("acme: %s: obtained a certificate in %.1fs, valid until %s; renewal due %s", domain,
                  time.monotonic() - started, _when(leaf.not_valid_after_utc.timestamp()),
@@ -275,13 +279,14 @@ class Manager:
         self.failures[domain] += 1
         wait = min(self.config.retry_interval * 2 ** (self.failures[domain] - 1), MAX_RETRY_INTERVAL)
         self.retry_at[domain] = time.time() + wait
-        due = self.due(domain)
-        if due is None:
+        try:
+            leaf = certificates.load_chain(self.cache.certificate(domain))[0]
+        except CertificateProblem:
             serving = "serving a placeholder certificate until then"
         else:
-            leaf = certificates.load_chain(self.cache.certificate(domain))[0]
-            serving = f"still serving the current certificate (valid until " \
-                      f"{_when(leaf.not_valid_after_utc.timestamp())})"
+            expiry = leaf.not_valid_after_utc.timestamp()
+            serving = (f"still serving the current certificate (valid until {_when(expiry)})" if expiry > time.time()
+                       else f"still serving the current certificate, expired since {_when(expiry)}")
         detail = describe(error)
         log.error("acme: %s: could not obtain a certificate from %s: %s; %s; next attempt in %s",
                   domain, self.config.directory, detail, serving, _span(wait))

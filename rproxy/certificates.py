@@ -193,10 +193,13 @@ class CertificateFiles:
 
     RETRIES = 3
 
-    def __init__(self, certfile: str, keyfile: str | None, make_context: Callable, label: str):
+    def __init__(self, certfile: str, keyfile: str | None, make_context: Callable, label: str,
+                 fallback: bool = False):
         self.certfile, self.keyfile = certfile, keyfile or certfile
         self.make_context = make_context
         self.label = label
+        # A fallback's names match only when no other certificate's do, wildcards included.
+        self.fallback = fallback
         self.context = None
         self.names: tuple[str, ...] = ()
         self.not_after: datetime.datetime | None = None
@@ -236,7 +239,8 @@ class CertificateFiles:
 
 class CertificateStore:
     """Which context a handshake gets: the certificate whose names match the
-    client's SNI (exact names first, then wildcards), else the default one.
+    client's SNI (exact names first, then wildcards, then fallbacks' names),
+    else the default one.
 
     `by_name` lists the pairs in the order their names take precedence;
     `by_default` the order in which a default is chosen."""
@@ -250,16 +254,18 @@ class CertificateStore:
         self._index()
 
     def _index(self) -> None:
-        exact, wildcards = {}, []
+        exact, wildcards, fallbacks = {}, [], {}
         for source in self.by_name:
             if source.context is None:
                 continue
             for name in source.names:
-                if name.startswith("*."):
+                if source.fallback:
+                    fallbacks.setdefault(name, source.context)
+                elif name.startswith("*."):
                     wildcards.append((name, source.context))
                 else:
                     exact.setdefault(name, source.context)
-        self._exact, self._wildcards = exact, wildcards
+        self._exact, self._wildcards, self._fallbacks = exact, wildcards, fallbacks
         self.default = next((s.context for s in self.by_default if s.context is not None), None)
 
     def refresh(self) -> None:
@@ -279,4 +285,7 @@ class CertificateStore:
             for pattern, context in self._wildcards:
                 if name_matches(name, pattern):
                     return context
+            context = self._fallbacks.get(name)
+            if context is not None:
+                return context
         return self.default

@@ -51,7 +51,8 @@ def _alpn(conf) -> list[str]:
 def certificate_sources(config, make_context) -> tuple[list, list]:
     """The certificate pairs a config serves: (in the order their names take
     precedence, in the order a default is chosen). Names an [acme] section
-    manages get its certificates; the placeholder stands in until they exist."""
+    manages get its certificates; until they exist, the self-signed
+    placeholder is the last resort."""
     files = []
     if config.server.certfile:
         files.append(CertificateFiles(config.server.certfile, config.server.keyfile, make_context,
@@ -59,13 +60,14 @@ def certificate_sources(config, make_context) -> tuple[list, list]:
     for name, section in config.certificates.items():
         files.append(CertificateFiles(section.certfile, section.keyfile, make_context,
                                       f"[certificate:{name}]"))
-    managed = []
+    managed, placeholder = [], []
     if config.acme.domains:
-        store = acme.CacheDir(config.acme)
-        managed = [CertificateFiles(store.certificate(domain), None, make_context, f"acme {domain}")
+        cache = acme.CacheDir(config.acme)
+        managed = [CertificateFiles(cache.certificate(domain), None, make_context, f"acme {domain}")
                    for domain in config.acme.domains]
-        managed.append(CertificateFiles(store.placeholder, None, make_context, "acme placeholder"))
-    return [*managed, *files], [*files, *managed]
+        placeholder = [CertificateFiles(cache.placeholder, None, make_context, "acme placeholder",
+                                        fallback=True)]
+    return [*managed, *files, *placeholder], [*files, *managed, *placeholder]
 
 
 def is_tls(environ) -> bool:

@@ -322,3 +322,40 @@ def test_bad_certificate_section_is_named(tmp_path, certs):
                                                  f"keyfile = {certs['expired'][1]}\n")
     assert started.returncode == 2
     assert f"[certificate:old] certfile: the certificate in '{certs['expired'][0]}' expired on" in started.stderr
+
+
+def test_certificate_store_prefers_exact_names_then_wildcards_then_fallbacks(tmp_path, certs):
+    from rproxy.certificates import CertificateFiles, CertificateStore
+    ca = certs["trustme"]
+
+    def source(name, *names, fallback=False, write=True):
+        certfile, keyfile = str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")
+        if write:
+            write_pair(tmp_path, name, ca.issue_cert(*names))
+        return CertificateFiles(certfile, keyfile, lambda c, k, name=name: name, name, fallback=fallback)
+
+    default = source("default", "default.test")
+    wildcard = source("wildcard", "*.example.test")
+    exact = source("exact", "www.example.test")
+    later = source("later", "later.test", write=False)  # an ACME certificate before its issuance
+    fallback = source("fallback", "later.test", "api.example.test", "www.example.test", fallback=True)
+    store = CertificateStore([later, exact, wildcard, fallback], [default, fallback], check_interval=0)
+    chosen = {name: store.context_for(name) for name in
+              ("www.example.test", "api.example.test", "later.test", "x.y.example.test", "other.test", None)}
+    assert chosen == {"www.example.test": "exact", "api.example.test": "wildcard", "later.test": "fallback",
+                      "x.y.example.test": "default", "other.test": "default", None: "default"}
+    write_pair(tmp_path, "later", ca.issue_cert("later.test"))
+    assert store.context_for("later.test") == "later"
+
+
+def test_hup_reload_serves_a_new_certificate_section(start_proxy, upstream, certs):
+    import signal
+    proxy = start_proxy(single_route(upstream.port), server=tls_server(certs))
+    context = client_context(certs, check_hostname=False)
+    assert names(served_certificate(proxy.port, "a.test", context)) == ["default.test", "localhost"]
+    proxy.rewrite(single_route(upstream.port) + CERTIFICATE_SECTIONS.format(**certs))
+    os.kill(proxy.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while names(served_certificate(proxy.port, "a.test", context)) != ["a.test"]:
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.2)

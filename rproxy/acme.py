@@ -237,8 +237,9 @@ class Manager:
                 except OSError:
                     pass
         leaf = certificates.parse_chain(order.fullchain_pem.encode(), "the CA's answer")[0]
-        if domain not in certificates.names_of(leaf):
-            raise RuntimeError(f"the CA issued a certificate for {certificates.names_of(leaf)}, not {domain}")
+        if domain not in certificates.names_of(leaf) or not certificates.belongs_to(key, leaf):
+            raise RuntimeError(f"the CA's certificate (for {' '.join(certificates.names_of(leaf))}) does "
+                               f"not match the order for {domain}")
         return order.fullchain_pem, key
 
     def _client(self):

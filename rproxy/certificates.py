@@ -95,12 +95,17 @@ def _public(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def belongs_to(key, cert: x509.Certificate) -> bool:
+    """Is `key` the private key of `cert`?"""
+    return _public(key.public_key()) == _public(cert.public_key())
+
+
 def check_pair(certfile: str, keyfile: str, now: datetime.datetime | None = None) -> CertificateInfo:
     """Raise CertificateProblem unless `certfile` is a PEM chain whose first
     certificate is valid now and `keyfile` its unencrypted private key."""
     leaf = load_chain(certfile)[0]
     key = load_key(keyfile)
-    if _public(key.public_key()) != _public(leaf.public_key()):
+    if not belongs_to(key, leaf):
         raise CertificateProblem("keyfile", f"{keyfile!r} is not the private key of the certificate "
                                             f"in {certfile!r}")
     now = now or datetime.datetime.now(datetime.timezone.utc)

@@ -119,8 +119,12 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
                                        **kwargs)
 
     context = configure(ServerContext(ssl.PROTOCOL_TLS_SERVER))
-    default = next(s for s in by_default if s.context is not None)
-    context.load_cert_chain(default.certfile, default.keyfile)
+    default = next((s for s in by_default if s.context is not None), None)
+    if default is not None:
+        context.load_cert_chain(default.certfile, default.keyfile)
+    else:
+        # Checked at start, so gone since: handshakes fail until a certificate is back.
+        log.error("tls: no certificate could be loaded; TLS handshakes fail until one can")
 
     def choose_certificate(ssl_socket, server_name, current):
         # Called for every ClientHello, with server_name None when the client sent no SNI.

@@ -3,7 +3,9 @@ listener and its redirect, certificates replaced on disk while serving, and
 refusing to start on a bad certificate."""
 
 import datetime
+import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -12,6 +14,9 @@ import warnings
 
 import pytest
 import trustme
+from cryptography import x509
+
+from rproxy.certificates import CertificateFiles, CertificateStore
 
 from conftest import (BIN, GUNICORN, REPO, HttpsConnection, free_port, raw_exchange, served_certificate,
                       single_route)
@@ -56,7 +61,6 @@ def client_context(certs, **options) -> ssl.SSLContext:
 
 
 def names(cert) -> list[str]:
-    from cryptography import x509
     return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName)
 
@@ -93,10 +97,8 @@ def test_each_sni_name_gets_its_certificate_and_others_the_default(start_proxy, 
     connection = HttpsConnection(proxy.port, "a.test", context)
     response = connection.get("/echo/tls")
     assert response.status == 200
-    import json
     headers = dict(json.loads(response.body)["headers"])
     assert headers["X-Forwarded-Proto"] == "https"
-    assert response.getheader("Strict-Transport-Security") is None  # no [security_headers]: none added
     connection.close()
 
 
@@ -167,11 +169,16 @@ def plain_request(port, target="/", host="a.test", method="GET", extra=b""):
 
 def test_http_listener_redirects_to_https_with_host_path_and_query(start_proxy, upstream, certs):
     http_port = free_port()
-    proxy = start_proxy(single_route(upstream.port), server=tls_server(certs, http_bind=f"127.0.0.1:{http_port}"))
+    proxy = start_proxy(single_route(upstream.port) + "[security_headers]\n",
+                        server=tls_server(certs, http_bind=f"127.0.0.1:{http_port}"))
     answer = plain_request(http_port, "/a/b%20c?x=1&y=2", host="a.test:80")
     head = answer.split(b"\r\n\r\n")[0].decode()
     assert head.startswith("HTTP/1.1 308 Permanent Redirect"), head
     assert f"Location: https://a.test:{proxy.port}/a/b%20c?x=1&y=2" in head
+    # HSTS over HTTPS only (RFC 6797 8.1: ignored, and pointless, over plain HTTP).
+    assert "Strict-Transport-Security" not in head and "X-Content-Type-Options: nosniff" in head
+    response = HttpsConnection(proxy.port, "localhost", client_context(certs)).get("/echo/hsts")
+    assert response.getheader("Strict-Transport-Security") == "max-age=31536000; includeSubDomains"
     # A body is not read: the connection closes after the redirect.
     answer = plain_request(http_port, "/upload", method="POST", extra=b"Content-Length: 5\r\n\r\nhello")
     assert answer.startswith(b"HTTP/1.1 308") and b"Connection: close" in answer
@@ -194,15 +201,13 @@ def test_curl_follows_the_redirect_and_https_port_names_the_public_port(start_pr
                          capture_output=True, text=True, timeout=30)
     assert out.stdout == f"200 https://localhost:{proxy.port}/echo/curl?q=1 1", out.stderr
 
-    http_port = free_port()
-    behind_nat = start_proxy(single_route(upstream.port),
-                             server=tls_server(certs, http_bind=f"127.0.0.1:{http_port}", https_port="443"))
+    http_port = free_port()  # behind NAT, clients reach the TLS port as 443
+    start_proxy(single_route(upstream.port),
+                server=tls_server(certs, http_bind=f"127.0.0.1:{http_port}", https_port="443"))
     assert b"Location: https://a.test/x\r\n" in plain_request(http_port, "/x")
-    assert behind_nat.port
 
 
 def test_redirect_http_no_serves_plain_http_as_http(start_proxy, upstream, certs):
-    import json
     http_port = free_port()
     proxy = start_proxy(single_route(upstream.port),
                         server=tls_server(certs, http_bind=f"127.0.0.1:{http_port}", redirect_http="no"))
@@ -268,7 +273,6 @@ def test_replaced_certificate_files_are_served_without_restart(start_proxy, upst
 
 
 def x509_serial(cert) -> int:
-    from cryptography import x509
     return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
 
 
@@ -325,7 +329,6 @@ def test_bad_certificate_section_is_named(tmp_path, certs):
 
 
 def test_certificate_store_prefers_exact_names_then_wildcards_then_fallbacks(tmp_path, certs):
-    from rproxy.certificates import CertificateFiles, CertificateStore
     ca = certs["trustme"]
 
     def source(name, *names, fallback=False, write=True):
@@ -349,7 +352,6 @@ def test_certificate_store_prefers_exact_names_then_wildcards_then_fallbacks(tmp
 
 
 def test_hup_reload_serves_a_new_certificate_section(start_proxy, upstream, certs):
-    import signal
     proxy = start_proxy(single_route(upstream.port), server=tls_server(certs))
     context = client_context(certs, check_hostname=False)
     assert names(served_certificate(proxy.port, "a.test", context)) == ["default.test", "localhost"]

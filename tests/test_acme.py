@@ -282,3 +282,19 @@ def test_another_worker_takes_over_when_the_managing_worker_dies(start_proxy, up
     took_over = wait_for_log(proxy, r"acme: worker \d+ manages", count=2, timeout=30)[1]
     assert f"worker {leader} " not in took_over
     wait_for_log(proxy, r"acme: a.test: certificate from the cache")
+
+
+def test_hup_reload_with_a_new_domain_orders_it_and_keeps_the_others(start_proxy, upstream, pebble, tmp_path):
+    ca = pebble(free_port())
+    cache = tmp_path / "acme"
+    proxy = acme_proxy(start_proxy, upstream, ca, cache, domains="a.test")
+    trusted = ca.trusting_context()
+    serial = wait_for_certificate(proxy.port, "a.test", trusted).serial_number
+    proxy.rewrite(single_route(upstream.port) + f"[acme]\ndomains = a.test c.test\ndirectory = {ca.directory}\n"
+                                                f"cache_dir = {cache}\nca_file = {ca.ca_file}\nretry_interval = 1s\n")
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_for_certificate(proxy.port, "c.test", trusted)
+    settle()
+    assert served_certificate(proxy.port, "a.test", trusted).serial_number == serial
+    assert len(log_lines(proxy, r"acme: a.test: obtained")) == 1
+    assert len(log_lines(proxy, r"acme: worker \d+ manages the certificates of a.test c.test")) == 1

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 
 from . import acme
 from .certificates import CertificateFiles, CertificateStore
@@ -206,11 +207,13 @@ def _answer_plain_http(sock) -> None:
         raw = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
     except OSError:
         return
+    deadline = time.monotonic() + 1.0
     try:
         raw.settimeout(1.0)
         raw.sendall(_PLAIN_HTTP_ANSWER)
         raw.shutdown(socket.SHUT_WR)
-        for _ in range(64):
+        while (left := deadline - time.monotonic()) > 0:
+            raw.settimeout(left)
             if not raw.recv(65536):
                 break
     except OSError:

@@ -30,6 +30,7 @@ setup(
             "websocket-client>=1.7,<2",
             "websockets>=13",
             "trustme>=1.1",
+            "hypothesis>=6.100",
         ],
     },
     entry_points={

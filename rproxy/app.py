@@ -54,7 +54,7 @@ class Proxy:
         shared: dict = {}
         entries = []
         for rc in config.routes:
-            forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server.max_body_size,
+            forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server,
                                   self.tunnels)
             chain = [middleware.make(kind, section, shared) for kind, section in config.chain_for(rc)]
             entries.append((rc.host, rc.path, Route(rc, compose(chain, forwarder))))

@@ -46,10 +46,33 @@ class ServerConfig:
     bind: tuple[str, ...] = setting("127.0.0.1:8080", values.words,
                                     "Addresses to listen on, gunicorn syntax, space separated.")
     workers: int = setting("1", values.positive_count, "Worker processes.")
-    worker_connections: int = setting("1000", values.positive_count,
-                                      "Concurrent client connections per worker.")
+    worker_connections: int = setting("10000", values.positive_count,
+                                      "Concurrent client connections per worker (idle ones cost "
+                                      "about 14 KiB each).")
     keepalive: float = setting("5s", values.duration,
-                               "How long an idle client keep-alive connection stays open.")
+                               "How long a keep-alive connection waits for the client's next "
+                               "request (its whole head); 0 = one request per connection.")
+    client_header_timeout: float = setting("10s", values.positive_duration,
+                                           "Time a new connection has to send its first request "
+                                           "head; then 408 and closed (slowloris).")
+    client_timeout: float = setting("30s", values.positive_duration,
+                                    "Once a request head is in: the longest wait for the client's "
+                                    "next body bytes (then 408) or for it to take response bytes "
+                                    "(then closed, the upstream connection freed).")
+    min_body_rate: int = setting("1k", values.size,
+                                 "Slowest a request body may arrive, in bytes per second: each 64 KiB "
+                                 "of it may take client_timeout plus 64 KiB at this rate; then 408 "
+                                 "(slow-body attacks). 0 = only client_timeout applies.")
+    max_request_line: int = setting("8k", values.size_between(256, 8192),
+                                    "Longest request line (method, target, version), at most 8k; 414 above it.")
+    max_headers: int = setting("100", values.count_between(1, 32768),
+                               "Most request header fields; 431 above it.")
+    max_header_size: int = setting("8k", values.size_between(256, 65536),
+                                   "Longest request header field (name and value); 431 above it.")
+    max_connections_per_ip: int = setting("0", values.count,
+                                          "Concurrent connections one client address may hold; 429 "
+                                          "and closed beyond it. Behind trusted_proxies, concurrent "
+                                          "requests per forwarded client address. 0 = no limit.")
     graceful_timeout: float = setting("30s", values.positive_duration,
                                       "On shutdown or reload, how long workers may finish their requests.")
     trusted_proxies: tuple = setting("127.0.0.1 ::1", values.networks,

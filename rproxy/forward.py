@@ -24,14 +24,17 @@ import logging
 import socket
 import time
 from functools import partial
+
+import gevent
 from urllib.parse import quote
 
 from gunicorn.http.errors import NoMoreData
 from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
                                 NewConnectionError, ProtocolError, SSLError)
 
-from .config import RouteConfig
-from .http import Request, Response, clean_response_headers, error_response
+from .config import RouteConfig, ServerConfig
+from .http import (Request, Response, bad_header_value, clean_response_headers, error_response,
+                   valid_header_name)
 from .tunnel import Tunnels, open_tunnel
 from .upstream import Server, Upstream
 
@@ -52,6 +55,10 @@ class ClientGone(Exception):
     """The client stopped sending its request body before the end."""
 
 
+class ClientTimeout(ClientGone):
+    """The client sent no body bytes for client_timeout (the socket's timeout)."""
+
+
 class MalformedBody(Exception):
     """The client's chunked body does not parse."""
 
@@ -69,23 +76,34 @@ class UpstreamCut(ConnectionResetError):
 
 
 class RequestBody:
-    """The client's body as an iterable of chunks for urllib3, read as it is sent."""
+    """The client's body as an iterable of chunks for urllib3, read as it is sent.
 
-    __slots__ = ("stream", "remaining", "limit", "sent", "complete", "buffered")
+    A small body is read whole first, so that it can be sent again. Of a
+    larger one the first chunk is read before any upstream is chosen: a client
+    that declares a body and then stalls (a slow-body attack) holds no
+    upstream connection, only its own, until client_timeout cuts it."""
 
-    def __init__(self, request: Request, limit: int):
+    __slots__ = ("stream", "remaining", "limit", "deadline", "sent", "complete", "buffered", "first",
+                 "streaming")
+
+    def __init__(self, request: Request, limit: int, deadline: float | None):
         self.stream = request.environ["wsgi.input"]
         self.remaining = request.content_length  # None when chunked
         self.limit = limit
+        self.deadline = deadline  # for each chunk, however it trickles in
         self.sent = 0
         self.complete = False
         self.buffered: bytes | None = None
+        self.first = b""
+        self.streaming = False
         if self.remaining is not None and self.remaining <= REPLAYABLE_BODY:
             self.buffered = b"".join(self)
+        else:
+            self.first = self._read()
 
     @property
     def replayable(self) -> bool:
-        return self.buffered is not None or self.sent == 0
+        return self.buffered is not None or not self.streaming
 
     def payload(self):
         return self.buffered if self.buffered is not None else self
@@ -94,20 +112,41 @@ class RequestBody:
         return self
 
     def __next__(self) -> bytes:
-        if self.complete:
+        if not self.streaming:
+            self.streaming = True
+            if self.first:
+                return self.first
+        data = self._read()
+        if not data:
             raise StopIteration
+        return data
+
+    def _read(self) -> bytes:
+        """The next chunk; b"" once the body is complete."""
+        if self.complete:
+            return b""
         want = CHUNK if self.remaining is None else min(CHUNK, self.remaining)
+        timer = gevent.Timeout.start_new(self.deadline) if self.deadline and want else None
         try:
             data = self.stream.read(want) if want else b""
+        except gevent.Timeout as e:
+            if e is not timer:
+                raise
+            raise ClientTimeout(f"body slower than min_body_rate, after {self.sent} bytes") from None
         except NoMoreData as e:
             raise ClientGone(f"{type(e).__name__}: {e}") from None
+        except TimeoutError:
+            raise ClientTimeout(f"no body bytes within client_timeout, after {self.sent} bytes") from None
         except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
             raise MalformedBody(f"{type(e).__name__}: {e}") from None
+        finally:
+            if timer is not None:
+                timer.close()
         if not data:
             if self.remaining:
                 raise ClientGone(f"body ended {self.remaining} bytes short")
             self.complete = True
-            raise StopIteration
+            return b""
         self.sent += len(data)
         if self.limit and self.sent > self.limit:
             raise BodyTooLarge()
@@ -189,13 +228,15 @@ def _retriable(error: Exception, request: Request, request_body: RequestBody | N
 class Forwarder:
     """Forwards the requests of one route to its upstream."""
 
-    def __init__(self, route: RouteConfig, upstream: Upstream, max_body_size: int, tunnels: Tunnels):
+    def __init__(self, route: RouteConfig, upstream: Upstream, server: ServerConfig, tunnels: Tunnels):
         self.upstream = upstream
+        self.max_body_size = server.max_body_size
+        self.body_chunk_deadline = (server.client_timeout + CHUNK / server.min_body_rate
+                                    if server.min_body_rate else None)
         self.connect_timeout = route.connect_timeout or upstream.config.connect_timeout
         self.read_timeout = route.read_timeout or upstream.config.read_timeout
         self.strip = route.path if route.strip_prefix and route.path != "/" else None
         self.host_header = route.host_header
-        self.max_body_size = max_body_size
         self.upgrades = frozenset(route.upgrade)
         self.idle_timeout = route.idle_timeout
         self.tunnels = tunnels
@@ -214,9 +255,11 @@ class Forwarder:
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
             return self._closing(error_response(request, 413, "request body is too large"))
         try:
-            request_body = RequestBody(request, self.max_body_size) if request.has_body else None
+            request_body = RequestBody(request, self.max_body_size, self.body_chunk_deadline) if request.has_body else None
         except ClientGone as e:
             return self._client_gone(request, e)
+        except BodyTooLarge:
+            return self._closing(error_response(request, 413, "request body is too large"))
         except MalformedBody as e:
             return self._malformed_body(request, e)
         target = self._target(request)
@@ -340,6 +383,14 @@ class Forwarder:
             headers["Host"] = server.label if self.host_header == "upstream" else self.host_header
         if "Host" not in headers:
             headers["Host"] = server.label
+        # The parsers in front refuse such bytes; this makes a header that
+        # could split the upstream request impossible whatever changed it since.
+        if bad_header_value("\t".join(headers.values())) or not valid_header_name("".join(headers)):
+            for name, value in list(headers.items()):
+                if bad_header_value(value) or not valid_header_name(name):
+                    log.warning("dropped request header %r: not a valid header, request_id=%s",
+                                name[:64], request.request_id)
+                    del headers[name]
         return headers
 
     def _target(self, request: Request) -> str:
@@ -358,6 +409,11 @@ class Forwarder:
         return response
 
     def _client_gone(self, request: Request, error: Exception) -> Response:
+        if isinstance(error, ClientTimeout):
+            log.info("client %s stalled mid-upload (%s): 408, request_id=%s",
+                     request.client_ip, error, request.request_id)
+            request.environ["rproxy.error"] = "client stalled mid-upload"
+            return self._closing(error_response(request, 408, "request body not received in time"))
         log.info("client %s went away mid-upload (%s), request_id=%s",
                  request.client_ip, error, request.request_id)
         request.environ["rproxy.error"] = "client went away mid-upload"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .http import Request
+from .http import Request, valid_host
 
 _SPOOFABLE = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
               "X-Forwarded-Port", "X-Real-Ip", "Forwarded")
@@ -42,9 +42,13 @@ class Forwarding:
         if self.is_trusted(peer):
             chain = headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
-            request.client_ip = self._client_from_chain(chain, peer)
-            headers.setdefault("X-Forwarded-Proto", request.scheme)
-            headers.setdefault("X-Forwarded-Host", headers.get("Host", ""))
+            request.client_ip = self.client_from_chain(chain, peer)
+            # Believed, but only when well-formed: the upstream builds URLs from these.
+            if headers.get("X-Forwarded-Proto", "").lower() not in ("http", "https"):
+                headers["X-Forwarded-Proto"] = request.scheme
+            forwarded_host = headers.get("X-Forwarded-Host")
+            if forwarded_host is None or not all(valid_host(h.strip()) for h in forwarded_host.split(",")):
+                headers["X-Forwarded-Host"] = headers.get("Host", "")
             headers.setdefault("X-Real-Ip", request.client_ip)
         else:
             for name in _SPOOFABLE:
@@ -56,7 +60,7 @@ class Forwarding:
         if not headers["X-Forwarded-Host"]:
             del headers["X-Forwarded-Host"]
 
-    def _client_from_chain(self, chain: str | None, peer: str) -> str:
+    def client_from_chain(self, chain: str | None, peer: str) -> str:
         """The right-most address in the chain that is not a trusted proxy."""
         if not chain:
             return peer

@@ -28,10 +28,11 @@ HOP_BY_HOP = frozenset({
 # its own Server). Date stays for the cache's sake until the response is
 # handed to the WSGI server, which writes its own (see app.py).
 _RESPONSE_DROP = HOP_BY_HOP | {"server"}
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+# What may never pass into a header we send: CR, LF, NUL and other controls but tab.
+bad_header_value = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+valid_header_name = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-_HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+valid_host = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?").fullmatch
 
 
 def clean_response_headers(pairs, connection: str | None, chunked: bool,
@@ -51,7 +52,7 @@ def clean_response_headers(pairs, connection: str | None, chunked: bool,
     for name, value in pairs:
         if name.lower() in drop:
             continue
-        if _BAD_VALUE(value) or not _TOKEN(name):
+        if bad_header_value(value) or not valid_header_name(name):
             if dropped is not None:
                 dropped.append(name)
             continue
@@ -200,7 +201,7 @@ class Request:
 
         host = authority if authority is not None else headers.get("Host", "")
         if host:
-            if not _HOST_RE.fullmatch(host):
+            if not valid_host(host):
                 raise BadRequest("malformed Host")
             headers["Host"] = host
         elif environ.get("SERVER_PROTOCOL") == "HTTP/1.1":

@@ -38,11 +38,14 @@ def to_gunicorn(config: Config) -> dict:
     server, log = config.server, config.log
     return {
         "wsgi_app": "rproxy.app:application",
-        "worker_class": "gevent",
+        "worker_class": "rproxy.worker.Worker",
         "bind": [*server.bind, *server.http_bind, *([config.admin.bind] if config.admin.bind else [])],
         "workers": server.workers,
         "worker_connections": server.worker_connections,
         "keepalive": math.ceil(server.keepalive),
+        "limit_request_line": server.max_request_line,
+        "limit_request_fields": server.max_headers,
+        "limit_request_field_size": server.max_header_size,
         "graceful_timeout": math.ceil(server.graceful_timeout),
         # gunicorn's own trust (wsgi.url_scheme from X-Forwarded-Proto) follows ours.
         "forwarded_allow_ips": ",".join(str(net) for net in server.trusted_proxies),

@@ -47,6 +47,25 @@ def size(raw: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
+def size_between(low: int, high: int):
+    """A size within [low, high] bytes."""
+    def parse(raw: str) -> int:
+        value = size(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{raw!r} must be between {low} and {high} bytes")
+        return value
+    return parse
+
+
+def count_between(low: int, high: int):
+    def parse(raw: str) -> int:
+        value = count(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{raw!r} must be between {low} and {high}")
+        return value
+    return parse
+
+
 def boolean(raw: str) -> bool:
     word = raw.strip().lower()
     if word in _TRUE:

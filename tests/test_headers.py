@@ -96,3 +96,17 @@ def test_malformed_upstream_header_is_dropped_not_passed_on(proxy):
     assert r.status_code == 200 and r.text == "ok"
     assert "X-Bad" not in r.headers and r.headers["X-Good"] == "fine"
     assert "dropped a malformed response header 'X-Bad'" in proxy.log()
+
+
+def test_a_trusted_proxys_forwarding_headers_are_believed_only_when_well_formed(proxy):
+    # 127.0.0.1 is a trusted proxy by default.
+    good = upstream_headers(requests.get(proxy.url + "/echo", timeout=10, headers={
+        "Host": "shop.example", "X-Forwarded-Host": "www.shop.example, lb.example:8443",
+        "X-Forwarded-Proto": "https"}))
+    assert good["x-forwarded-host"] == "www.shop.example, lb.example:8443"
+    assert good["x-forwarded-proto"] == "https"
+    bad = upstream_headers(requests.get(proxy.url + "/echo", timeout=10, headers={
+        "Host": "shop.example", "X-Forwarded-Host": "evil.example/path?x=<script>",
+        "X-Forwarded-Proto": "javascript"}))
+    assert bad["x-forwarded-host"] == "shop.example"
+    assert bad["x-forwarded-proto"] == "http"

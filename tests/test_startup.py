@@ -37,7 +37,7 @@ def test_gunicorn_settings_come_from_the_ini(tmp_path):
                                 {"RPROXY_CONFIG": ini}))
     assert config["bind"] == "['127.0.0.1:18081', '127.0.0.1:18082']"
     expected = {"workers": "3", "worker_connections": "77", "keepalive": "7", "graceful_timeout": "11",
-                "worker_class": "gevent", "wsgi_app": "rproxy.app:application"}
+                "worker_class": "rproxy.worker.Worker", "wsgi_app": "rproxy.app:application"}
     assert {k: config[k] for k in expected} == expected
 
 
@@ -112,7 +112,7 @@ def test_paste_deployment_beside_gunicorn_conf_uses_the_paste_ini(tmp_path, upst
         wait_for_port(port, proc.proc)
         r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
         assert r.status_code == 200
-        assert "Using worker: gevent" in proc.log()
+        assert "Using worker: rproxy.worker.Worker" in proc.log()
     finally:
         proc.stop()
 

@@ -23,7 +23,7 @@ import gevent
 from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-STATS = {"connections": 0, "requests": 0, "sick": False}
+STATS = {"connections": 0, "open": 0, "requests": 0, "sick": False}
 COUNTS: dict[str, int] = {}
 RELEASES: dict[str, Event] = {}
 PATTERN = bytes(range(256)) * 256  # 64 KiB
@@ -36,7 +36,12 @@ class Abort(Exception):
 class RecordingHandler(WSGIHandler):
     def handle(self):
         STATS["connections"] += 1
-        super().handle()
+        STATS["open"] += 1
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            super().handle()
+        finally:
+            STATS["open"] -= 1
 
     def get_environ(self):
         env = super().get_environ()

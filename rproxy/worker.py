@@ -1,0 +1,200 @@
+"""gunicorn's gevent worker, guarding each client connection.
+
+What a proxy in front of everything must bound before any request reaches
+the app:
+- the first request head must arrive within `client_header_timeout`, each
+  next one within `keepalive` (slowloris): 408, or a quiet close when the
+  connection was just idle;
+- once a head is in, a client that stops sending its body or stops reading
+  the response is dropped after `client_timeout`, which frees its greenlet,
+  its socket and the upstream connection behind it;
+- `max_connections_per_ip` caps what one address may hold (429);
+- running out of file descriptors pauses accepting (gevent backs off up to a
+  second) with a log line instead of a traceback per failed accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import time
+
+import gevent
+from gevent.baseserver import BaseServer
+from gevent.local import local
+from gunicorn.workers.ggevent import GeventWorker
+
+from .connection import linger
+from .forwarded import Forwarding
+
+log = logging.getLogger("rproxy.worker")
+
+_connection = local()  # per connection greenlet: its head deadline
+
+
+class HeadTimeout(Exception):
+    """The client did not finish a request head in time."""
+
+    def __init__(self, seconds: float, first: bool):
+        super().__init__(f"no complete request head within {seconds:g}s")
+        self.seconds = seconds
+        self.first = first
+
+
+class AddressCounts:
+    """How many connections (or requests) each client address holds."""
+
+    __slots__ = ("limit", "counts")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def enter(self, address: str) -> bool:
+        held = self.counts.get(address, 0)
+        if held >= self.limit:
+            return False
+        self.counts[address] = held + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        held = self.counts.pop(address, 1) - 1
+        if held > 0:
+            self.counts[address] = held
+
+
+def _refuse(sock, status: str, message: str, retry_after: int | None = None) -> None:
+    """Answer on a connection the app never sees, without waiting on the client."""
+    body = f"{message}\n".encode()
+    head = f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+    if retry_after is not None:
+        head += f"Retry-After: {retry_after}\r\n"
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+    except OSError:
+        pass
+
+
+class Worker(GeventWorker):
+
+    def run(self):
+        server = self.wsgi.config.server
+        self.header_timeout = server.client_header_timeout
+        self.keepalive_timeout = server.keepalive
+        self.client_timeout = server.client_timeout
+        self.forwarding = Forwarding(server.trusted_proxies)
+        self.per_address = AddressCounts(server.max_connections_per_ip) if server.max_connections_per_ip else None
+        self._out_of_fds_logged = 0.0
+        hub = gevent.get_hub()
+        self._hub_handle_error = hub.handle_error
+        hub.handle_error = self._hub_error
+        super().run()
+
+    # The head deadline replaces gunicorn's keep-alive timer (which also
+    # does not apply to the first request, nor at all with keepalive = 0).
+    def timeout_ctx(self):
+        return contextlib.nullcontext()
+
+    def handle(self, listener, client, addr):
+        address = addr[0] if isinstance(addr, tuple) else ""
+        counted = None
+        if self.per_address is not None and not self.forwarding.is_trusted(address):
+            if not self.per_address.enter(address):
+                log.warning("client %s already holds %d connections (max_connections_per_ip): "
+                            "429 and closed", address, self.per_address.limit)
+                _refuse(client, "429 Too Many Requests", "too many connections from your address", 1)
+                client.close()
+                return
+            counted = address
+        if client.family != socket.AF_UNIX:
+            # Streamed responses go out in small writes (events, chunks): without
+            # this, Nagle holds each until the client ACKs the one before
+            # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _connection.deadline = self._arm(self.header_timeout, first=True)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            _connection.deadline.close()
+            if counted is not None:
+                self.per_address.leave(counted)
+
+    def handle_http2(self, *args, **kwargs):
+        # Streams are bounded by the HTTP/2 layer's own flow; no head deadline.
+        _connection.deadline.close()
+        return super().handle_http2(*args, **kwargs)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        _connection.deadline.close()
+        counted = self._forwarded_client(req, addr)
+        sock.settimeout(self.client_timeout)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError:
+            # A write to the client waited client_timeout: it is not reading.
+            log.info("client %s did not read the response of %s %s for %gs: closed",
+                     addr[0] if isinstance(addr, tuple) else "-", req.method, req.path,
+                     self.client_timeout)
+            raise StopIteration() from None
+        finally:
+            if counted:
+                self.per_address.leave(counted)
+            with contextlib.suppress(OSError):
+                if sock.gettimeout() != 0.0:  # 0.0: a tunnel owns the socket now
+                    sock.settimeout(None)
+            _connection.deadline = self._arm(self.keepalive_timeout, first=False)
+
+    def _forwarded_client(self, req, addr):
+        """Behind a trusted proxy, cap concurrent requests per forwarded
+        client address: the counted address, or None when not counted.
+        Over the cap, _Refused ends the connection with a 429."""
+        peer = addr[0] if isinstance(addr, tuple) else ""
+        if self.per_address is None or not self.forwarding.is_trusted(peer):
+            return None
+        chain = ", ".join(value for name, value in req.headers if name == "X-FORWARDED-FOR")
+        client = self.forwarding.client_from_chain(chain, peer)
+        if self.per_address.enter(client):
+            return client
+        log.warning("client %s (via %s) already has %d requests under way "
+                    "(max_connections_per_ip): 429", client, peer, self.per_address.limit)
+        raise _Refused(client)
+
+    def _arm(self, seconds: float, first: bool) -> gevent.Timeout:
+        if not seconds:
+            return gevent.Timeout(None)
+        return gevent.Timeout.start_new(seconds, HeadTimeout(seconds, first))
+
+    def handle_error(self, req, client, addr, exc):
+        if isinstance(exc, _Refused):
+            _refuse(client, "429 Too Many Requests", "too many requests from your address under way", 1)
+            linger(client)
+            return
+        if isinstance(exc, HeadTimeout):
+            peer = addr[0] if isinstance(addr, tuple) else "-"
+            if exc.first:
+                log.info("client %s sent no complete request head within %gs: 408 and closed",
+                         peer, exc.seconds)
+                _refuse(client, "408 Request Timeout", "request head not received in time")
+            else:
+                log.debug("keep-alive connection from %s idle for %gs: closed", peer, exc.seconds)
+            return
+        super().handle_error(req, client, addr, exc)
+
+    def _hub_error(self, context, type_, value, tb):
+        if (isinstance(context, BaseServer) and isinstance(value, OSError)
+                and value.errno in (errno.EMFILE, errno.ENFILE)):
+            # gevent stops accepting and retries with back-off; say so, at most once a second.
+            now = time.monotonic()
+            if now - self._out_of_fds_logged >= 1.0:
+                self._out_of_fds_logged = now
+                log.error("out of file descriptors (%s): not accepting new connections for a moment",
+                          errno.errorcode.get(value.errno, value.errno))
+            return
+        self._hub_handle_error(context, type_, value, tb)
+
+
+class _Refused(Exception):
+    """A request over max_connections_per_ip, to be answered 429."""

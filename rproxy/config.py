@@ -97,8 +97,6 @@ class ServerConfig:
                                      "The port redirects to HTTPS name; default: that of the first bind "
                                      "address (left out when 443).")
     tls_min_version: str = setting("1.2", values.one_of("1.2", "1.3"), "Oldest TLS version accepted.")
-    handshake_timeout: float = setting("10s", values.positive_duration,
-                                       "Time a client has to complete its TLS handshake.")
 
 
 @dataclass(frozen=True)

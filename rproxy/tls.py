@@ -11,12 +11,13 @@ connection with the result. Ours:
   keep the session they have;
 - leaves the connections of plain-HTTP listeners (`http_bind`, the admin
   listener) unwrapped: gunicorn itself would put TLS on every listener;
-- bounds the handshake in time, answers a plain HTTP request sent to the TLS
-  port with a plain 400 as nginx does, and turns failed handshakes (port
-  probes, scanners, clients that distrust the certificate) into a debug line
-  rather than a traceback or a warning per connection.
+- answers a plain HTTP request sent to the TLS port with a plain 400 as
+  nginx does, and turns failed handshakes (port probes, scanners, clients
+  that distrust the certificate) into a debug line rather than a traceback
+  or a warning per connection.
 
-The handshake runs in the worker's connection greenlet, not on accept.
+The handshake runs in the worker's connection greenlet, not on accept, under
+the worker's client_header_timeout.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
     plain = {listener_key(bind) for bind in server.http_bind}
     if config.admin.bind:
         plain.add(listener_key(config.admin.bind))
-    socket_class = _server_socket_class(server.handshake_timeout)
+    socket_class = _server_socket_class()
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class
@@ -114,7 +115,7 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
         def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
             if server_side and _local_key(sock) in plain:
                 return sock
-            # The worker's connection handler does the handshake, under a timeout.
+            # The worker's connection handler does the handshake, under its head deadline.
             return super().wrap_socket(sock, server_side=server_side,
                                        do_handshake_on_connect=not server_side and do_handshake_on_connect,
                                        **kwargs)
@@ -157,23 +158,21 @@ class _HandshakeFailed(ssl.SSLEOFError):
 _socket_classes: dict = {}
 
 
-def _server_socket_class(handshake_timeout: float):
+def _server_socket_class():
     """The SSLSocket class of server connections, made in the worker from
-    gevent's SSLSocket once gevent has patched the ssl module."""
+    gevent's SSLSocket once gevent has patched the ssl module. The time a
+    handshake may take is the worker's client_header_timeout, which runs
+    from the accept to the end of the first request head (as in nginx)."""
     base = ssl.SSLSocket
-    cls = _socket_classes.get((base, handshake_timeout))
+    cls = _socket_classes.get(base)
     if cls is not None:
         return cls
 
     class ServerSocket(base):
         def do_handshake(self, *args, **kwargs):
             peer = _peer(self)
-            self.settimeout(handshake_timeout)
             try:
                 super().do_handshake(*args, **kwargs)
-            except TimeoutError:
-                log.debug("tls: %s did not complete its handshake within %gs", peer, handshake_timeout)
-                raise _HandshakeFailed(ssl.SSL_ERROR_EOF, "TLS handshake timed out") from None
             except ssl.SSLError as e:
                 reason = e.reason or e.strerror or str(e)
                 if e.reason == "HTTP_REQUEST":
@@ -182,14 +181,14 @@ def _server_socket_class(handshake_timeout: float):
                 else:
                     log.debug("tls: handshake with %s failed: %s", peer, reason)
                 raise _HandshakeFailed(ssl.SSL_ERROR_EOF, f"TLS handshake failed: {reason}") from None
-            finally:
-                try:
-                    self.settimeout(None)
-                except OSError:
-                    pass
 
-    _socket_classes[(base, handshake_timeout)] = ServerSocket
+    _socket_classes[base] = ServerSocket
     return ServerSocket
+
+
+def handshake_done(sock) -> bool:
+    """False for a TLS connection whose handshake has not completed."""
+    return not isinstance(sock, ssl.SSLSocket) or sock.version() is not None
 
 
 def _peer(sock) -> str:

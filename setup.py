@@ -19,6 +19,8 @@ setup(
         "redis>=5,<9",
         "prometheus-client>=0.20,<1",
         "h2>=4.1,<5",
+        "acme>=5.0,<6",
+        "cryptography>=42",
     ],
     extras_require={
         "test": [

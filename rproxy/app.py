@@ -24,6 +24,7 @@ from . import metrics, middleware
 from .admin import Admin
 from .middleware import compose
 from .middleware.security_headers import SecurityHeaders
+from .plain_http import PlainHttp
 from .routing import Router
 from .serving import serving_config
 from .tunnel import TAKEN_OVER, Tunnels
@@ -67,6 +68,7 @@ class Proxy:
         headers_config = config.middleware["security_headers"].get("")
         self.security_headers = SecurityHeaders(headers_config) if headers_config else None
         self.router: Router[Route] = Router(entries)
+        self.plain_http = PlainHttp(config, self.forwarding) if config.tls else None
         if monkey.is_module_patched("socket"):  # in a gevent worker: start health checks
             for upstream in self.upstreams.values():
                 upstream.start()
@@ -79,6 +81,8 @@ class Proxy:
             if self.metrics is not None:
                 self.metrics.in_flight.inc()
                 environ["rproxy.in_flight"] = True
+            if self.plain_http is not None:
+                self.plain_http.set_scheme(environ)
             response = self.respond(environ)
         body = response.body
         if body is TAKEN_OVER:
@@ -105,10 +109,13 @@ class Proxy:
         self.forwarding.apply(request)
         environ["rproxy.client"] = request.client_ip
         environ["rproxy.request_id"] = request.request_id
-        match = self.router.match(request.host, request.path)
+        # On plain listeners: ACME challenges and the redirect to HTTPS come first.
+        response = self.plain_http.answer(request) if self.plain_http is not None else None
+        match = self.router.match(request.host, request.path) if response is None else None
         if match is None:
-            response = error_response(request, 404, "no route for this host and path")
-            response.close_connection = request.has_body
+            if response is None:
+                response = error_response(request, 404, "no route for this host and path")
+                response.close_connection = request.has_body
             if self.security_headers is not None:
                 self.security_headers.decorate(response, request.scheme == "https")
         else:

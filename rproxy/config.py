@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from . import values
+from . import certificates, values
 from .middleware import MIDDLEWARE
 from .values import setting
 
@@ -84,7 +84,9 @@ class ServerConfig:
                                "Open WebSocket/upgrade tunnels per worker (two file descriptors "
                                "each); 503 beyond it.")
     certfile: str | None = setting(None, values.readable_file,
-                                   "TLS certificate chain (PEM): serve HTTPS. Needs keyfile.")
+                                   "TLS certificate chain (PEM, leaf first): the bind addresses serve "
+                                   "HTTPS. Needs keyfile. Also the certificate for clients whose SNI "
+                                   "matches no other.")
     keyfile: str | None = setting(None, values.readable_file, "TLS private key (PEM) for certfile.")
     http2: bool = setting("no", values.boolean,
                           "Offer HTTP/2 to TLS clients (ALPN: h2, then http/1.1). Needs certfile, "
@@ -96,6 +98,16 @@ class ServerConfig:
     http2_max_concurrent_streams: int = setting("100", values.positive_count,
                                                 "Requests one HTTP/2 connection may have in flight; each is "
                                                 "served on its own.")
+    http_bind: tuple[str, ...] = setting("", values.listeners,
+                                         "Plain-HTTP listeners beside the HTTPS ones, e.g. 0.0.0.0:80; "
+                                         "only with TLS.")
+    redirect_http: bool = setting("yes", values.boolean,
+                                  "On http_bind listeners, answer 308 with the https:// URL (ACME "
+                                  "challenges excepted); no = serve plain HTTP there too.")
+    https_port: int | None = setting(None, values.port,
+                                     "The port redirects to HTTPS name; default: that of the first bind "
+                                     "address (left out when 443).")
+    tls_min_version: str = setting("1.2", values.one_of("1.2", "1.3"), "Oldest TLS version accepted.")
 
 
 @dataclass(frozen=True)
@@ -210,8 +222,45 @@ class RouteConfig:
                                          "Overrides the upstream's read_timeout for this route.")
 
 
-SINGLE_SECTIONS: dict[str, type] = {"server": ServerConfig, "log": LogConfig, "admin": AdminConfig}
-NAMED_SECTIONS: dict[str, type] = {"upstream": UpstreamConfig, "route": RouteConfig}
+@dataclass(frozen=True)
+class CertificateConfig:
+    name: str
+    certfile: str = setting(None, values.readable_file,
+                            "Certificate chain (PEM, leaf first), served to clients whose SNI matches "
+                            "one of its names (subjectAltName, wildcards included).", required=True)
+    keyfile: str = setting(None, values.readable_file, "Its private key (PEM).", required=True)
+
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    domains: tuple[str, ...] = setting(None, values.domain_names,
+                                       "Domains to obtain certificates for (one each, HTTP-01 "
+                                       "validation on http_bind).", required=True)
+    email: str = setting("", values.text, "Contact address given to the CA (expiry notices); empty = none.")
+    directory: str = setting(LETS_ENCRYPT, values.url,
+                             "The CA's ACME directory URL; Let's Encrypt's staging one is "
+                             "https://acme-staging-v02.api.letsencrypt.org/directory.")
+    cache_dir: str = setting(None, values.text,
+                             "Where the account key and certificates are kept (mode 0700, keys 0600).",
+                             required=True)
+    renew_before: float = setting("30d", values.positive_duration,
+                                  "Renew this long before expiry (a third of the lifetime for certificates "
+                                  "that live less than this).")
+    retry_interval: float = setting("2m", values.positive_duration,
+                                    "Wait after a failed attempt; it doubles with each further failure, "
+                                    "up to 12h.")
+    ca_file: str | None = setting(None, values.readable_file,
+                                  "CA certificates (PEM) the directory's HTTPS is verified against; "
+                                  "default: the system's.")
+
+
+SINGLE_SECTIONS: dict[str, type] = {"server": ServerConfig, "log": LogConfig, "admin": AdminConfig,
+                                    "acme": AcmeConfig}
+NAMED_SECTIONS: dict[str, type] = {"upstream": UpstreamConfig, "route": RouteConfig,
+                                   "certificate": CertificateConfig}
 
 
 @dataclass(frozen=True)
@@ -222,8 +271,15 @@ class Config:
     admin: AdminConfig
     upstreams: Mapping[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
+    certificates: Mapping[str, CertificateConfig]
+    acme: AcmeConfig
     # kind -> {"": the global section, NAME: [kind:NAME]}
     middleware: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def tls(self) -> bool:
+        """Do the bind addresses serve HTTPS?"""
+        return bool(self.server.certfile or self.certificates or self.acme.domains)
 
     def chain_for(self, route: RouteConfig) -> list[tuple[str, Any]]:
         """The middleware configs a route runs, in chain order."""
@@ -288,6 +344,8 @@ def load(path: str) -> Config:
         admin=singles.get("admin", AdminConfig()),
         upstreams=MappingProxyType(named["upstream"]),
         routes=tuple(named["route"].values()),
+        certificates=MappingProxyType(named["certificate"]),
+        acme=singles.get("acme", AcmeConfig()),
         middleware=MappingProxyType({k: MappingProxyType(v) for k, v in middleware.items()}),
     )
     _check_references(config)
@@ -308,7 +366,49 @@ def load(path: str) -> Config:
     if bool(config.server.certfile) != bool(config.server.keyfile):
         raise ConfigError(path, "server", "keyfile" if config.server.certfile else "certfile",
                           "is required when the other of certfile/keyfile is set")
+    _check_tls(config)
     return config
+
+
+def _check_tls(config: Config) -> None:
+    path, server = config.path, config.server
+    pairs = [("server", server.certfile, server.keyfile)]
+    pairs += [(f"certificate:{name}", c.certfile, c.keyfile) for name, c in config.certificates.items()]
+    for section, certfile, keyfile in pairs:
+        if certfile:
+            try:
+                certificates.check_pair(certfile, keyfile)
+            except certificates.CertificateProblem as e:
+                raise ConfigError(path, section, e.key, str(e)) from None
+    if server.http_bind and not config.tls:
+        raise ConfigError(path, "server", "http_bind",
+                          "needs TLS (certfile, a [certificate:NAME] or [acme]): without it bind is plain HTTP")
+    tls_keys = {values.listener_key(bind) for bind in server.bind}
+    for bind in server.http_bind:
+        if values.listener_key(bind) in tls_keys:
+            raise ConfigError(path, "server", "http_bind", f"{bind!r} has the port or path of a bind address")
+    if config.acme.domains:
+        if not server.http_bind:
+            raise ConfigError(path, "acme", "domains", "HTTP-01 validation needs a plain-HTTP listener: "
+                                                       "set [server] http_bind (port 80 as the CA sees it)")
+        problem = _not_writable(config.acme.cache_dir)
+        if problem:
+            raise ConfigError(path, "acme", "cache_dir", problem)
+
+
+def _not_writable(directory: str) -> str | None:
+    """Why rproxy could not keep files in `directory` (creating it), or None."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe!r} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe!r} is not writable"
+    return None
 
 
 def _build(path: str, section: str, cls: type, items: Mapping[str, str], preset: dict[str, Any]):

@@ -7,6 +7,7 @@ gunicorn here, in the master, with the same message `rproxy check` prints.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -14,8 +15,12 @@ import resource
 import sys
 
 from . import config as config_module
-from . import metrics, tls
+from . import acme, certificates, metrics, tls
 from .config import Config, ConfigError
+
+
+# Certificates from files closer to expiry than this get a warning at start.
+EXPIRY_WARNING = datetime.timedelta(days=14)
 
 
 def ini_path(conf_dir: str, argv: list[str]) -> str:
@@ -36,7 +41,7 @@ def to_gunicorn(config: Config) -> dict:
         # gevent's worker, guarding client connections and serving the streams
         # of an HTTP/2 connection side by side.
         "worker_class": "rproxy.worker.Worker",
-        "bind": list(server.bind) + ([config.admin.bind] if config.admin.bind else []),
+        "bind": [*server.bind, *server.http_bind, *([config.admin.bind] if config.admin.bind else [])],
         "workers": server.workers,
         "worker_connections": server.worker_connections,
         "keepalive": math.ceil(server.keepalive),
@@ -51,9 +56,10 @@ def to_gunicorn(config: Config) -> dict:
         "loglevel": log.level,
         "logger_class": "rproxy.accesslog.AccessLogger",
         "proc_name": "rproxy",
-        "certfile": server.certfile,
-        "keyfile": server.keyfile,
-        "ssl_context": tls.ssl_context,
+        # gunicorn turns TLS on when certfile is set; our ssl_context hook then
+        # chooses the certificate per connection, and leaves plain listeners plain.
+        "certfile": default_certificate(config),
+        "ssl_context": tls.ssl_context_hook(config),
         "http_protocols": "h2,h1" if server.http2 else "h1",
         # "both": HTTP/1.1 stays served beside the preface (gunicorn's
         # "prior-knowledge" alone answers HTTP/1.1 from trusted peers with 400).
@@ -66,14 +72,24 @@ def to_gunicorn(config: Config) -> dict:
     }
 
 
+def default_certificate(config: Config) -> str | None:
+    if not config.tls:
+        return None
+    if config.server.certfile:
+        return config.server.certfile
+    for section in config.certificates.values():
+        return section.certfile
+    return acme.CacheDir(config.acme).placeholder
+
+
 def child_exit(arbiter, worker) -> None:
     """In the master: a dead worker's live gauges stop counting."""
     metrics.worker_died(worker.pid)
 
 
 def when_ready(arbiter) -> None:
-    """In the master, once listening: say what is unsafe, and what several
-    workers change."""
+    """In the master, once listening: say what is unsafe, which listeners are
+    plain, and what several workers change."""
     config = _serving
     if config is None:
         return
@@ -81,6 +97,13 @@ def when_ready(arbiter) -> None:
         if not upstream.tls_verify and any(s.scheme == "https" for s in upstream.servers):
             arbiter.log.warning("rproxy: [upstream:%s] tls_verify = no: its https:// servers' certificates "
                                 "are not verified; anyone on the path can impersonate them", upstream.name)
+    if config.tls:
+        plain = [*config.server.http_bind, *([config.admin.bind] if config.admin.bind else [])]
+        if plain:
+            arbiter.log.info("rproxy: plain HTTP (no TLS) on %s%s", " ".join(plain),
+                             "; redirects to HTTPS" if config.server.redirect_http and config.server.http_bind
+                             else "")
+        _warn_expiring(config, arbiter.log)
     if arbiter.cfg.workers < 2:
         return
     local = [f"[rate_limit{'' if name == '' else ':' + name}]"
@@ -91,11 +114,31 @@ def when_ready(arbiter) -> None:
                             "storage = redis://... shares them", ", ".join(local), arbiter.cfg.workers)
 
 
+def _warn_expiring(config: Config, log) -> None:
+    """Certificates from files are not renewed by rproxy: say so when one is about to expire."""
+    pairs = [("[server] certfile", config.server.certfile)]
+    pairs += [(f"[certificate:{name}]", c.certfile) for name, c in config.certificates.items()]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for label, path in pairs:
+        if not path:
+            continue
+        try:
+            leaf = certificates.load_chain(path)[0]
+        except certificates.CertificateProblem:
+            continue
+        left = leaf.not_valid_after_utc - now
+        if left < EXPIRY_WARNING:
+            log.warning("rproxy: %s: the certificate in %s expires in %d days (%s UTC)", label, path,
+                        left.days, f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}")
+
+
 def post_worker_init(worker) -> None:
     config = getattr(worker.wsgi, "config", None)
     if config is not None:
         worker.log.info("rproxy worker %s ready: %d routes, %d upstreams", worker.pid,
                         len(config.routes), len(config.upstreams))
+        if config.acme.domains:
+            acme.start(config, lambda: worker.alive)
 
 
 def worker_exit(arbiter, worker) -> None:
@@ -126,6 +169,8 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
     path = os.path.abspath(ini_path(conf_dir, sys.argv if argv is None else argv))
     try:
         config = config_module.load(path)
+        if config.acme.domains:
+            prepare_acme(config)
     except ConfigError as e:
         if _serving is None:
             print(f"rproxy: {e}", file=sys.stderr, flush=True)
@@ -140,6 +185,14 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
         metrics.prepare_directory(config.admin.metrics_dir or None)
     _serving, _settings = config, to_gunicorn(config)
     return _settings
+
+
+def prepare_acme(config: Config) -> None:
+    try:
+        acme.prepare(config)
+    except OSError as e:
+        raise ConfigError(config.path, "acme", "cache_dir",
+                          f"cannot prepare {config.acme.cache_dir!r}: {e.strerror or e}") from None
 
 
 def raise_open_files_limit() -> None:

@@ -16,8 +16,8 @@ def setting(raw: str | None, parse: Callable[[str], Any], doc: str, required: bo
     default = None if raw is None or required else parse(raw)
     return field(default=default, metadata={"parse": parse, "doc": doc, "raw": raw, "required": required})
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)b?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _TRUE = {"yes", "true", "on", "1"}
@@ -25,7 +25,7 @@ _FALSE = {"no", "false", "off", "0"}
 
 
 def duration(raw: str) -> float:
-    """'500ms', '3s', '2m', '1h' or a bare number of seconds -> seconds."""
+    """'500ms', '3s', '2m', '1h', '30d' or a bare number of seconds -> seconds."""
     match = _DURATION_RE.fullmatch(raw.strip())
     if not match:
         raise ValueError(f"{raw!r} is not a duration (use e.g. 500ms, 3s, 2m)")
@@ -318,3 +318,53 @@ def host_port(raw: str) -> tuple[str, int]:
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"{raw!r} is not host:port")
     return match.group(1), int(match.group(2))
+
+
+def port(raw: str) -> int:
+    value = raw.strip()
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ValueError(f"{raw!r} is not a port number (1-65535)")
+    return int(value)
+
+
+def listener_key(bind: str) -> int | str | None:
+    """What tells a listener's connections apart: its TCP port, or its Unix
+    socket path (None for an inherited fd://)."""
+    from gunicorn.util import parse_address
+    try:
+        address = parse_address(bind.strip())
+    except RuntimeError as e:
+        raise ValueError(f"{bind!r}: {e}") from None
+    if isinstance(address, tuple):
+        return address[1]
+    return None if isinstance(address, int) else address
+
+
+def listeners(raw: str) -> tuple[str, ...]:
+    """Listen addresses, gunicorn syntax: host:port, [::1]:port, unix:/path."""
+    result = words(raw)
+    for bind in result:
+        if listener_key(bind) is None:
+            raise ValueError(f"{bind!r}: give a host:port or unix:/path here")
+    return result
+
+
+def url(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError(f"{raw!r} is not an http(s):// URL")
+    return value
+
+
+def domain_names(raw: str) -> tuple[str, ...]:
+    """Host names without wildcards (an HTTP-01 challenge cannot prove a wildcard)."""
+    names = host_patterns(raw)
+    for name in names:
+        if name.startswith("*."):
+            raise ValueError(f"{name!r}: a wildcard cannot be validated over HTTP (HTTP-01); serve "
+                             "wildcard certificates with a [certificate:NAME] section")
+        if re.fullmatch(r"[0-9.]+", name):
+            raise ValueError(f"{name!r} is an IP address, not a domain name")
+    if not names:
+        raise ValueError("names no domain")
+    return names

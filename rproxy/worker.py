@@ -30,6 +30,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from . import http2
 from .connection import linger
 from .forwarded import Forwarding
+from .tls import handshake_done
 
 log = logging.getLogger("rproxy.worker")
 
@@ -180,7 +181,10 @@ class Worker(GeventWorker):
             return
         if isinstance(exc, HeadTimeout):
             peer = addr[0] if isinstance(addr, tuple) else "-"
-            if exc.first:
+            if not handshake_done(client):
+                # No TLS yet to carry a 408: just close.
+                log.debug("client %s did not complete its TLS handshake within %gs: closed", peer, exc.seconds)
+            elif exc.first:
                 log.info("client %s sent no complete request head within %gs: 408 and closed",
                          peer, exc.seconds)
                 _refuse(client, "408 Request Timeout", "request head not received in time")

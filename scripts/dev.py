@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 # System programs the test suite drives, by the Debian package that brings them.
-TEST_PROGRAMS = {"curl": "curl", "redis-server": "redis-server", "chromium": "chromium"}
+TEST_PROGRAMS = {"curl": "curl", "redis-server": "redis-server", "chromium": "chromium",
+                 "pebble": "pebble", "pebble-challtestsrv": "pebble"}
 
 
 def say(message: str) -> None:

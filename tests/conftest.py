@@ -3,11 +3,13 @@ gunicorn, each its own process on a free loopback port, stopped by pid."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from cryptography import x509
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -230,6 +233,37 @@ def raw_exchange(port: int, request: bytes) -> bytes:
         except (socket.timeout, ConnectionResetError):
             pass
     return data
+
+
+class HttpsConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1:port, presenting `server_name` as SNI and Host (None: no SNI)."""
+
+    def __init__(self, port: int, server_name: str | None, context: ssl.SSLContext, timeout: float = 10):
+        super().__init__("127.0.0.1", port, context=context, timeout=timeout)
+        self.server_name = server_name
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.server_name)
+
+    def get(self, path: str = "/", headers: dict | None = None) -> http.client.HTTPResponse:
+        self.request("GET", path, headers={"Host": self.server_name or "127.0.0.1", **(headers or {})})
+        response = self.getresponse()
+        response.body = response.read()
+        return response
+
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.sock.getpeercert(binary_form=True))
+
+
+def served_certificate(port: int, server_name: str | None, context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a fresh connection is given."""
+    connection = HttpsConnection(port, server_name, context)
+    try:
+        connection.connect()
+        return connection.certificate()
+    finally:
+        connection.close()
 
 
 def single_route(port: int, route_extra: str = "", upstream_extra: str = "") -> str:

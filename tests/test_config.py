@@ -29,6 +29,9 @@ read_timeout = 1s
 """
 
 
+ROUTE = "[upstream:a]\nservers = 127.0.0.1:1\n[route:r]\nupstream = a\n"
+
+
 def load_text(tmp_path, text):
     path = tmp_path / "rproxy.ini"
     path.write_text(textwrap.dedent(text))
@@ -86,6 +89,19 @@ def test_defaults_apply_when_sections_are_absent(tmp_path):
      "route:s", "path", "already routed by [route:r]"),
     ("[upstream:a]\nservers = 127.0.0.1:1\n", None, None, "no [route:NAME]"),
     ("[route]\nupstream = a\n", "route", None, "needs a name"),
+    (ROUTE + "[server]\nhttp_bind = 127.0.0.1:80\n", "server", "http_bind", "needs TLS"),
+    (ROUTE + "[server]\nhttps_port = 0\n", "server", "https_port", "not a port number"),
+    (ROUTE + "[server]\ntls_min_version = 1.1\n", "server", "tls_min_version", "not one of: 1.2, 1.3"),
+    (ROUTE + "[acme]\ncache_dir = /tmp/x\n", "acme", "domains", "is required"),
+    (ROUTE + "[acme]\ndomains = *.example.com\n", "acme", "domains", "a wildcard cannot be validated"),
+    (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\n", "acme", "domains",
+     "set [server] http_bind"),
+    (ROUTE + "[acme]\ndomains = example.com\ndirectory = ftp://x\n", "acme", "directory", "not an http(s)://"),
+    (ROUTE + "[acme]\ndomains = example.com\nrenew_before = soon\n", "acme", "renew_before",
+     "not a duration"),
+    (ROUTE + "[server]\nhttp_bind = 127.0.0.1:80\n[acme]\ndomains = example.com\ncache_dir = /dev/null/x\n",
+     "acme", "cache_dir", "'/dev/null' is not a directory"),
+    (ROUTE + "[certificate:a]\ncertfile = /dev/null\n", "certificate:a", "keyfile", "is required"),
 ])
 def test_errors_name_section_key_and_problem(tmp_path, text, section, key, words):
     e = error_for(tmp_path, text)
@@ -119,3 +135,13 @@ def test_readme_reference_matches_the_declarations():
     text = open(readme).read()
     block = text.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->", 1)[0]
     assert block.strip() == config.reference().strip(), "run `rproxy reference` into README.md"
+
+
+def test_acme_defaults_and_durations_in_days(tmp_path):
+    c = load_text(tmp_path, ROUTE + f"[server]\nhttp_bind = 127.0.0.1:8081 unix:{tmp_path}/plain.sock\n"
+                                    f"[acme]\ndomains = Example.com www.example.com\ncache_dir = {tmp_path}/acme\n")
+    assert c.tls and c.server.http_bind == ("127.0.0.1:8081", f"unix:{tmp_path}/plain.sock")
+    assert c.acme.domains == ("example.com", "www.example.com")
+    assert c.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert c.acme.renew_before == 30 * 86400 and c.acme.retry_interval == 120
+    assert not (tmp_path / "acme").exists()  # checking a config creates nothing

@@ -1,0 +1,300 @@
+"""ACME end to end against pebble, Let's Encrypt's test CA, on loopback.
+
+pebble validates HTTP-01 challenges by connecting to each test domain at
+rproxy's plain-HTTP port; pebble-challtestsrv is its DNS and resolves every
+name to 127.0.0.1 (or fails one on purpose). Nothing is mocked: rproxy runs
+under gunicorn, pebble issues real certificates, clients verify them against
+pebble's root."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import time
+
+import pytest
+import requests
+import trustme
+
+from conftest import HttpsConnection, Process, free_port, raw_exchange, served_certificate, single_route, \
+    wait_for_port
+
+
+def free_udp_and_tcp_port() -> int:
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+def program(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (Debian package pebble): python3 scripts/dev.py test installs it")
+    return path
+
+
+class Pebble:
+    """pebble and its mock DNS, each a process on free loopback ports."""
+
+    def __init__(self, tmp_dir, http_port: int, validity: int | None = None):
+        self.tmp_dir, self.http_port, self.validity = tmp_dir, http_port, validity
+        self.port, self.management = free_port(), free_port()
+        self.dns, self.dns_management = free_udp_and_tcp_port(), free_port()
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        self.ca_file = str(tmp_dir / "pebble-ca.pem")
+        ca.cert_pem.write_to_path(self.ca_file)
+        self.certfile, self.keyfile = str(tmp_dir / "pebble-cert.pem"), str(tmp_dir / "pebble-key.pem")
+        cert.cert_chain_pems[0].write_to_path(self.certfile)
+        cert.private_key_pem.write_to_path(self.keyfile)
+        self.directory = f"https://127.0.0.1:{self.port}/dir"
+        self.dns_server = Process([program("pebble-challtestsrv"), "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+                                   "-dns01", f"127.0.0.1:{self.dns}", "-http01", "", "-https01", "",
+                                   "-tlsalpn01", "", "-management", f"127.0.0.1:{self.dns_management}"],
+                                  tmp_dir / f"challtestsrv-{self.dns}.log")
+        wait_for_port(self.dns_management, self.dns_server.proc)
+        self.ca = None
+        self.start()
+
+    def start(self) -> None:
+        """Start pebble (again): same ports, but a new CA, knowing no accounts."""
+        settings = {"listenAddress": f"127.0.0.1:{self.port}",
+                    "managementListenAddress": f"127.0.0.1:{self.management}",
+                    "certificate": self.certfile, "privateKey": self.keyfile,
+                    "httpPort": self.http_port, "tlsPort": free_port(),
+                    "ocspResponderURL": "", "externalAccountBindingRequired": False}
+        if self.validity:
+            settings["certificateValidityPeriod"] = self.validity
+        config = self.tmp_dir / f"pebble-{self.port}.json"
+        config.write_text(json.dumps({"pebble": settings}))
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0",
+                   PEBBLE_VA_ALWAYS_VALID="0")
+        self.ca = Process([program("pebble"), "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns}"],
+                          self.tmp_dir / f"pebble-{self.port}-{time.monotonic_ns()}.log", env=env)
+        wait_for_port(self.port, self.ca.proc)
+        wait_for_port(self.management, self.ca.proc)
+
+    def stop_ca(self) -> None:
+        self.ca.stop()
+
+    def root(self) -> str:
+        return requests.get(f"https://127.0.0.1:{self.management}/roots/0", verify=self.ca_file, timeout=10).text
+
+    def trusting_context(self) -> ssl.SSLContext:
+        """A client context that trusts what this pebble issues, and nothing else."""
+        return ssl.create_default_context(cadata=self.root())
+
+    def fail_dns(self, host: str) -> None:
+        requests.post(f"http://127.0.0.1:{self.dns_management}/set-servfail", json={"host": host},
+                      timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        self.ca.stop()
+        self.dns_server.stop()
+
+
+@pytest.fixture
+def pebble(tmp_path):
+    started = []
+
+    def start(http_port: int, validity: int | None = None) -> Pebble:
+        server = Pebble(tmp_path, http_port, validity)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
+def acme_proxy(start_proxy, upstream, ca: Pebble, cache_dir, domains="a.test b.test", workers=1, **acme):
+    keys = {"domains": domains, "email": "ops@a.test", "directory": ca.directory, "cache_dir": cache_dir,
+            "ca_file": ca.ca_file, "retry_interval": "1s", **acme}
+    section = "[acme]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    return start_proxy(single_route(upstream.port) + section,
+                       server={"http_bind": f"127.0.0.1:{ca.http_port}"}, workers=workers)
+
+
+def wait_for_certificate(port, name, context, timeout=30.0, not_serial=None):
+    """The first certificate for `name` that verifies with `context` (and is not `not_serial`)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            cert = served_certificate(port, name, context)
+            if cert.serial_number != not_serial:
+                return cert
+        except (ssl.SSLError, OSError) as e:
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"no new certificate for {name} verified within {timeout}s (last error: {last})")
+
+
+def settle():
+    """Workers look at the certificate files at most once a second: after one
+    served a new certificate, give the others that second."""
+    time.sleep(1.5)
+
+
+def log_lines(proxy, pattern) -> list[str]:
+    return [line for line in proxy.log().splitlines() if re.search(pattern, line)]
+
+
+def wait_for_log(proxy, pattern, count=1, timeout=30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(found := log_lines(proxy, pattern)) < count:
+        assert time.monotonic() < deadline, f"{count} x {pattern!r} not logged:\n{proxy.log()}"
+        time.sleep(0.2)
+    return found
+
+
+def test_first_issuance_serves_certificates_from_the_ca(start_proxy, upstream, pebble, tmp_path):
+    ca = pebble(free_port())
+    cache = tmp_path / "acme"
+    proxy = acme_proxy(start_proxy, upstream, ca, cache, workers=2)
+    trusted = ca.trusting_context()
+    for name in ("a.test", "b.test"):
+        cert = wait_for_certificate(proxy.port, name, trusted)
+        assert "Pebble Intermediate CA" in cert.issuer.rfc4514_string()
+    settle()
+    response = HttpsConnection(proxy.port, "a.test", trusted).get("/echo/acme")
+    assert response.status == 200
+    # One worker ordered; the CA reached a worker on the plain port for each challenge.
+    assert len(log_lines(proxy, r"acme: worker \d+ manages the certificates of a.test b.test")) == 1
+    assert len(log_lines(proxy, r"GET /.well-known/acme-challenge/\S+ HTTP/1.1\" 200 .*Pebble-VA")) >= 2
+    issued = log_lines(proxy, r"acme: (a|b).test: obtained a certificate in [\d.]+s, valid until")
+    assert len(issued) == 2, proxy.log()
+    # Private keys are readable by rproxy's user only.
+    issuer_dir = next(p for p in cache.iterdir() if p.is_dir() and p.name != "challenges")
+    for path in [issuer_dir / "account.key", *(issuer_dir / "certificates").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert list((cache / "challenges").iterdir()) == []  # tokens are removed after the order
+    # Plain HTTP redirects; nothing was proxied upstream for the challenges.
+    answer = raw_exchange(ca.http_port, b"GET /x?y=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 308") and f"https://a.test:{proxy.port}/x?y=1".encode() in answer
+    assert not log_lines(proxy, r"acme-challenge.*upstream=127")
+
+
+def test_restart_reuses_the_cached_certificate(start_proxy, upstream, pebble, tmp_path):
+    ca = pebble(free_port())
+    cache = tmp_path / "acme"
+    first = acme_proxy(start_proxy, upstream, ca, cache, domains="a.test")
+    trusted = ca.trusting_context()
+    serial = wait_for_certificate(first.port, "a.test", trusted).serial_number
+    first.stop()
+
+    second = acme_proxy(start_proxy, upstream, ca, cache, domains="a.test")
+    # Served from the first handshake on, no new order.
+    assert served_certificate(second.port, "a.test", trusted).serial_number == serial
+    wait_for_log(second, r"acme: a.test: certificate from the cache, renewal due")
+    time.sleep(1)
+    assert not log_lines(second, r"obtained a certificate|registered account|acme-challenge")
+
+
+def test_renewal_reaches_every_worker_without_dropping_connections(start_proxy, upstream, pebble, tmp_path):
+    ca = pebble(free_port(), validity=3600)
+    # Due 3592s before expiry: 8s after issuance, a window no default would give.
+    proxy = acme_proxy(start_proxy, upstream, ca, tmp_path / "acme", domains="a.test", workers=2,
+                       renew_before="3592s")
+    trusted = ca.trusting_context()
+    first = wait_for_certificate(proxy.port, "a.test", trusted)
+    settle()
+    kept = HttpsConnection(proxy.port, "a.test", trusted)
+    assert kept.get("/echo/before").status == 200
+    assert kept.certificate().serial_number == first.serial_number
+
+    # The connection opened before goes on serving requests (within the keep-alive
+    # timeout) through the renewal, on its old session.
+    deadline = time.monotonic() + 30
+    while (renewed := served_certificate(proxy.port, "a.test", trusted)).serial_number == first.serial_number:
+        assert time.monotonic() < deadline, "not renewed"
+        assert kept.get("/echo/during").status == 200
+        time.sleep(0.5)
+    due = first.not_valid_after_utc.timestamp() - 3592
+    assert renewed.not_valid_before_utc.timestamp() >= due - 1, "renewed before it was due"
+    settle()
+    serials = {served_certificate(proxy.port, "a.test", trusted).serial_number for _ in range(12)}
+    assert first.serial_number not in serials
+    for i in range(3):
+        assert kept.get(f"/echo/after-{i}").status == 200
+    assert kept.certificate().serial_number == first.serial_number
+    kept.close()
+
+
+def test_ca_outage_keeps_the_old_certificate_logs_and_backs_off_then_recovers(start_proxy, upstream, pebble,
+                                                                              tmp_path):
+    ca = pebble(free_port(), validity=3600)
+    proxy = acme_proxy(start_proxy, upstream, ca, tmp_path / "acme", domains="a.test", renew_before="3594s")
+    first = wait_for_certificate(proxy.port, "a.test", ca.trusting_context())
+    ca.stop_ca()
+
+    failures = wait_for_log(proxy, r"acme: a.test: could not obtain a certificate", count=3)
+    for line, wait in zip(failures, ("1s", "2s", "4s")):
+        assert f"from {ca.directory}: cannot reach the CA:" in line and "Connection refused" in line
+        assert "still serving the current certificate (valid until" in line
+        assert line.endswith(f"next attempt in {wait}"), line
+    # Still served, without verification trouble beyond the CA being gone.
+    loose = ssl.create_default_context()
+    loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE
+    assert served_certificate(proxy.port, "a.test", loose).serial_number == first.serial_number
+
+    ca.start()  # a new CA on the same URL: it knows no account, so rproxy registers again
+    renewed = wait_for_certificate(proxy.port, "a.test", ca.trusting_context(), timeout=30)
+    assert renewed.serial_number != first.serial_number
+    assert len(log_lines(proxy, r"acme: registered account")) == 2
+
+
+def test_validation_failure_is_logged_with_the_ca_error_and_other_domains_are_served(start_proxy, upstream,
+                                                                                     pebble, tmp_path):
+    ca = pebble(free_port())
+    ca.fail_dns("fail.test")
+    proxy = acme_proxy(start_proxy, upstream, ca, tmp_path / "acme", domains="fail.test a.test")
+    failures = wait_for_log(proxy, r"acme: fail.test: could not obtain a certificate", count=2)
+    assert "validation of fail.test failed: connection: " in failures[0], failures[0]
+    assert "could not resolve URL \"http://fail.test:" in failures[0]
+    assert "serving a placeholder certificate until then; next attempt in 1s" in failures[0]
+    assert failures[1].endswith("next attempt in 2s")
+    # The failing domain does not hold up the others.
+    wait_for_certificate(proxy.port, "a.test", ca.trusting_context())
+    # Until it has its certificate, fail.test gets a self-signed placeholder (as Traefik does).
+    loose = ssl.create_default_context()
+    loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE
+    placeholder = served_certificate(proxy.port, "fail.test", loose)
+    assert "rproxy placeholder certificate" in placeholder.subject.rfc4514_string()
+
+
+def test_another_worker_takes_over_when_the_managing_worker_dies(start_proxy, upstream, pebble, tmp_path):
+    ca = pebble(free_port())
+    proxy = acme_proxy(start_proxy, upstream, ca, tmp_path / "acme", domains="a.test", workers=2)
+    wait_for_certificate(proxy.port, "a.test", ca.trusting_context())
+    leader = int(re.search(r"acme: worker (\d+) manages", wait_for_log(proxy, r"acme: worker \d+ manages")[0])
+                 .group(1))
+    os.kill(leader, signal.SIGKILL)
+    took_over = wait_for_log(proxy, r"acme: worker \d+ manages", count=2, timeout=30)[1]
+    assert f"worker {leader} " not in took_over
+    wait_for_log(proxy, r"acme: a.test: certificate from the cache")
+
+
+def test_hup_reload_with_a_new_domain_orders_it_and_keeps_the_others(start_proxy, upstream, pebble, tmp_path):
+    ca = pebble(free_port())
+    cache = tmp_path / "acme"
+    proxy = acme_proxy(start_proxy, upstream, ca, cache, domains="a.test")
+    trusted = ca.trusting_context()
+    serial = wait_for_certificate(proxy.port, "a.test", trusted).serial_number
+    proxy.rewrite(single_route(upstream.port) + f"[acme]\ndomains = a.test c.test\ndirectory = {ca.directory}\n"
+                                                f"cache_dir = {cache}\nca_file = {ca.ca_file}\nretry_interval = 1s\n")
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_for_certificate(proxy.port, "c.test", trusted)
+    settle()
+    assert served_certificate(proxy.port, "a.test", trusted).serial_number == serial
+    assert len(log_lines(proxy, r"acme: a.test: obtained")) == 1
+    assert len(log_lines(proxy, r"acme: worker \d+ manages the certificates of a.test c.test")) == 1

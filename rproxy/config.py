@@ -64,11 +64,11 @@ class ServerConfig:
                                  "Slowest a request body may arrive, in bytes per second: each 64 KiB "
                                  "of it may take client_timeout plus 64 KiB at this rate; then 408 "
                                  "(slow-body attacks). 0 = only client_timeout applies.")
-    max_request_line: int = setting("8k", values.size_between(256, 8192),
+    max_request_line: int = setting("8k", values.between(values.size, 256, 8192, " bytes"),
                                     "Longest request line (method, target, version), at most 8k; 414 above it.")
-    max_headers: int = setting("100", values.count_between(1, 32768),
+    max_headers: int = setting("100", values.between(values.count, 1, 32768),
                                "Most request header fields; 431 above it.")
-    max_header_size: int = setting("8k", values.size_between(256, 65536),
+    max_header_size: int = setting("8k", values.between(values.size, 256, 65536, " bytes"),
                                    "Longest request header field (name and value); 431 above it.")
     max_connections_per_ip: int = setting("0", values.count,
                                           "Concurrent connections one client address may hold; 429 "

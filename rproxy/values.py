@@ -47,23 +47,14 @@ def size(raw: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def size_between(low: int, high: int):
-    """A size within [low, high] bytes."""
-    def parse(raw: str) -> int:
-        value = size(raw)
+def between(parse: Callable[[str], int], low: int, high: int, unit: str = ""):
+    """`parse`, and the value within [low, high]."""
+    def parse_within(raw: str) -> int:
+        value = parse(raw)
         if not low <= value <= high:
-            raise ValueError(f"{raw!r} must be between {low} and {high} bytes")
+            raise ValueError(f"{raw!r} must be between {low} and {high}{unit}")
         return value
-    return parse
-
-
-def count_between(low: int, high: int):
-    def parse(raw: str) -> int:
-        value = count(raw)
-        if not low <= value <= high:
-            raise ValueError(f"{raw!r} must be between {low} and {high}")
-        return value
-    return parse
+    return parse_within
 
 
 def boolean(raw: str) -> bool:

@@ -83,7 +83,7 @@ def test_value_parsers_give_a_value_or_a_value_error(raw):
                   values.networks, values.path_prefix, values.host_patterns, values.servers,
                   values.limits, values.path_patterns, values.storage_uri, values.limit_key,
                   values.header_value, values.host_port, values.statuses, values.health_check,
-                  values.size_between(256, 8192)):
+                  values.between(values.size, 256, 8192, " bytes")):
         try:
             parse(raw)
         except ValueError as e:

@@ -150,6 +150,18 @@ class Proxy(Process):
     def workers(self) -> list[psutil.Process]:
         return self.children()
 
+    def log_lines(self, pattern: str) -> list[str]:
+        return [line for line in self.log().splitlines() if re.search(pattern, line)]
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """The log lines matching `pattern`, once there are `count` of them
+        (an access line is written after the response has gone out)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.log_lines(pattern)) < count:
+            assert time.monotonic() < deadline, f"{count} x {pattern!r} not logged:\n{self.log()[-5000:]}"
+            time.sleep(0.05)
+        return found
+
 
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:

@@ -144,18 +144,6 @@ def settle():
     time.sleep(1.5)
 
 
-def log_lines(proxy, pattern) -> list[str]:
-    return [line for line in proxy.log().splitlines() if re.search(pattern, line)]
-
-
-def wait_for_log(proxy, pattern, count=1, timeout=30.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while len(found := log_lines(proxy, pattern)) < count:
-        assert time.monotonic() < deadline, f"{count} x {pattern!r} not logged:\n{proxy.log()}"
-        time.sleep(0.2)
-    return found
-
-
 def test_first_issuance_serves_certificates_from_the_ca(start_proxy, upstream, pebble, tmp_path):
     ca = pebble(free_port())
     cache = tmp_path / "acme"
@@ -168,9 +156,9 @@ def test_first_issuance_serves_certificates_from_the_ca(start_proxy, upstream, p
     response = HttpsConnection(proxy.port, "a.test", trusted).get("/echo/acme")
     assert response.status == 200
     # One worker ordered; the CA reached a worker on the plain port for each challenge.
-    assert len(log_lines(proxy, r"acme: worker \d+ manages the certificates of a.test b.test")) == 1
-    assert len(log_lines(proxy, r"GET /.well-known/acme-challenge/\S+ HTTP/1.1\" 200 .*Pebble-VA")) >= 2
-    issued = log_lines(proxy, r"acme: (a|b).test: obtained a certificate in [\d.]+s, valid until")
+    assert len(proxy.log_lines(r"acme: worker \d+ manages the certificates of a.test b.test")) == 1
+    assert len(proxy.log_lines(r"GET /.well-known/acme-challenge/\S+ HTTP/1.1\" 200 .*Pebble-VA")) >= 2
+    issued = proxy.log_lines(r"acme: (a|b).test: obtained a certificate in [\d.]+s, valid until")
     assert len(issued) == 2, proxy.log()
     # Private keys are readable by rproxy's user only.
     issuer_dir = next(p for p in cache.iterdir() if p.is_dir() and p.name != "challenges")
@@ -181,7 +169,7 @@ def test_first_issuance_serves_certificates_from_the_ca(start_proxy, upstream, p
     # Plain HTTP redirects; nothing was proxied upstream for the challenges.
     answer = raw_exchange(ca.http_port, b"GET /x?y=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 308") and f"https://a.test:{proxy.port}/x?y=1".encode() in answer
-    assert not log_lines(proxy, r"acme-challenge.*upstream=127")
+    assert not proxy.log_lines(r"acme-challenge.*upstream=127")
 
 
 def test_restart_reuses_the_cached_certificate(start_proxy, upstream, pebble, tmp_path):
@@ -195,9 +183,9 @@ def test_restart_reuses_the_cached_certificate(start_proxy, upstream, pebble, tm
     second = acme_proxy(start_proxy, upstream, ca, cache, domains="a.test")
     # Served from the first handshake on, no new order.
     assert served_certificate(second.port, "a.test", trusted).serial_number == serial
-    wait_for_log(second, r"acme: a.test: certificate from the cache, renewal due")
+    second.wait_for_log(r"acme: a.test: certificate from the cache, renewal due", timeout=30)
     time.sleep(1)
-    assert not log_lines(second, r"obtained a certificate|registered account|acme-challenge")
+    assert not second.log_lines(r"obtained a certificate|registered account|acme-challenge")
 
 
 def test_renewal_reaches_every_worker_without_dropping_connections(start_proxy, upstream, pebble, tmp_path):
@@ -237,7 +225,7 @@ def test_ca_outage_keeps_the_old_certificate_logs_and_backs_off_then_recovers(st
     first = wait_for_certificate(proxy.port, "a.test", ca.trusting_context())
     ca.stop_ca()
 
-    failures = wait_for_log(proxy, r"acme: a.test: could not obtain a certificate", count=3)
+    failures = proxy.wait_for_log(r"acme: a.test: could not obtain a certificate", count=3, timeout=30)
     for line, wait in zip(failures, ("1s", "2s", "4s")):
         assert f"from {ca.directory}: cannot reach the CA:" in line and "Connection refused" in line
         assert "still serving the current certificate (valid until" in line
@@ -250,7 +238,7 @@ def test_ca_outage_keeps_the_old_certificate_logs_and_backs_off_then_recovers(st
     ca.start()  # a new CA on the same URL: it knows no account, so rproxy registers again
     renewed = wait_for_certificate(proxy.port, "a.test", ca.trusting_context(), timeout=30)
     assert renewed.serial_number != first.serial_number
-    assert len(log_lines(proxy, r"acme: registered account")) == 2
+    assert len(proxy.log_lines(r"acme: registered account")) == 2
 
 
 def test_validation_failure_is_logged_with_the_ca_error_and_other_domains_are_served(start_proxy, upstream,
@@ -258,7 +246,7 @@ def test_validation_failure_is_logged_with_the_ca_error_and_other_domains_are_se
     ca = pebble(free_port())
     ca.fail_dns("fail.test")
     proxy = acme_proxy(start_proxy, upstream, ca, tmp_path / "acme", domains="fail.test a.test")
-    failures = wait_for_log(proxy, r"acme: fail.test: could not obtain a certificate", count=2)
+    failures = proxy.wait_for_log(r"acme: fail.test: could not obtain a certificate", count=2, timeout=30)
     assert "validation of fail.test failed: connection: " in failures[0], failures[0]
     assert "could not resolve URL \"http://fail.test:" in failures[0]
     assert "serving a placeholder certificate until then; next attempt in 1s" in failures[0]
@@ -276,12 +264,12 @@ def test_another_worker_takes_over_when_the_managing_worker_dies(start_proxy, up
     ca = pebble(free_port())
     proxy = acme_proxy(start_proxy, upstream, ca, tmp_path / "acme", domains="a.test", workers=2)
     wait_for_certificate(proxy.port, "a.test", ca.trusting_context())
-    leader = int(re.search(r"acme: worker (\d+) manages", wait_for_log(proxy, r"acme: worker \d+ manages")[0])
-                 .group(1))
+    managing = proxy.wait_for_log(r"acme: worker \d+ manages", timeout=30)[0]
+    leader = int(re.search(r"acme: worker (\d+) manages", managing).group(1))
     os.kill(leader, signal.SIGKILL)
-    took_over = wait_for_log(proxy, r"acme: worker \d+ manages", count=2, timeout=30)[1]
+    took_over = proxy.wait_for_log(r"acme: worker \d+ manages", count=2, timeout=30)[1]
     assert f"worker {leader} " not in took_over
-    wait_for_log(proxy, r"acme: a.test: certificate from the cache")
+    proxy.wait_for_log(r"acme: a.test: certificate from the cache", timeout=30)
 
 
 def test_hup_reload_with_a_new_domain_orders_it_and_keeps_the_others(start_proxy, upstream, pebble, tmp_path):
@@ -296,5 +284,5 @@ def test_hup_reload_with_a_new_domain_orders_it_and_keeps_the_others(start_proxy
     wait_for_certificate(proxy.port, "c.test", trusted)
     settle()
     assert served_certificate(proxy.port, "a.test", trusted).serial_number == serial
-    assert len(log_lines(proxy, r"acme: a.test: obtained")) == 1
-    assert len(log_lines(proxy, r"acme: worker \d+ manages the certificates of a.test c.test")) == 1
+    assert len(proxy.log_lines(r"acme: a.test: obtained")) == 1
+    assert len(proxy.log_lines(r"acme: worker \d+ manages the certificates of a.test c.test")) == 1

@@ -28,16 +28,6 @@ def read_until_closed(sock: socket.socket, limit: float = 10.0) -> tuple[bytes, 
     return data, time.monotonic()
 
 
-def wait_for_log(proxy, pattern: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = re.search(pattern, proxy.log())
-        if found:
-            return found.group(0)
-        time.sleep(0.05)
-    raise AssertionError(f"no log line matching {pattern!r}:\n{proxy.log()[-3000:]}")
-
-
 def wait_for_open(upstream, condition, timeout: float = 10.0) -> None:
     """Until the upstream's count of open connections satisfies `condition`."""
     deadline = time.monotonic() + timeout
@@ -54,7 +44,7 @@ def test_incomplete_head_gets_408_at_the_header_timeout(start_proxy, upstream, h
         data, closed = read_until_closed(s)
     assert data.startswith(b"HTTP/1.1 408 ")
     assert 0.9 <= closed - started < 3
-    wait_for_log(proxy, r"client 127\.0\.0\.1 sent no complete request head within 1s: 408")
+    proxy.wait_for_log(r"client 127\.0\.0\.1 sent no complete request head within 1s: 408")
     hardening_record(("incomplete request head (client_header_timeout 1s)", "1",
                       f"408 after {closed - started:.1f} s, logged"))
 
@@ -118,7 +108,7 @@ def test_stalled_request_body_gets_408_and_the_upstream_sees_a_cut_request(start
         data, closed = read_until_closed(s)
     assert data.startswith(b"HTTP/1.1 408 ")
     assert closed - started < 8
-    wait_for_log(proxy, r"client 127\.0\.0\.1 stalled mid-upload .*: 408")
+    proxy.wait_for_log(r"client 127\.0\.0\.1 stalled mid-upload .*: 408")
     wait_for_open(upstream, lambda n: n == 1)  # 1: the stats request itself
     hardening_record(("request body stalls after 200 kB (client_timeout 1s)", "1",
                       f"408 after {closed - started:.1f} s; the upstream's connection closed"))
@@ -143,7 +133,7 @@ def test_body_trickling_below_min_body_rate_gets_408(start_proxy, start_upstream
                 break
     assert reply.startswith(b"HTTP/1.1 408 ")
     assert 1.8 <= time.monotonic() - started < 4
-    wait_for_log(proxy, r"stalled mid-upload \(body slower than min_body_rate")
+    proxy.wait_for_log(r"stalled mid-upload \(body slower than min_body_rate")
     assert upstream.stats()["requests"] == 1  # this one: the upstream never saw the trickle
     hardening_record(("body trickled a byte every 0.3 s (min_body_rate 64k)", "1",
                       "408 after about 2 s; the upstream never saw the request"))
@@ -186,7 +176,7 @@ def test_request_line_and_header_limits(start_proxy, start_upstream, request_byt
     proxy = start_proxy(single_route(upstream.port))
     reply = raw_exchange(proxy.port, request_bytes)
     assert reply.startswith(b"HTTP/1.1 " + status), reply[:200]
-    wait_for_log(proxy, r"Invalid request from ip=127\.0\.0\.1")
+    proxy.wait_for_log(r"Invalid request from ip=127\.0\.0\.1")
     assert upstream.stats()["requests"] == 1  # this stats call only
     hardening_record((f"oversized request head ({len(request_bytes)} bytes)", "1",
                       f"{status.decode()}, logged, nothing forwarded"))
@@ -214,7 +204,7 @@ def test_connections_per_client_address_are_capped(start_proxy, upstream, harden
         with socket.create_connection(("127.0.0.1", proxy.port)) as extra:
             data, _ = read_until_closed(extra)
         assert data.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 1" in data
-        wait_for_log(proxy, r"client 127\.0\.0\.1 already holds 3 connections \(max_connections_per_ip\)")
+        proxy.wait_for_log(r"client 127\.0\.0\.1 already holds 3 connections \(max_connections_per_ip\)")
         held.pop().close()
         deadline = time.monotonic() + 5
         while True:  # the freed slot is usable again
@@ -243,7 +233,7 @@ def test_behind_a_trusted_proxy_requests_are_capped_per_forwarded_client(start_p
         assert over.status_code == 429 and over.headers["Retry-After"] == "1"
         other = requests.get(proxy.url + "/echo", headers={"X-Forwarded-For": "203.0.113.6"}, timeout=5)
         assert other.status_code == 200
-        wait_for_log(proxy, r"client 203\.0\.113\.5 \(via 127\.0\.0\.1\) already has 2 requests under way")
+        proxy.wait_for_log(r"client 203\.0\.113\.5 \(via 127\.0\.0\.1\) already has 2 requests under way")
         for s in slow:
             s.settimeout(6)
             data = s.recv(65536)
@@ -269,7 +259,7 @@ def test_out_of_file_descriptors_pauses_accepting_with_a_log_line(start_proxy, u
         time.sleep(2)
         # gevent backs off (up to 1 s between tries): no busy loop.
         assert sum(worker.cpu_times()[:2]) - cpu_before < 0.5
-        wait_for_log(proxy, r"out of file descriptors \(EMFILE\): not accepting new connections")
+        proxy.wait_for_log(r"out of file descriptors \(EMFILE\): not accepting new connections")
     finally:
         for s in flood:
             s.close()

@@ -120,9 +120,7 @@ def test_paste_deployment_beside_gunicorn_conf_uses_the_paste_ini(tmp_path, upst
 def test_access_log_has_one_line_per_request_with_upstream_timing(proxy, upstream):
     requests.get(proxy.url + "/echo/logged?x=1", headers={"X-Request-ID": "log-me-1"}, timeout=10)
     requests.get(proxy.url + "/slow?delay=0.2", headers={"X-Request-ID": "log-me-2"}, timeout=10)
-    lines = [l for l in proxy.log().splitlines() if "rid=log-me-" in l]
-    assert len(lines) == 2
-    first, second = lines
+    first, second = proxy.wait_for_log(r"rid=log-me-", count=2)
     assert '"GET /echo/logged?x=1 HTTP/1.1" 200 ' in first
     assert f"upstream=127.0.0.1:{upstream.port}" in first and "route=default" in first
     upstream_ms = float(re.search(r"upstream_ms=([\d.]+)", second).group(1))

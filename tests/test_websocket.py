@@ -277,10 +277,7 @@ def test_access_log_line_per_tunnel_and_no_error_noise(ws_proxy):
     ws.send("a" * 1000)
     assert ws.recv() == "a" * 1000
     ws.close()
-    deadline = time.monotonic() + 5
-    while "rid=tunnel-log" not in ws_proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    line = next(l for l in ws_proxy.log().splitlines() if "rid=tunnel-log" in l)
+    line, = ws_proxy.wait_for_log(r"rid=tunnel-log", timeout=5)
     assert '"GET /echo HTTP/1.1" 101 ' in line
     up = int(line.split("tunnel_up=")[1].split()[0])
     down = int(line.split("tunnel_down=")[1].split()[0])

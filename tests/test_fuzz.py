@@ -15,6 +15,7 @@ from rproxy.forward import Forwarder
 from rproxy.forwarded import Forwarding
 from rproxy.http import BadRequest, Request, bad_header_value, normalize_path, valid_header_name
 from rproxy.httpcache import rules
+from rproxy.middleware.cache import CacheConfig, HTTPCache
 from rproxy.middleware.filter import FilterConfig, PathFilter
 from rproxy.routing import Router
 
@@ -238,3 +239,24 @@ def test_a_stored_variant_answers_only_requests_it_was_stored_for(vary, first, s
     asking = {"Accept-Encoding": second} if second is not None else {}
     if rules.selects(entry, asking) and "Accept-Encoding" in vary:
         assert (first and " ".join(first.split())) == second or (first is None and second is None)
+
+
+TARGETS = st.sampled_from(["/", "/a", "/a?b=1", "/a?b=2", "/A", "/a/", "/%61", "/a?b=1&c=2", "/a?c=2&b=1"])
+
+
+@FUZZ
+@given(first=st.tuples(st.sampled_from(["http", "https"]), st.sampled_from(["shop.example", "SHOP.example",
+                                                                            "other.example", "shop.example:8080"]),
+                        TARGETS),
+       second=st.tuples(st.sampled_from(["http", "https"]), st.sampled_from(["shop.example", "other.example"]),
+                        TARGETS))
+def test_cache_keys_are_equal_exactly_for_the_same_resource(first, second):
+    cache = HTTPCache(CacheConfig(name=""), {})
+
+    def key(scheme, host, target):
+        return cache._key(Request.from_environ({
+            "REQUEST_METHOD": "GET", "RAW_URI": target, "REMOTE_ADDR": "203.0.113.1", "HTTP_HOST": host,
+            "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": scheme}))
+    same = (first[0] == second[0] and first[1].lower() == second[1].lower() and first[2] == second[2])
+    # The target is the key as received: /a and /%61 may differ to the upstream, so they are kept apart.
+    assert (key(*first) == key(*second)) == same

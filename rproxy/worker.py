@@ -25,9 +25,10 @@ import time
 import gevent
 from gevent.baseserver import BaseServer
 from gevent.local import local
+from gunicorn.http import wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import http2
+from . import http2, response_writer
 from .connection import linger
 from .forwarded import Forwarding
 
@@ -93,6 +94,10 @@ class Worker(GeventWorker):
         hub = gevent.get_hub()
         self._hub_handle_error = hub.handle_error
         hub.handle_error = self._hub_error
+        # gunicorn builds each HTTP/1.x response with wsgi.create's default
+        # class: in this worker process, ours (head and first body piece in
+        # one send).
+        wsgi.Response = response_writer.Response
         super().run()
 
     # The head deadline replaces gunicorn's keep-alive timer (which also
@@ -117,10 +122,12 @@ class Worker(GeventWorker):
             # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _connection.deadline = self._arm(self.header_timeout, first=True)
+        _connection.keepalive = None
         try:
             super().handle(listener, client, addr)
         finally:
-            _connection.deadline.close()
+            for timer in {_connection.deadline, _connection.keepalive} - {None}:
+                timer.close()
             if counted is not None:
                 self.per_address.leave(counted)
 
@@ -134,7 +141,7 @@ class Worker(GeventWorker):
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
 
     def handle_request(self, listener_name, req, sock, addr):
-        _connection.deadline.close()
+        _connection.deadline.cancel()
         counted = self._forwarded_client(req, addr)
         sock.settimeout(self.client_timeout)
         try:
@@ -151,7 +158,7 @@ class Worker(GeventWorker):
             with contextlib.suppress(OSError):
                 if sock.gettimeout() != 0.0:  # 0.0: a tunnel owns the socket now
                     sock.settimeout(None)
-            _connection.deadline = self._arm(self.keepalive_timeout, first=False)
+            _connection.deadline = self._keepalive_deadline()
 
     def _forwarded_client(self, req, addr):
         """Behind a trusted proxy, cap concurrent requests per forwarded
@@ -167,6 +174,16 @@ class Worker(GeventWorker):
         log.warning("client %s (via %s) already has %d requests under way "
                     "(max_connections_per_ip): 429", client, peer, self.per_address.limit)
         raise _Refused(client)
+
+    def _keepalive_deadline(self) -> gevent.Timeout:
+        """The deadline for the next request head: one timer per connection,
+        started again after each request."""
+        timer = _connection.keepalive
+        if timer is None:
+            timer = _connection.keepalive = self._arm(self.keepalive_timeout, first=False)
+        else:
+            timer.start()
+        return timer
 
     def _arm(self, seconds: float, first: bool) -> gevent.Timeout:
         if not seconds:

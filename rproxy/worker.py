@@ -122,12 +122,10 @@ class Worker(GeventWorker):
             # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _connection.deadline = self._arm(self.header_timeout, first=True)
-        _connection.keepalive = None
         try:
             super().handle(listener, client, addr)
         finally:
-            for timer in {_connection.deadline, _connection.keepalive} - {None}:
-                timer.close()
+            _connection.deadline.close()
             if counted is not None:
                 self.per_address.leave(counted)
 
@@ -141,7 +139,7 @@ class Worker(GeventWorker):
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
 
     def handle_request(self, listener_name, req, sock, addr):
-        _connection.deadline.cancel()
+        _connection.deadline.close()
         counted = self._forwarded_client(req, addr)
         sock.settimeout(self.client_timeout)
         try:
@@ -158,7 +156,9 @@ class Worker(GeventWorker):
             with contextlib.suppress(OSError):
                 if sock.gettimeout() != 0.0:  # 0.0: a tunnel owns the socket now
                     sock.settimeout(None)
-            _connection.deadline = self._keepalive_deadline()
+            # A new timer each time: libev restarts a stopped timer with the
+            # time it had left, not the whole timeout.
+            _connection.deadline = self._arm(self.keepalive_timeout, first=False)
 
     def _forwarded_client(self, req, addr):
         """Behind a trusted proxy, cap concurrent requests per forwarded
@@ -174,16 +174,6 @@ class Worker(GeventWorker):
         log.warning("client %s (via %s) already has %d requests under way "
                     "(max_connections_per_ip): 429", client, peer, self.per_address.limit)
         raise _Refused(client)
-
-    def _keepalive_deadline(self) -> gevent.Timeout:
-        """The deadline for the next request head: one timer per connection,
-        started again after each request."""
-        timer = _connection.keepalive
-        if timer is None:
-            timer = _connection.keepalive = self._arm(self.keepalive_timeout, first=False)
-        else:
-            timer.start()
-        return timer
 
     def _arm(self, seconds: float, first: bool) -> gevent.Timeout:
         if not seconds:

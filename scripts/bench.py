@@ -5,7 +5,7 @@ gunicorn worker and other Python proxies, measured in one run.
                                               rproxy into .venv and the peers into .bench-venv
     python3 scripts/bench.py                  the comparison table, then feature costs
     python3 scripts/bench.py --only table     just the table (throughput, p99, memory)
-    python3 scripts/bench.py --compare REF    add rproxy as of git REF beside today's (A/B)
+    python3 scripts/bench.py --compare REF    add rproxy as of git REF beside today's (A/B, repeatable)
     python3 scripts/bench.py --profile 10     py-spy on the rproxy worker under load
     python3 scripts/bench.py --soak 10        mixed load for 10 minutes, RSS and fds sampled
     python3 scripts/bench.py --attacks        1,000 dribbling connections against one worker
@@ -66,16 +66,24 @@ def rate_script(tmp: Path, rate: float, connections: int) -> Path:
     return script
 
 
+def compared(args) -> list[tuple[str, str, str]]:
+    """(target name, git ref, gunicorn flags) of each `--compare "REF [FLAGS]"`."""
+    out = []
+    for spec in args.compare or ():
+        ref, _, flags = spec.partition(" ")
+        out.append((f"rproxy@{ref}" + (f" {flags}" if flags else ""), ref, flags))
+    return out
+
+
 def start_targets(stack: Stack, tmp: Path, upstream: int, args, peers: bool) -> dict[str, int]:
     """The proxies of the table, each on its own port: name -> port."""
     ports = {"nginx": free_port(), "hello": free_port(), "rproxy": free_port()}
     stack.add(start_nginx_proxy(tmp, ports["nginx"], upstream))
     stack.add(bench_peers.start_hello(tmp, ports["hello"]))
     stack.add(start_rproxy(tmp, ports["rproxy"], upstream))
-    if args.compare:
-        ports[f"rproxy@{args.compare}"] = free_port()
-        stack.add(start_rproxy(tmp, ports[f"rproxy@{args.compare}"], upstream,
-                               tree=source_tree(tmp, args.compare), gunicorn_args=args.compare_args))
+    for name, ref, gunicorn_args in compared(args):
+        ports[name] = free_port()
+        stack.add(start_rproxy(tmp, ports[name], upstream, tree=source_tree(tmp, ref), gunicorn_args=gunicorn_args))
     if peers:
         ports["wsgiproxy2"], ports["proxy.py"] = free_port(), free_port()
         stack.add(bench_peers.start_wsgiproxy2(tmp, ports["wsgiproxy2"], upstream))
@@ -90,10 +98,9 @@ def measure_memory(tmp: Path, args, peers: bool) -> dict[str, tuple]:
         "nginx": lambda port, up: start_nginx_proxy(tmp, port, up),
         "rproxy": lambda port, up: start_rproxy(tmp, port, up),
     }
-    if args.compare:
-        tree = source_tree(tmp, args.compare)
-        starters[f"rproxy@{args.compare}"] = lambda port, up: start_rproxy(tmp, port, up, tree=tree,
-                                                                           gunicorn_args=args.compare_args)
+    for name, ref, gunicorn_args in compared(args):
+        starters[name] = (lambda tree, extra: lambda port, up: start_rproxy(
+            tmp, port, up, tree=tree, gunicorn_args=extra))(source_tree(tmp, ref), gunicorn_args)
     if peers:
         starters["wsgiproxy2"] = lambda port, up: bench_peers.start_wsgiproxy2(tmp, port, up)
     memory = {}
@@ -117,8 +124,8 @@ def fmt_kib(value: tuple) -> str:
 
 
 def run_table(tmp: Path, args) -> None:
-    peers = bench_peers.peers_installed()
-    if not peers:
+    peers = bench_peers.peers_installed() and not args.no_peers
+    if not peers and not args.no_peers:
         say("(WSGIProxy2 and proxy.py are not installed: `scripts/bench.py --setup` adds them)")
     up = free_port()
     with Stack() as stack:
@@ -179,7 +186,7 @@ def run_profile(tmp: Path, args) -> None:
     up, port = free_port(), free_port()
     with Stack() as stack:
         stack.add(start_upstream(tmp, up))
-        proxy = stack.add(start_rproxy(tmp, port, up, gunicorn_args=args.compare_args))
+        proxy = stack.add(start_rproxy(tmp, port, up))
         worker = worker_pid(proxy.pid)
         wrk(f"http://127.0.0.1:{port}/100B", 2, args.connections)
         raw = tmp / "profile.txt"
@@ -226,10 +233,10 @@ def main() -> int:
     for section in SECTIONS[1:]:
         parser.add_argument(f"--no-{section}", action="store_true", help=f"skip the {section} section")
     parser.add_argument("--no-http", action="store_true", help="skip the table (as --no-table)")
-    parser.add_argument("--compare", metavar="REF", help="also run rproxy as of this git ref (A/B)")
-    parser.add_argument("--compare-args", default="", metavar="ARGS",
-                        help="gunicorn flags for the compared rproxy (GUNICORN_CMD_ARGS), "
-                             "e.g. --compare HEAD --compare-args='--http-parser python'")
+    parser.add_argument("--no-peers", action="store_true", help="leave WSGIProxy2 and proxy.py out of the table")
+    parser.add_argument("--compare", metavar="'REF [FLAGS]'", action="append",
+                        help="also run rproxy as of this git ref, with these gunicorn flags if given "
+                             "(A/B; repeatable), e.g. --compare 'HEAD --http-parser python'")
     parser.add_argument("--profile", type=int, metavar="SECONDS", help="profile the rproxy worker, then exit")
     parser.add_argument("--profile-top", type=int, default=40)
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the soak test alone")

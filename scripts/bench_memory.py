@@ -74,8 +74,15 @@ def exchange(socks: list[socket.socket], request: bytes, done, deadline: float) 
 
 
 def _small_done(data: bytes) -> bool:
+    """A whole response with a Content-Length has come."""
     head, sep, body = data.partition(b"\r\n\r\n")
-    return bool(sep) and len(body) >= 100
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def _first_chunk(data: bytes) -> bool:

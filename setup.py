@@ -10,6 +10,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "gunicorn>=27.0,<28",
+        # gunicorn's C request parser (what gunicorn[fast] brings, whose pin
+        # is newer than the registry has): gunicorn picks it up by itself.
+        "gunicorn_h1c>=0.6.10,<0.7",
         "gevent>=24.10.1",
         "urllib3>=2.2,<3",
         "gevent-websocket>=0.10,<0.11",

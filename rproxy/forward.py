@@ -30,11 +30,11 @@ from urllib.parse import quote
 
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http2.errors import HTTP2StreamError
-from urllib3.exceptions import (ConnectTimeoutError, EmptyPoolError, HTTPError,
-                                NewConnectionError, ProtocolError, SSLError)
+from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectionError, ProtocolError, SSLError
 
 from . import upstream_tls
 from .config import RouteConfig, ServerConfig
+from .exchange import UpstreamResponse, request_head
 from .http import (Request, Response, bad_header_value, clean_response_headers, error_response,
                    valid_header_name)
 from .tunnel import Tunnels, open_tunnel
@@ -193,24 +193,24 @@ class UpstreamBody:
         return self
 
     def __next__(self) -> bytes:
+        if self.finished:
+            raise StopIteration
+        response = self.response
         try:
-            data = self.response.read1(CHUNK)
-            if not data and self.response.length:
-                # http.client ends a short Content-Length body quietly: it is a cut.
-                raise http.client.IncompleteRead(b"", self.response.length)
-        except (HTTPError, OSError, http.client.HTTPException) as e:
+            data = response.read1(CHUNK)
+        except (OSError, http.client.HTTPException) as e:
             self._done(reusable=False)
             reason = _describe(e)
             self.request.environ["rproxy.error"] = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
             raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
+        if response.complete:
+            # The connection goes back to its pool as soon as the body is in,
+            # before this last piece is written to the client.
+            self._done(reusable=response.reusable)
         if data:
             return data
-        # Read to the end (http.client leaves a finished Content-Length body
-        # open): close it so that the connection can carry the next request.
-        self.response.close()
-        self._done(reusable=True)
         raise StopIteration
 
     def close(self) -> None:
@@ -228,11 +228,6 @@ def _release(server: Server, conn, reusable: bool) -> None:
     if not reusable:
         conn.close()
     server.pool._put_conn(conn)
-
-
-# http.client's own methods, past urllib3's overrides (see Forwarder._exchange).
-_putheader = http.client.HTTPConnection.putheader
-_getresponse = http.client.HTTPConnection.getresponse
 
 
 def _retriable(error: Exception, request: Request, request_body: RequestBody | None) -> bool:
@@ -354,48 +349,44 @@ class Forwarder:
         return proxied
 
     @staticmethod
-    def proxied(request: Request, label: str, response, release) -> Response:
-        """The client's Response for an upstream's http.client response head;
-        its body streams from the upstream."""
+    def proxied(request: Request, label: str, response: UpstreamResponse, release) -> Response:
+        """The client's Response for an upstream's response head; its body
+        streams from the upstream."""
         headers = response_headers(response.headers.items(), response.headers.get("Connection"),
                                    response.chunked)
         body = UpstreamBody(response, request, label, release)
         return Response(response.status, headers, body, response.reason or None)
 
     def _exchange(self, conn, method, target, headers, body, chunked):
-        """Send the request on urllib3's connection and read the response head.
-
-        urllib3 connects (timeouts, TLS, SNI, verification) and pools; the
-        exchange itself goes through http.client's methods directly: the
-        headers are ours already, so urllib3's per-request header policing
-        and response wrapping would be work done twice on the hot path."""
-        if conn.sock is None:
+        """Send the request on urllib3's pooled connection and read the
+        response head (see exchange.py)."""
+        sock = conn.sock
+        if sock is None:
             conn.timeout = self.connect_timeout
             conn.connect()
-        conn.timeout = self.read_timeout
-        conn.sock.settimeout(self.read_timeout)
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers.items():
-            _putheader(conn, name, value)
-        if chunked:
-            _putheader(conn, "Transfer-Encoding", "chunked")
-        conn.endheaders()
-        if body is not None:
+            sock = conn.sock
+        if sock.gettimeout() != self.read_timeout:
+            sock.settimeout(self.read_timeout)
+        head = request_head(method, target, headers, chunked)
+        if body is None:
+            sock.sendall(head)
+        else:
             try:
                 payload = body.payload()
                 if isinstance(payload, bytes):
-                    conn.send(payload)
+                    sock.sendall(head + payload)
                 else:
+                    sock.sendall(head)
                     for chunk in payload:
-                        conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if chunked:
-                    conn.send(b"0\r\n\r\n")
+                    sock.sendall(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 # The upstream may have answered early and stopped reading
                 # (e.g. 413 or 401): its answer is still worth reading.
                 if body.sent == 0:
                     raise
-        return _getresponse(conn)
+        return UpstreamResponse(sock, method)
 
     def _headers(self, request: Request, server: Server) -> dict[str, str]:
         headers = dict(request.headers)

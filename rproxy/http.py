@@ -79,6 +79,18 @@ def header_name(environ_key: str) -> str:
     return environ_key[5:].replace("_", "-").title()
 
 
+# environ key -> (header name, its lower case), for the keys requests carry.
+_NAMES: dict[str, tuple[str, str]] = {}
+
+
+def _names(environ_key: str) -> tuple[str, str]:
+    if len(_NAMES) > 2048:  # clients choose the names: bounded
+        _NAMES.clear()
+    name = header_name(environ_key)
+    names = _NAMES[environ_key] = (name, name.lower())
+    return names
+
+
 def header_environ_key(name: str) -> str:
     """'X-Api-Key' -> 'HTTP_X_API_KEY'."""
     return "HTTP_" + name.upper().replace("-", "_")
@@ -189,9 +201,9 @@ class Request:
             drop = drop | {"version"}
         headers: dict[str, str] = {}
         for key, value in environ.items():
-            if key[:5] == "HTTP_":
-                name = header_name(key)
-                if name.lower() not in drop:
+            if key.startswith("HTTP_"):
+                name, lname = _NAMES.get(key) or _names(key)
+                if lname not in drop:
                     headers[name] = value
         content_type = environ.get("CONTENT_TYPE")
         if content_type:

@@ -23,7 +23,6 @@ away) first, as long as no frame is half-way across.
 from __future__ import annotations
 
 import http.client
-import io
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ import gevent
 import gevent.socket
 
 from . import accesslog, metrics
+from .exchange import UpstreamResponse, request_head
 from .http import Request, Response, clean_response_headers, error_response
 from .upstream import Server
 
@@ -293,36 +293,6 @@ class Tunnels:
             tunnel.end()
 
 
-class _Replay(io.RawIOBase):
-    """A socket's stream with bytes already read put back in front, so that
-    http.client can parse a non-101 answer whose head we read ourselves."""
-
-    def __init__(self, data: bytes, sock):
-        self.data = data
-        self.sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.data:
-            n = min(len(buffer), len(self.data))
-            buffer[:n] = self.data[:n]
-            self.data = self.data[n:]
-            return n
-        return self.sock.recv_into(buffer)
-
-    def makefile(self, mode="rb", buffering=-1):
-        return io.BufferedReader(self)
-
-
-def request_head(request: Request, target: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{request.method} {target} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    lines += ["Connection: Upgrade", f"Upgrade: {request.upgrade}", "", ""]
-    return "\r\n".join(lines).encode("latin-1")
-
-
 def read_head(sock) -> tuple[bytes, int]:
     """Read until the end of a response head; returns (buffer, head length)."""
     buf = bytearray()
@@ -393,7 +363,8 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         conn.connect()
         upstream = conn.sock
         upstream.settimeout(forwarder.read_timeout)
-        upstream.sendall(request_head(request, target, headers))
+        upstream.sendall(request_head(request.method, target, headers,
+                                      extra=f"Connection: Upgrade\r\nUpgrade: {request.upgrade}\r\n"))
         buf, head_len = read_head(upstream)
     except Exception as e:
         conn.close()
@@ -403,9 +374,8 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
 
     if buf[9:12] != b"101":
         # Not switching: an ordinary response, on a connection nobody reuses.
-        response = http.client.HTTPResponse(_Replay(buf, upstream), method=request.method)
         try:
-            response.begin()
+            response = UpstreamResponse(upstream, request.method, buffered=buf)
         except Exception as e:
             upstream.close()
             return forwarder.failure(request, server, e)

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import socket
 import time
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ClosedPoolError, EmptyPoolError
+from urllib3.util.connection import is_connection_dropped
 
 from . import metrics, upstream_tls
 from .balancing import POLICIES, ConsistentHash
@@ -29,7 +33,24 @@ log = logging.getLogger("rproxy.upstream")
 
 class _QuietSurplus:
     """Close connections beyond the pool's size without urllib3's warning:
-    for a proxy under a burst that is the expected way to shed them."""
+    for a proxy under a burst that is the expected way to shed them. And
+    check an idle connection for a close by the upstream with one peek:
+    urllib3's check polls through gevent's select.poll, which costs as
+    much as a greenlet switch, once per request."""
+
+    def _get_conn(self, timeout=None):
+        try:
+            conn = self.pool.get(block=self.block, timeout=timeout)
+        except AttributeError:  # the pool was closed
+            raise ClosedPoolError(self, "Pool is closed.") from None
+        except queue.Empty:
+            if self.block:
+                raise EmptyPoolError(self, "Pool is empty and a new connection can't be opened "
+                                           "due to blocking mode.") from None
+            conn = None
+        if conn is not None and conn.sock is not None and _closed_or_stray(conn):
+            conn.close()  # reconnects when used
+        return conn or self._new_conn()
 
     def _put_conn(self, conn):
         if self.pool is not None:
@@ -40,6 +61,22 @@ class _QuietSurplus:
                 pass
         if conn is not None:
             conn.close()
+
+
+def _closed_or_stray(conn) -> bool:
+    """Has an idle connection become readable: closed by the upstream
+    (EOF, reset) or holding bytes nobody asked for? Either way it cannot
+    carry the next request."""
+    raw = getattr(conn.sock, "_sock", None)  # gevent's socket: the real one, non-blocking
+    if raw is None:
+        return is_connection_dropped(conn)
+    try:
+        raw.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class ServerPool(_QuietSurplus, HTTPConnectionPool):

@@ -19,31 +19,36 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 
 import gevent
 from gevent.baseserver import BaseServer
-from gevent.local import local
+from gunicorn.http import wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import http2
+from . import http2, response_writer
 from .connection import linger
 from .forwarded import Forwarding
 from .tls import handshake_done
 
 log = logging.getLogger("rproxy.worker")
 
-_connection = local()  # per connection greenlet: its head deadline
-
-
 class HeadTimeout(Exception):
-    """The client did not finish a request head in time."""
+    """The client did not finish a request head in time. Thrown as a class
+    (gevent makes the instance only if the timer fires): an idle keep-alive
+    connection holds no exception object, only its timer."""
 
-    def __init__(self, seconds: float, first: bool):
-        super().__init__(f"no complete request head within {seconds:g}s")
-        self.seconds = seconds
-        self.first = first
+    first: bool
+
+
+class FirstHeadTimeout(HeadTimeout):
+    first = True
+
+
+class NextHeadTimeout(HeadTimeout):
+    first = False
 
 
 class AddressCounts:
@@ -91,9 +96,20 @@ class Worker(GeventWorker):
         self.forwarding = Forwarding(server.trusted_proxies)
         self.per_address = AddressCounts(server.max_connections_per_ip) if server.max_connections_per_ip else None
         self._out_of_fds_logged = 0.0
+        # Each connection greenlet's head deadline (a gevent.local would cost
+        # an idle keep-alive connection a dict of its own).
+        self._deadlines: dict = {}
         hub = gevent.get_hub()
         self._hub_handle_error = hub.handle_error
         hub.handle_error = self._hub_error
+        # gunicorn builds each HTTP/1.x response with wsgi.create's default
+        # class: in this worker process, ours (head and first body piece in
+        # one send).
+        wsgi.Response = response_writer.Response
+        # gunicorn reads SCRIPT_NAME from os.environ for every request, and
+        # os.environ raises (and catches) a KeyError for an unset name: set,
+        # empty, it means the same (mounted at the root) without that cost.
+        os.environ.setdefault("SCRIPT_NAME", "")
         super().run()
 
     # The head deadline replaces gunicorn's keep-alive timer (which also
@@ -117,17 +133,18 @@ class Worker(GeventWorker):
             # this, Nagle holds each until the client ACKs the one before
             # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _connection.deadline = self._arm(self.header_timeout, first=True)
+        me = gevent.getcurrent()
+        self._deadlines[me] = self._arm(self.header_timeout, first=True)
         try:
             super().handle(listener, client, addr)
         finally:
-            _connection.deadline.close()
+            self._deadlines.pop(me).close()
             if counted is not None:
                 self.per_address.leave(counted)
 
     def handle_http2(self, listener, client, addr, preface=b"", upgrade=None):
         # An HTTP/2 connection has its own idle and stream timeouts: no head deadline.
-        _connection.deadline.close()
+        self._deadlines[gevent.getcurrent()].close()
         http2.serve_connection(self, listener, client, addr, preface, upgrade)
 
     def handle_http2_request(self, listener_name, req, sock, addr, h2_conn):
@@ -135,7 +152,8 @@ class Worker(GeventWorker):
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
 
     def handle_request(self, listener_name, req, sock, addr):
-        _connection.deadline.close()
+        me = gevent.getcurrent()
+        self._deadlines[me].close()
         counted = self._forwarded_client(req, addr)
         sock.settimeout(self.client_timeout)
         try:
@@ -152,7 +170,9 @@ class Worker(GeventWorker):
             with contextlib.suppress(OSError):
                 if sock.gettimeout() != 0.0:  # 0.0: a tunnel owns the socket now
                     sock.settimeout(None)
-            _connection.deadline = self._arm(self.keepalive_timeout, first=False)
+            # A new timer each time: libev restarts a stopped timer with the
+            # time it had left, not the whole timeout.
+            self._deadlines[me] = self._arm(self.keepalive_timeout, first=False)
 
     def _forwarded_client(self, req, addr):
         """Behind a trusted proxy, cap concurrent requests per forwarded
@@ -172,7 +192,7 @@ class Worker(GeventWorker):
     def _arm(self, seconds: float, first: bool) -> gevent.Timeout:
         if not seconds:
             return gevent.Timeout(None)
-        return gevent.Timeout.start_new(seconds, HeadTimeout(seconds, first))
+        return gevent.Timeout.start_new(seconds, FirstHeadTimeout if first else NextHeadTimeout)
 
     def handle_error(self, req, client, addr, exc):
         if isinstance(exc, _Refused):
@@ -186,10 +206,10 @@ class Worker(GeventWorker):
                 log.debug("client %s did not complete its TLS handshake within %gs: closed", peer, exc.seconds)
             elif exc.first:
                 log.info("client %s sent no complete request head within %gs: 408 and closed",
-                         peer, exc.seconds)
+                         peer, self.header_timeout)
                 _refuse(client, "408 Request Timeout", "request head not received in time")
             else:
-                log.debug("keep-alive connection from %s idle for %gs: closed", peer, exc.seconds)
+                log.debug("keep-alive connection from %s idle for %gs: closed", peer, self.keepalive_timeout)
             return
         super().handle_error(req, client, addr, exc)
 

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-import bench
+import bench_common as bench
 
 
 def make_certificate(tmp: Path) -> tuple[str, str]:

@@ -87,6 +87,21 @@ def test_idle_keepalive_connection_is_closed_quietly(start_proxy, upstream):
     assert 0.9 <= closed - idle_from < 3
 
 
+def test_busy_keepalive_connection_outlives_the_keepalive_timeout(start_proxy, upstream):
+    """The keep-alive deadline counts from the end of the last request,
+    afresh each time, not from the first one."""
+    proxy = start_proxy(single_route(upstream.port), server=FAST)
+    with requests.Session() as session:
+        ports = set()
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            response = session.get(f"http://127.0.0.1:{proxy.port}/echo", stream=True)
+            ports.add(response.raw._connection.sock.getsockname()[1])
+            response.content
+            time.sleep(0.3)
+    assert len(ports) == 1  # one connection throughout
+
+
 def test_keepalive_zero_serves_one_request_and_still_bounds_the_head(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port), server=dict(FAST, keepalive="0"))
     reply = raw_exchange(proxy.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -1,0 +1,77 @@
+"""How rproxy's worker writes an HTTP/1.x response: gunicorn's writer, with
+the head held back until the first piece of the body, so that both go out
+in one send (one syscall and one greenlet round through the socket instead
+of two: for a small response that was a tenth of the worker's CPU), and the
+Date header rendered once a second instead of once a response.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+from gunicorn.http import wsgi
+
+_date = [0, ""]
+
+
+def http_date() -> str:
+    second = int(time.time())
+    if second != _date[0]:
+        _date[:] = [second, formatdate(second, usegmt=True)]
+    return _date[1]
+
+
+class Response(wsgi.Response):
+
+    def __init__(self, req, sock, cfg):
+        super().__init__(req, sock, cfg)
+        self._held_head: bytes | None = None
+        self._holding = False
+
+    def default_headers(self):
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        version = self.req.version
+        headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n", f"Server: {self.version}\r\n",
+                   f"Date: {http_date()}\r\n", f"Connection: {connection}\r\n"]
+        if self.chunked:
+            headers.append("Transfer-Encoding: chunked\r\n")
+        return headers
+
+    def send_headers(self):
+        if self.headers_sent:
+            return
+        if not self._holding:
+            return super().send_headers()
+        lines = self.default_headers()
+        lines.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+        lines.append("\r\n")
+        self._held_head = "".join(lines).encode("latin-1")
+        self.headers_sent = True
+
+    def write(self, arg):
+        if self.headers_sent or not arg:
+            return super().write(arg)
+        self._holding = True
+        try:
+            super().write(arg)  # builds the head, then _emit_body sends both
+        finally:
+            self._holding = False
+            head, self._held_head = self._held_head, None
+            if head is not None:  # no body bytes went out (HEAD, 304, ...): the head alone
+                self.sock.sendall(head)
+
+    def _emit_body(self, data):
+        head = self._held_head
+        if head is None:
+            return super()._emit_body(data)
+        self._held_head = None
+        if self.chunked:
+            self.sock.sendall(b"%b%X\r\n%b\r\n" % (head, len(data), data))
+        else:
+            self.sock.sendall(head + data)

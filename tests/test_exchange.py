@@ -1,0 +1,107 @@
+"""The upstream response reader (rproxy/exchange.py) on the framings and
+malformed answers an upstream may send, over a real socket pair."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+
+import pytest
+
+from rproxy.exchange import UpstreamResponse, request_head
+
+
+def answer(raw: bytes, method: str = "GET", close: bool = True):
+    ours, theirs = socket.socketpair()
+    theirs.sendall(raw)
+    if close:
+        theirs.close()
+    ours.settimeout(2)
+    return UpstreamResponse(ours, method)
+
+
+def body(response: UpstreamResponse, n: int = 7) -> bytes:
+    out = b""
+    while data := response.read1(n):
+        out += data
+    return out
+
+
+def test_content_length_body_is_complete_and_reusable():
+    response = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello", close=False)
+    assert (response.status, response.reason, response.headers.get("x-a")) == (200, "OK", "1")
+    assert body(response) == b"hello"
+    assert response.complete and response.reusable
+
+
+def test_chunked_body_with_extensions_and_trailers():
+    response = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n", close=False)
+    assert response.chunked
+    assert body(response, 4) == b"hello world"
+    assert response.reusable
+
+
+def test_interim_answers_are_skipped():
+    response = answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                      b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+    assert response.status == 201
+    assert body(response) == b"ok"
+
+
+@pytest.mark.parametrize("status, method", [(204, "GET"), (304, "GET"), (200, "HEAD")])
+def test_no_body_answers(status, method):
+    response = answer(b"HTTP/1.1 %d X\r\nContent-Length: 50\r\n\r\n" % status, method, close=False)
+    assert response.read1(10) == b"" and response.complete
+
+
+def test_body_until_close_is_not_reusable():
+    response = answer(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+    assert body(response) == b"all of it"
+    assert response.complete and not response.reusable
+
+
+def test_http10_closes_unless_keep_alive():
+    assert answer(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").will_close
+    assert not answer(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n").will_close
+
+
+def test_stray_bytes_after_the_body_make_the_connection_unusable():
+    response = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", close=False)
+    assert body(response, 100) == b"ok"
+    assert not response.reusable
+
+
+def test_folded_header_is_one_value():
+    response = answer(b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n")
+    assert response.headers.get("X-Long") == "a b"
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"", http.client.RemoteDisconnected),
+    (b"HTTP/1.1 twohundred OK\r\n\r\n", http.client.BadStatusLine),
+    (b"SPDY 200 OK\r\n\r\n", http.client.BadStatusLine),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc", http.client.HTTPException),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", http.client.HTTPException),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", http.client.IncompleteRead),
+])
+def test_malformed_heads(raw, error):
+    with pytest.raises(error):
+        answer(raw)
+
+
+def test_short_bodies_are_cuts():
+    response = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+    with pytest.raises(http.client.IncompleteRead):
+        body(response)
+    chunked = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nshort")
+    with pytest.raises(http.client.IncompleteRead):
+        body(chunked)
+    bad_size = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    with pytest.raises(http.client.HTTPException):
+        body(bad_size)
+
+
+def test_request_head_is_one_buffer():
+    head = request_head("POST", "/a?b", {"Host": "h", "X-Request-Id": "r"}, chunked=True)
+    assert head == b"POST /a?b HTTP/1.1\r\nHost: h\r\nX-Request-Id: r\r\nTransfer-Encoding: chunked\r\n\r\n"

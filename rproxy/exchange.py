@@ -21,11 +21,13 @@ IncompleteRead (the body ended short) and HTTPException (malformed).
 
 from __future__ import annotations
 
+import re
 from http.client import BadStatusLine, HTTPException, IncompleteRead, LineTooLong, RemoteDisconnected
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 _NO_BODY_STATUS = frozenset({204, 304})
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
 
 
 def request_head(method: str, target: str, headers: dict[str, str], chunked: bool = False,
@@ -206,13 +208,11 @@ class UpstreamResponse:
 
     def _read_chunk(self, n: int) -> bytes:
         while not self._chunk_left:
-            size_line = self._line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise HTTPException(f"malformed chunk size: {size_line[:40]!r}") from None
-            if size < 0:
+            size_line = self._line().split(b";", 1)[0].rstrip(b" \t")
+            # Hex digits only: int() would also take "0x1a", "+5" or "1_0".
+            if not _HEX(size_line):
                 raise HTTPException(f"malformed chunk size: {size_line[:40]!r}")
+            size = int(size_line, 16)
             if size == 0:
                 while self._line():  # trailers, up to the blank line
                     pass

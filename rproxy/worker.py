@@ -203,7 +203,8 @@ class Worker(GeventWorker):
             peer = addr[0] if isinstance(addr, tuple) else "-"
             if not handshake_done(client):
                 # No TLS yet to carry a 408: just close.
-                log.debug("client %s did not complete its TLS handshake within %gs: closed", peer, exc.seconds)
+                log.debug("client %s did not complete its TLS handshake within %gs: closed", peer,
+                          self.header_timeout)
             elif exc.first:
                 log.info("client %s sent no complete request head within %gs: 408 and closed",
                          peer, self.header_timeout)

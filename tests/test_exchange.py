@@ -97,9 +97,10 @@ def test_short_bodies_are_cuts():
     chunked = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nshort")
     with pytest.raises(http.client.IncompleteRead):
         body(chunked)
-    bad_size = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
-    with pytest.raises(http.client.HTTPException):
-        body(bad_size)
+    for size in (b"zz", b"0x5", b"+5", b"-5", b"5_0", b""):
+        bad_size = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%b\r\nhello\r\n0\r\n\r\n" % size)
+        with pytest.raises(http.client.HTTPException):
+            body(bad_size)
 
 
 def test_request_head_is_one_buffer():

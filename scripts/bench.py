@@ -42,7 +42,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import (GUNICORN, ROOT, Stack, free_port, interleave, median, raise_fd_limit, say,
+from bench_common import (GUNICORN, Stack, free_port, interleave, median, raise_fd_limit, say,
                           source_tree, start_bench_upstream, start_nginx_proxy, start_rproxy, start_upstream,
                           worker_pid, wrk)
 import bench_peers

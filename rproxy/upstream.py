@@ -31,12 +31,43 @@ from .values import ServerAddress
 log = logging.getLogger("rproxy.upstream")
 
 
+class _IdleStack(list):
+    """The idle connections of a pool that never waits for one (no
+    max_connections), last in first out, as urllib3's queue.LifoQueue: a
+    list, since gevent turns the queue's locks into greenlet-aware ones
+    that cost more than the queue itself, and a worker is one thread."""
+
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get(self, block: bool = False, timeout=None):
+        if not self:
+            raise queue.Empty
+        return self.pop()
+
+    def put(self, item, block: bool = False, timeout=None) -> None:
+        if len(self) >= self.maxsize:
+            raise queue.Full
+        self.append(item)
+
+    def qsize(self) -> int:
+        return len(self)
+
+
 class _QuietSurplus:
     """Close connections beyond the pool's size without urllib3's warning:
     for a proxy under a burst that is the expected way to shed them. And
     check an idle connection for a close by the upstream with one peek:
     urllib3's check polls through gevent's select.poll, which costs as
     much as a greenlet switch, once per request."""
+
+    def __init__(self, *args, block: bool = False, **kwargs):
+        self._never_waits = not block
+        super().__init__(*args, block=block, **kwargs)
+
+    def _new_pool_queue(self, maxsize: int):
+        return _IdleStack(maxsize) if self._never_waits else super()._new_pool_queue(maxsize)
 
     def _get_conn(self, timeout=None):
         try:

@@ -15,7 +15,8 @@ that every target sees the same machine (the load generator and upstreams
 pinned to CPU 0, the proxies to CPU 1):
 - nginx as a reverse proxy (upstream keepalive on), the reference;
 - hello: gunicorn's gevent worker answering a 100-byte app itself, the
-  ceiling of the stack rproxy runs on;
+  ceiling of the stack rproxy runs on (hello-pyparser: the same on
+  gunicorn's pure-Python request parser);
 - rproxy, core features on (routing, forwarding headers, request id,
   access log), middleware off;
 - WSGIProxy2 under gunicorn's gevent worker, and proxy.py's reverse proxy
@@ -77,9 +78,10 @@ def compared(args) -> list[tuple[str, str, str]]:
 
 def start_targets(stack: Stack, tmp: Path, upstream: int, args, peers: bool) -> dict[str, int]:
     """The proxies of the table, each on its own port: name -> port."""
-    ports = {"nginx": free_port(), "hello": free_port(), "rproxy": free_port()}
+    ports = {"nginx": free_port(), "hello": free_port(), "hello-pyparser": free_port(), "rproxy": free_port()}
     stack.add(start_nginx_proxy(tmp, ports["nginx"], upstream))
     stack.add(bench_peers.start_hello(tmp, ports["hello"]))
+    stack.add(bench_peers.start_hello(tmp, ports["hello-pyparser"], python_parser=True))
     stack.add(start_rproxy(tmp, ports["rproxy"], upstream))
     for name, ref, gunicorn_args in compared(args):
         ports[name] = free_port()
@@ -134,7 +136,7 @@ def run_table(tmp: Path, args) -> None:
         url = {t: f"http://127.0.0.1:{p}" for t, p in ports.items()}
         say(f"table: {args.rounds} rounds of {args.duration:g} s per target, wrk -t1 -c{args.connections}")
         small = interleave({t: f"{u}/100B" for t, u in url.items()}, args)
-        large = interleave({t: f"{u}/1MiB" for t, u in url.items() if t != "hello"}, args)
+        large = interleave({t: f"{u}/1MiB" for t, u in url.items() if not t.startswith("hello")}, args)
         paced = interleave({t: f"{u}/100B" for t, u in url.items()}, args,
                            script=rate_script(tmp, args.rate, args.connections))
     memory = measure_memory(tmp, args, peers) if args.memory_clients else {}

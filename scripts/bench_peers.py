@@ -1,9 +1,10 @@
 """What rproxy is measured against besides nginx, for scripts/bench.py:
 
 - `hello`: gunicorn's gevent worker answering a 100-byte hello-world app
-  itself, from rproxy's own .venv (same gunicorn, same parser): the ceiling
-  of the stack, since a proxy on that worker cannot beat it answering
-  without an upstream hop;
+  itself, from rproxy's own .venv (same gunicorn, same C parser): the
+  ceiling of the stack, since a proxy on that worker cannot beat it
+  answering without an upstream hop; `hello-pyparser` is the same on
+  gunicorn's pure-Python parser (what `pip install gunicorn` gives);
 - `wsgiproxy2`: WSGIProxy2's HostProxy under gunicorn's gevent worker;
 - `proxy.py`: proxy.py in reverse-proxy mode, one worker, a thread per
   connection.
@@ -83,9 +84,10 @@ def peers_installed() -> bool:
     return (PEERS_VENV / "bin" / "gunicorn").exists() and (PEERS_VENV / "bin" / "proxy").exists()
 
 
-def _gunicorn(binary: Path, tmp: Path, name: str, source: str, port: int, workers: int, env=None) -> Service:
+def _gunicorn(binary: Path, tmp: Path, name: str, source: str, port: int, workers: int, env=None,
+             extra: tuple = ()) -> Service:
     (tmp / f"{name}.py").write_text(source)
-    service = Service([*cpus("proxy"), str(binary), "-k", "gevent", "-w", str(workers), "--worker-connections",
+    service = Service([*cpus("proxy"), str(binary), *extra, "-k", "gevent", "-w", str(workers), "--worker-connections",
                        "12000", "--backlog", "4096", "--no-control-socket", "-b", f"127.0.0.1:{port}",
                        "--chdir", str(tmp), "--log-level", "warning", f"{name}:application"],
                       tmp / f"{name}-{port}.out", env=env, cwd=tmp)
@@ -93,8 +95,11 @@ def _gunicorn(binary: Path, tmp: Path, name: str, source: str, port: int, worker
     return service
 
 
-def start_hello(tmp: Path, port: int, workers: int = 1) -> Service:
-    return _gunicorn(GUNICORN, tmp, "bench_hello", HELLO_APP, port, workers)
+def start_hello(tmp: Path, port: int, workers: int = 1, python_parser: bool = False) -> Service:
+    """The hello-world app; with `python_parser`, on gunicorn's pure-Python
+    request parser, as a plain `pip install gunicorn` has it."""
+    return _gunicorn(GUNICORN, tmp, "bench_hello", HELLO_APP, port, workers,
+                     extra=("--http-parser", "python") if python_parser else ())
 
 
 def start_wsgiproxy2(tmp: Path, port: int, upstream: int, workers: int = 1) -> Service:

@@ -172,13 +172,10 @@ def start_bench_upstream(tmp: Path, port: int) -> Service:
     return service
 
 
-def start_nginx_proxy(tmp: Path, port: int, upstream: int, workers: int = 1) -> Service:
-    block = f"""
-    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        access_log {tmp}/nginx-access-{port}.log;
-        location / {{
+# What nginx does per request as a reverse proxy here: what rproxy does (upstream
+# keep-alive, the forwarding headers, a request id).
+NGINX_PROXY_LOCATION = """
+        location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -187,7 +184,16 @@ def start_nginx_proxy(tmp: Path, port: int, upstream: int, workers: int = 1) -> 
             proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Request-ID $request_id;
-        }}
+        }"""
+
+
+def start_nginx_proxy(tmp: Path, port: int, upstream: int, workers: int = 1) -> Service:
+    block = f"""
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        access_log {tmp}/nginx-access-{port}.log;
+{NGINX_PROXY_LOCATION}
     }}"""
     service = nginx(tmp, f"proxy-{port}", workers, block, "proxy")
     wait_port(port)

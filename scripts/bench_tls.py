@@ -47,16 +47,7 @@ def start_nginx_tls(tmp: Path, port: int, upstream: int, cert: str, key: str) ->
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_session_tickets off;
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-Proto $scheme;
-        }}
+        ssl_session_tickets off;{bench.NGINX_PROXY_LOCATION}
     }}"""
     service = bench.nginx(tmp, "nginx-tls", 1, block, "proxy")
     bench.wait_port(port)

@@ -175,30 +175,36 @@ def upstream(session_tmp):
     server.stop()
 
 
+class Started(list):
+    """What a fixture started, to stop at its end: `start` makes one with
+    `make` and remembers it."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def start(self, *args, **kwargs):
+        process = self.make(*args, **kwargs)
+        self.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self:
+            process.stop()
+
+
 @pytest.fixture
 def start_upstream(tmp_path):
-    started = []
-
-    def start(port: int | None = None, tls: dict[str, str] | None = None) -> Upstream:
-        server = Upstream(tmp_path, port, tls)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
+    started = Started(lambda port=None, tls=None: Upstream(tmp_path, port, tls))
+    yield started.start
+    started.stop_all()
 
 
 @pytest.fixture
 def start_proxy(tmp_path):
-    started = []
-
-    def start(ini: str, **kwargs) -> Proxy:
-        proxy = Proxy(tmp_path, ini, **kwargs)
-        started.append(proxy)
-        return proxy
-    yield start
-    for proxy in started:
-        proxy.stop()
+    started = Started(lambda ini, **kwargs: Proxy(tmp_path, ini, **kwargs))
+    yield started.start
+    started.stop_all()
     for proxy in started:
         # Whatever a test did, the proxy never logs a traceback.
         assert "Traceback" not in proxy.log(), proxy.log()
@@ -307,17 +313,11 @@ class Redis(Process):
 
 @pytest.fixture
 def redis_server(tmp_path):
-    servers = []
-
-    def start(port=None):
-        server = Redis(tmp_path, port)
-        servers.append(server)
-        return server
-    first = start()
-    first.start_again = lambda: start(first.port)
+    started = Started(lambda port=None: Redis(tmp_path, port))
+    first = started.start()
+    first.start_again = lambda: started.start(first.port)
     yield first
-    for server in servers:
-        server.stop()
+    started.stop_all()
 
 
 @pytest.fixture(scope="session")

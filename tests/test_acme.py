@@ -20,8 +20,8 @@ import pytest
 import requests
 import trustme
 
-from conftest import HttpsConnection, Process, free_port, raw_exchange, served_certificate, single_route, \
-    wait_for_port
+from conftest import HttpsConnection, Process, Started, free_port, raw_exchange, served_certificate, \
+    single_route, wait_for_port
 
 
 def free_udp_and_tcp_port() -> int:
@@ -104,15 +104,9 @@ class Pebble:
 
 @pytest.fixture
 def pebble(tmp_path):
-    started = []
-
-    def start(http_port: int, validity: int | None = None) -> Pebble:
-        server = Pebble(tmp_path, http_port, validity)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
+    started = Started(lambda http_port, validity=None: Pebble(tmp_path, http_port, validity))
+    yield started.start
+    started.stop_all()
 
 
 def acme_proxy(start_proxy, upstream, ca: Pebble, cache_dir, domains="a.test b.test", workers=1, **acme):

@@ -25,7 +25,7 @@ import time
 
 import gevent
 from gevent.baseserver import BaseServer
-from gunicorn.http import wsgi
+from gunicorn.http import message, wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
 from . import http2, response_writer
@@ -86,6 +86,33 @@ def _refuse(sock, status: str, message: str, retry_after: int | None = None) -> 
         pass
 
 
+def settle_settings(cfg) -> None:
+    """gunicorn reads each setting through Config.__getattr__ (a lookup and
+    a method call), some twenty times a request; a worker's settings never
+    change (a reload starts new workers), so they become plain attributes,
+    found before __getattr__ is asked. Properties (is_ssl, ...) still run."""
+    for name, setting in cfg.settings.items():
+        cfg.__dict__[name] = setting.get()
+
+
+def _remembered_trust(in_allow_list):
+    """gunicorn parses the peer's address with ipaddress for every request to
+    decide whether it may send forwarding headers: the answer, remembered per
+    address (and allow list, which is fixed per worker)."""
+    known: dict = {}
+
+    def remembered(address, allow_list, networks):
+        key = (address, id(networks))
+        trusted = known.get(key)
+        if trusted is None:
+            if len(known) >= 65536:  # clients choose their addresses: bounded
+                known.clear()
+            trusted = known[key] = in_allow_list(address, allow_list, networks)
+        return trusted
+
+    return remembered
+
+
 class Worker(GeventWorker):
 
     def run(self):
@@ -110,6 +137,8 @@ class Worker(GeventWorker):
         # os.environ raises (and catches) a KeyError for an unset name: set,
         # empty, it means the same (mounted at the root) without that cost.
         os.environ.setdefault("SCRIPT_NAME", "")
+        settle_settings(self.cfg)
+        message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         super().run()
 
     # The head deadline replaces gunicorn's keep-alive timer (which also

@@ -93,8 +93,9 @@ class Proxy:
             raise StopIteration("connection handed over to a tunnel")
         if response.close_connection:
             body = LingeringClose(body, environ)
-        # gunicorn writes its own Date: the upstream's (kept for the cache) goes.
-        start_response(response.status_line, [h for h in response.headers if h[0].lower() != "date"])
+        # The upstream's Date and Server stay for the cache's sake up to here:
+        # gunicorn's writer drops them and writes its own.
+        start_response(response.status_line, response.headers)
         return body
 
     def respond(self, environ) -> Response:

@@ -7,12 +7,21 @@ Date header rendered once a second instead of once a response.
 
 from __future__ import annotations
 
+import re
 import time
 from email.utils import formatdate
 
-from gunicorn.http import wsgi
+from gunicorn import util
+from gunicorn.http import message, wsgi
 
 _date = [0, ""]
+# gunicorn's rules: names are tokens, values printable (or tab, space, obs-text).
+_valid_names = re.compile(r"(?:%s\n)+" % message.TOKEN_RE.pattern).fullmatch
+_valid_values = wsgi.HEADER_VALUE_RE.fullmatch
+# What gunicorn's writer drops (hop-by-hop, and Server and Date: its own go
+# out), and Content-Length, which it reads.
+_HOP = frozenset(util.hop_headers)
+_SPECIAL = _HOP | {"content-length"}
 
 
 def http_date() -> str:
@@ -28,6 +37,32 @@ class Response(wsgi.Response):
         super().__init__(req, sock, cfg)
         self._held_head: bytes | None = None
         self._holding = False
+
+    def process_headers(self, headers):
+        try:
+            names = "\n".join([name for name, _ in headers]) + "\n"
+            values = "\t".join([value for _, value in headers])
+        except TypeError:
+            names = values = None
+        if names is None or not headers or not _valid_names(names) or not _valid_values(values):
+            return super().process_headers(headers)  # raises naming the header at fault
+        kept = self.headers
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _SPECIAL:
+                value = value.strip(" \t")
+                if lname == "content-length":
+                    self.response_length = int(value)
+                else:
+                    if lname == "connection":
+                        if value.lower() == "upgrade":
+                            self.upgrade = True
+                    elif lname == "upgrade" and value.lower() == "websocket":
+                        kept.append((name, value))
+                    continue
+                kept.append((name, value))
+            else:
+                kept.append((name, value.strip(" \t")))
 
     def default_headers(self):
         if self.upgrade:

@@ -125,32 +125,42 @@ def _nothing_left(body) -> bool:
 
 class RequestParser(parser.RequestParser):
     """gunicorn's, waiting for a keep-alive connection's next request in a
-    lighter way: the finished request is let go of first, and the wait for
-    the next one's first byte happens here, before gunicorn's parser is
-    entered. An idle connection then holds no request object, and its
-    greenlet sleeps on a shorter C stack (a greenlet keeps a copy of it):
-    about 1.7 KiB less per idle connection."""
+    lighter way (see Worker.timeout_ctx): the finished request is let go of
+    first, then the wait for the next one's first byte happens before
+    gunicorn's parser is entered. An idle connection then holds no request
+    object, and its greenlet sleeps on a shorter C stack (a greenlet keeps a
+    copy of it): about 2 KiB less per idle connection."""
+
+    def __init__(self, cfg, source, source_addr):
+        super().__init__(cfg, source, source_addr)
+        _parsers[gevent.getcurrent()] = self
 
     def __next__(self):
-        if self.mesg is not None:
-            if self._finished_with(self.mesg):
-                raise StopIteration()
-            self.mesg = None
-            self._await_next()
+        self.await_next()
         return super().__next__()
 
-    def _finished_with(self, mesg) -> bool:
-        """Must the connection close after this message? (A helper, so that
-        no frame waiting for the next request holds on to it.)"""
-        return mesg.should_close() or not (_nothing_left(mesg.body) or self.finish_body())
-
-    def _await_next(self) -> None:
+    def await_next(self) -> None:
+        """Once a request is finished: close (StopIteration), or wait until
+        the next one starts to arrive."""
+        if self.mesg is None:
+            return
+        if self._finished_with(self.mesg):
+            raise StopIteration()
+        self.mesg = None
         sock = getattr(self.unreader, "sock", None)
         # Bytes read ahead (pipelining), or decrypted ones TLS may hold: no wait.
         if sock is None or isinstance(sock, ssl.SSLSocket) or self.unreader.buf.seek(0, os.SEEK_END):
             return
         sock.recv(1, socket.MSG_PEEK)  # returns once a byte is in (or the client closed)
 
+    def _finished_with(self, mesg) -> bool:
+        """Must the connection close after this message? (A helper, so that
+        no frame waiting for the next request holds on to it.)"""
+        return mesg.should_close() or not (_nothing_left(mesg.body) or self.finish_body())
+
+
+# Each HTTP/1 connection greenlet's parser (see Worker.timeout_ctx).
+_parsers: dict = {}
 
 _NO_TIMEOUT = contextlib.nullcontext()
 
@@ -199,7 +209,13 @@ class Worker(GeventWorker):
 
     # The head deadline replaces gunicorn's keep-alive timer (which also
     # does not apply to the first request, nor at all with keepalive = 0).
+    # gunicorn asks for this context just before it reads each request:
+    # the wait for a keep-alive connection's next one is done here, at the
+    # shallowest point of the connection's stack.
     def timeout_ctx(self):
+        parser = _parsers.get(gevent.getcurrent())
+        if parser is not None:
+            parser.await_next()
         return _NO_TIMEOUT
 
     def handle(self, listener, client, addr):
@@ -224,6 +240,7 @@ class Worker(GeventWorker):
             super().handle(listener, client, addr)
         finally:
             _disarm(self._deadlines.pop(me))
+            _parsers.pop(me, None)
             if counted is not None:
                 self.per_address.leave(counted)
 

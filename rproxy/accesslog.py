@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import time
+
+import gevent
+from gevent import monkey
 
 from gunicorn import glogging
 from gunicorn.config import AccessLogFormat
@@ -120,18 +124,47 @@ class AccessLogger(glogging.Logger):
         proxy_log.setLevel(self.error_log.level)
         proxy_log.propagate = False
         self._streams = _plain_streams(self.access_log)
+        self._pending: list[str] = []
 
     def _write(self, text: str) -> None:
         if self._streams is None:
             self.access_log.info(text)
             return
         # Straight to the file: a log record, a formatter and a lock per
-        # line cost more than the line. The worker is one thread, and a
-        # write to a file does not yield to another greenlet mid-line.
-        for handler in self._streams:
-            stream = handler.stream  # looked up each time: reopened on USR1
-            stream.write(text + "\n")
-            stream.flush()
+        # line cost more than the line. And written once per turn of the
+        # event loop, for all the requests that ended in it, rather than a
+        # system call per line: under load that was 3% of the throughput.
+        pending = self._pending
+        pending.append(text)
+        if len(pending) == 1:
+            loop = _event_loop()
+            if loop is None:
+                self.flush_access()
+            else:
+                loop.run_callback(self.flush_access)
+
+    def flush_access(self) -> None:
+        """Write the lines waiting, in writes of whole lines of at most
+        PIPE_BUF bytes: several workers append to one file (or pipe), and
+        such a write is never interleaved with another's."""
+        lines, self._pending = self._pending, []
+        if not lines or self._streams is None:
+            return
+        chunks, size, start = [], 0, 0
+        for i, text in enumerate(lines):
+            if size and size + len(text) >= select.PIPE_BUF:
+                chunks.append("\n".join(lines[start:i]) + "\n")
+                size, start = 0, i
+            size += len(text) + 1
+        chunks.append("\n".join(lines[start:]) + "\n")
+        try:
+            for handler in self._streams:
+                stream = handler.stream  # looked up each time: reopened on USR1
+                for chunk in chunks:
+                    stream.write(chunk)
+                    stream.flush()
+        except Exception:
+            self.exception("cannot write the access log")
 
     def access(self, resp, req, environ, request_time):
         # Every request ends here, logged or not: the moment to count it.
@@ -147,6 +180,13 @@ class AccessLogger(glogging.Logger):
             self._write(text)
         except Exception:
             self.exception("cannot write the access log")
+
+
+def _event_loop():
+    """The gevent loop of this worker, or None outside a gevent worker."""
+    if not monkey.is_module_patched("socket"):
+        return None
+    return gevent.get_hub().loop
 
 
 def _plain_streams(logger: logging.Logger) -> list[logging.StreamHandler] | None:

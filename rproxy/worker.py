@@ -205,7 +205,12 @@ class Worker(GeventWorker):
         # debugging tools: per connection, CPU and memory nobody reads.
         gevent.config.track_greenlet_tree = False
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
-        super().run()
+        try:
+            super().run()
+        finally:
+            flush = getattr(self.log, "flush_access", None)  # lines of the last loop turn
+            if flush is not None:
+                flush()
 
     # The head deadline replaces gunicorn's keep-alive timer (which also
     # does not apply to the first request, nor at all with keepalive = 0).

@@ -6,6 +6,7 @@ import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -156,3 +157,31 @@ def test_status_page_in_a_real_browser(start_proxy, upstream, tmp_path):
         assert page.errors == []
     assert float(rate) >= 0 and health == "up"
     assert (artifacts / "status-page.png").stat().st_size > 5000
+
+
+ACCESS_LINE = re.compile(r'^127\.0\.0\.1 - - \[[^\]]+\] "GET /echo/(\w+) HTTP/1\.1" 200 \d+ "-" "[^"]*" '
+                         r'[\d.]+ms upstream=127\.0\.0\.1:\d+ upstream_ms=[\d.]+ route=default rid=(\w+)$')
+
+
+def test_access_lines_whole_and_prompt_under_load(start_proxy, upstream):
+    """Access lines are written once per turn of a worker's event loop, for
+    every request that ended in it: under concurrent load across two workers
+    sharing one log, each request still gets exactly one whole line, without
+    waiting for more traffic, and the last ones are there after a stop."""
+    proxy = start_proxy(single_route(upstream.port), workers=2)
+    ids = [f"r{i:04d}" for i in range(400)]
+    with ThreadPoolExecutor(40) as pool:
+        statuses = list(pool.map(lambda rid: requests.get(f"{proxy.url}/echo/{rid}", timeout=10,
+                                                          headers={"X-Request-ID": rid}).status_code, ids))
+    assert statuses == [200] * len(ids)
+    lines = proxy.wait_for_log(r"rid=r\d{4}$", count=len(ids), timeout=10)
+    parsed = [ACCESS_LINE.match(line) for line in lines]
+    assert all(parsed), [line for line, m in zip(lines, parsed) if not m][:3]
+    assert sorted(m.group(2) for m in parsed) == ids
+    assert all(m.group(1) == m.group(2) for m in parsed)
+    # One more request on an otherwise idle proxy: its line comes at once.
+    requests.get(f"{proxy.url}/echo/last", headers={"X-Request-ID": "last"}, timeout=10)
+    proxy.wait_for_log(r"rid=last$", timeout=2)
+    requests.get(f"{proxy.url}/echo/stop", headers={"X-Request-ID": "stop"}, timeout=10)
+    proxy.stop()
+    assert proxy.log_lines(r"rid=stop$")

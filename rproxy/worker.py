@@ -12,6 +12,13 @@ the app:
 - `max_connections_per_ip` caps what one address may hold (429);
 - running out of file descriptors pauses accepting (gevent backs off up to a
   second) with a log line instead of a traceback per failed accept.
+
+And what gunicorn's own per-request and per-connection work costs, trimmed
+where it runs in this process (docs/performance.md): settings read as plain
+attributes, the forwarding trust remembered per address, a keep-alive
+connection's wait for its next request at the top of its stack, holding no
+finished request (RequestParser, Server), the response writer of
+response_writer.py.
 """
 
 from __future__ import annotations

@@ -32,11 +32,11 @@ import ssl
 import time
 
 import gevent
-from gevent.baseserver import BaseServer
 import gunicorn.http
+from gevent.baseserver import BaseServer
+from gevent.server import StreamServer
 from gunicorn.http import message, parser, wsgi
 from gunicorn.http.body import LengthReader
-from gevent.server import StreamServer
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -217,21 +217,22 @@ class Worker(GeventWorker):
         self._loop = hub.loop
         self._hub_handle_error = hub.handle_error
         hub.handle_error = self._hub_error
-        # gunicorn builds each HTTP/1.x response with wsgi.create's default
-        # class: in this worker process, ours (head and first body piece in
-        # one send).
+        # In this worker process, gunicorn's and gevent's parts are ours where
+        # they cost per request or per connection: the response writer (head
+        # and first body piece in one send), the parser and the server (an
+        # idle connection's wait), the forwarding trust check, the settings.
         wsgi.Response = response_writer.Response
+        gunicorn.http.RequestParser = RequestParser
         ggevent.StreamServer = Server
+        message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
+        settle_settings(self.cfg)
+        # gevent records each greenlet's spawning stack and parent for its
+        # debugging tools: per connection, CPU and memory nobody reads.
+        gevent.config.track_greenlet_tree = False
         # gunicorn reads SCRIPT_NAME from os.environ for every request, and
         # os.environ raises (and catches) a KeyError for an unset name: set,
         # empty, it means the same (mounted at the root) without that cost.
         os.environ.setdefault("SCRIPT_NAME", "")
-        settle_settings(self.cfg)
-        gunicorn.http.RequestParser = RequestParser
-        # gevent records each greenlet's spawning stack and parent for its
-        # debugging tools: per connection, CPU and memory nobody reads.
-        gevent.config.track_greenlet_tree = False
-        message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         try:
             super().run()
         finally:

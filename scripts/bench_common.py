@@ -48,6 +48,27 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise TimeoutError(f"port {port} not listening")
 
 
+def switch_protocols(port: int, request: bytes, timeout: float) -> tuple[socket.socket, bytes]:
+    """Send an Upgrade request on a new connection and read the answer's
+    head: the socket and what came after the head. ConnectionError unless
+    the answer is 101."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionError(f"port {port} closed the upgrade handshake: {head[:80]!r}")
+            head += data
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(f"port {port} did not switch protocols: {head[:80]!r}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock, head.split(b"\r\n\r\n", 1)[1]
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

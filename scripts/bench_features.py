@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from bench_common import (Service, free_port, interleave, median, nginx, raise_fd_limit, rss_kib,
-                          start_bench_upstream, start_rproxy, start_upstream, wait_port, worker_pid)
+                          start_bench_upstream, start_rproxy, start_upstream, switch_protocols, wait_port,
+                          worker_pid)
 
 # Every middleware on, none of them refusing anything in the benchmark.
 ALL_MIDDLEWARE = """
@@ -31,16 +32,8 @@ deny = /admin /.git *.php
 
 
 def open_tunnel(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(b"GET /tunnel HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(4096)
-        if not data:
-            raise ConnectionError(f"port {port} closed the tunnel handshake: {head[:80]!r}")
-        head += data
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(f"port {port} did not switch: {head[:80]!r}")
+    sock, _ = switch_protocols(port, b"GET /tunnel HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\n"
+                                     b"Upgrade: echo\r\n\r\n", timeout=30)
     return sock
 
 

@@ -19,10 +19,11 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import sys
 import threading
 import time
+
+from bench_common import switch_protocols
 
 PLAN = {  # kind: (threads, pause between requests in seconds)
     "small": (4, 0.004),
@@ -54,20 +55,11 @@ def expect(conn: http.client.HTTPConnection, path: str, length: int) -> None:
 
 
 def websocket(port: int) -> None:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock, echoed = switch_protocols(
+        port, b"GET /ws HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + os.urandom(16).hex()[:22].encode()
+              + b"==\r\n\r\n", timeout=15)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + os.urandom(16).hex()[:22].encode()
-                     + b"==\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(4096)
-            if not data:
-                raise AssertionError(f"tunnel closed during the handshake: {head[:60]!r}")
-            head += data
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise AssertionError(f"no switch: {head[:60]!r}")
-        echoed = head.split(b"\r\n\r\n", 1)[1]
         message = os.urandom(1024)
         for _ in range(50):
             sock.sendall(message)

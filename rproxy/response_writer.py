@@ -20,8 +20,7 @@ _valid_names = re.compile(r"(?:%s\n)+" % message.TOKEN_RE.pattern).fullmatch
 _valid_values = wsgi.HEADER_VALUE_RE.fullmatch
 # What gunicorn's writer drops (hop-by-hop, and Server and Date: its own go
 # out), and Content-Length, which it reads.
-_HOP = frozenset(util.hop_headers)
-_SPECIAL = _HOP | {"content-length"}
+_SPECIAL = frozenset(util.hop_headers) | {"content-length"}
 
 
 def http_date() -> str:

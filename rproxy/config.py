@@ -220,6 +220,9 @@ class RouteConfig:
                                             "Overrides the upstream's connect_timeout for this route.")
     read_timeout: float | None = setting(None, values.positive_duration,
                                          "Overrides the upstream's read_timeout for this route.")
+    allow_trace: bool = setting("no", values.boolean,
+                                "Forward TRACE requests; refused with 405 otherwise (TRACE echoes a "
+                                "request, its cookies too, back to whoever sent it).")
 
 
 @dataclass(frozen=True)

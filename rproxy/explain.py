@@ -7,21 +7,25 @@ matched, what the route does with the request, and which server it would go to.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from . import config as config_module
 from .forwarded import Forwarding
 from .http import BadRequest, Request
+from .middleware.filter import PathFilter, canonical
 from .routing import Router, host_matches, prefix_matches
+from .target import without_prefix
 from .upstream import Upstream
 
 
 def _environ(url: str, method: str, headers: list[tuple[str, str]], client: str) -> dict:
-    parts = urlsplit(url if "://" in url else "http://" + url)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # The target exactly as written (a fragment too), as a raw client sends it.
+    scheme, _, rest = url.partition("://") if "://" in url else ("http", "", url)
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    netloc, target = rest[:end], rest[end:]
+    if not target.startswith("/"):
+        target = "/" + target
     environ = {
         "REQUEST_METHOD": method.upper(), "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": client, "wsgi.url_scheme": parts.scheme or "http", "HTTP_HOST": parts.netloc,
+        "REMOTE_ADDR": client, "wsgi.url_scheme": scheme, "HTTP_HOST": netloc,
     }
     for name, value in headers:
         key = name.upper().replace("-", "_")
@@ -61,18 +65,30 @@ def explain(config: config_module.Config, url: str, method: str = "GET",
         prefix_why += f" (longest of {', '.join([match.prefix, *shorter])})"
     out.append(f"route        {route.name}  [route:{route.name}] in {config.path}")
     out.append(f"  matched    {host_why}; {prefix_why}")
-    if request.path != request.target.partition("?")[0]:
-        out.append(f"  normalised {request.target.partition('?')[0]} -> {request.path}")
-    if route.strip_prefix and route.path != "/":
-        rest = request.path[len(route.path):] or "/"
-        out.append(f"  forwards   {rest}{'?' + request.query if request.query else ''}  (strip_prefix)")
-    else:
-        out.append(f"  forwards   {request.target}")
+    sent = without_prefix(request.target, request.path, request.query, route.path) \
+        if route.strip_prefix and route.path != "/" else request.target
+    if request.target != environ["RAW_URI"]:
+        out.append(f"  canonical  {environ['RAW_URI']} -> {request.target}")
+    out.append(f"  forwards   {request.method} {sent}" + ("  (strip_prefix)" if sent != request.target else ""))
     host = {"client": request.headers.get("Host", "(none)"), "upstream": "the server's host:port"}
     out.append(f"  Host       {host.get(route.host_header, route.host_header)}")
     chain = [kind if section.name == kind else f"{kind}:{section.name}"
              for kind, section in config.chain_for(route)]
     out.append(f"chain        {' -> '.join([*chain, 'forward'])}")
+    for kind, section in config.chain_for(route):
+        if kind == "filter":
+            path_filter = PathFilter(section)
+            why = path_filter.verdict(request.path)
+            label = "filter" if section.name == "filter" else f"filter:{section.name}"
+            if why is not None:
+                out.append(f"answer       {path_filter.status}: refused by [{label}] {why} "
+                           f"(judged as {canonical(request.path, path_filter.case_insensitive)}); "
+                           "nothing is forwarded")
+                return 1, "\n".join(out)
+            out.append(f"  filter     passes [{label}]")
+    if request.method == "TRACE" and not route.allow_trace:
+        out.append("answer       405: TRACE is not allowed by the route (allow_trace = no)")
+        return 1, "\n".join(out)
     upstream_config = config.upstreams[route.upstream]
     upstream = Upstream(upstream_config)
     try:

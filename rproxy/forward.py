@@ -26,7 +26,6 @@ import time
 from functools import partial
 
 import gevent
-from urllib.parse import quote
 
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http2.errors import HTTP2StreamError
@@ -37,6 +36,7 @@ from .config import RouteConfig, ServerConfig
 from .exchange import UpstreamResponse, request_head
 from .http import (Request, Response, bad_header_value, clean_response_headers, error_response,
                    valid_header_name)
+from .target import without_prefix
 from .tunnel import Tunnels, open_tunnel
 from .upstream import Server, Upstream
 
@@ -253,6 +253,7 @@ class Forwarder:
         self.strip = route.path if route.strip_prefix and route.path != "/" else None
         self.host_header = route.host_header
         self.upgrades = frozenset(route.upgrade)
+        self.allow_trace = route.allow_trace
         self.idle_timeout = route.idle_timeout
         self.tunnels = tunnels
         self.retries = upstream.config.retries
@@ -260,6 +261,11 @@ class Forwarder:
         self.fail_status = upstream.config.fail_status
 
     def __call__(self, request: Request) -> Response:
+        if request.method == "TRACE" and not self.allow_trace:
+            request.environ["rproxy.error"] = "TRACE refused"
+            response = error_response(request, 405, "TRACE is not allowed here")
+            response.close_connection = request.has_body
+            return response
         if request.upgrade is not None and request.upgrade.lower() in self.upgrades:
             server = self.upstream.pick(request)
             if server is None:
@@ -407,12 +413,7 @@ class Forwarder:
     def _target(self, request: Request) -> str:
         if self.strip is None:
             return request.target
-        # nginx-style: the normalised path, with the matched prefix replaced by '/'.
-        rest = request.path[len(self.strip):] or "/"
-        if not rest.startswith("/"):
-            rest = "/" + rest
-        path = quote(rest, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")
-        return f"{path}?{request.query}" if request.query else path
+        return without_prefix(request.target, request.path, request.query, self.strip)
 
     @staticmethod
     def _closing(response: Response) -> Response:

@@ -16,7 +16,8 @@ import re
 from functools import lru_cache
 from http import HTTPStatus
 from typing import Iterable
-from urllib.parse import unquote
+
+from .target import TargetError, parse as parse_target
 
 # RFC 9110 7.6.1: removed in both directions, plus every header Connection names.
 HOP_BY_HOP = frozenset({
@@ -32,7 +33,11 @@ _RESPONSE_DROP = HOP_BY_HOP | {"server"}
 bad_header_value = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 valid_header_name = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-valid_host = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?").fullmatch
+valid_host = re.compile(r"(?:[A-Za-z0-9._~-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?").fullmatch
+# Methods as gunicorn's HTTP/1 parser takes them (upper-case tokens), so an
+# HTTP/2 :method meets the same rule before it becomes a request line.
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://").match
+valid_method = re.compile(r"[A-Z0-9!#$%&'*+\-.^_`|~]{1,32}").fullmatch
 
 
 def clean_response_headers(pairs, connection: str | None, chunked: bool,
@@ -102,30 +107,6 @@ def connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
-def normalize_path(raw_path: str) -> str:
-    """Decode and canonicalise a request path for matching.
-
-    Percent-escapes are decoded, `//` merged, `.` and `..` segments resolved,
-    so `/%61dmin`, `//admin` and `/x/../admin` all read `/admin`. A NUL byte or
-    a `..` that climbs above the root is a bad request.
-    """
-    path = unquote(raw_path, errors="surrogateescape") if "%" in raw_path else raw_path
-    if "\x00" in path:
-        raise BadRequest("NUL byte in path")
-    if "//" not in path and "/." not in path:
-        return path or "/"
-    segments: list[str] = []
-    for segment in path.split("/"):
-        if segment == "..":
-            if not segments:
-                raise BadRequest("path climbs above the root")
-            segments.pop()
-        elif segment and segment != ".":
-            segments.append(segment)
-    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
-    return "/" + "/".join(segments) + trailing
-
-
 class Request:
     """One client request, as the proxy sees it."""
 
@@ -139,8 +120,8 @@ class Request:
                  upgrade: str | None = None):
         self.environ = environ
         self.method = method
-        self.target = target          # origin-form, exactly as received: path?query
-        self.path = path              # normalised, for matching only
+        self.target = target          # canonical origin-form path?query, as sent upstream (target.py)
+        self.path = path              # decoded, for matching only
         self.query = query
         self.host = host              # lower-case, without port
         self.headers = headers        # to send upstream, Title-Case names
@@ -170,22 +151,21 @@ class Request:
         if method == "CONNECT":
             # Tunnelling to a client-chosen host would make us an open proxy.
             raise BadRequest("CONNECT is not served here", 405)
-        target = environ.get("RAW_URI") or "/"
+        if not valid_method(method):
+            raise BadRequest("malformed method")
+        raw = environ.get("RAW_URI", "/")
         authority = None
-        if target[0] != "/":
-            if target == "*" and method == "OPTIONS":
-                target = "/"
-            else:
-                # Absolute form (RFC 9112 3.2.2): its authority replaces Host,
-                # and only its path goes upstream, to the route's own servers.
-                scheme_sep = target.find("://")
-                if scheme_sep < 0:
-                    raise BadRequest("request target is neither a path nor an absolute URL")
-                rest = target[scheme_sep + 3:]
-                slash = rest.find("/")
-                authority, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
-        raw_path, _, query = target.partition("?")
-        path = normalize_path(raw_path)
+        absolute = _ABSOLUTE_FORM(raw) if raw[:1] != "/" else None
+        if absolute:
+            # Absolute form (RFC 9112 3.2.2): its authority replaces Host,
+            # and only its path goes upstream, to the route's own servers.
+            rest = raw[absolute.end():]
+            slash = rest.find("/")
+            authority, raw = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+        try:
+            target = parse_target(raw, method)
+        except TargetError as e:
+            raise BadRequest(str(e)) from None
 
         connection = environ.get("HTTP_CONNECTION")
         upgrade = None
@@ -242,7 +222,7 @@ class Request:
             request_id = os.urandom(16).hex()
         headers["X-Request-Id"] = request_id
 
-        return cls(environ, method, target, path, query, hostname, headers,
+        return cls(environ, method, target.forward, target.path, target.query, hostname, headers,
                    environ.get("REMOTE_ADDR", ""), environ.get("wsgi.url_scheme", "http"),
                    request_id, content_length, chunked, upgrade)
 

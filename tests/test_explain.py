@@ -39,8 +39,8 @@ def test_explains_route_prefix_upstream_and_server(tmp_path):
     assert "route        api" in text
     assert "host www.example.com matches www.example.com" in text
     assert "path prefix /api (longest of /api, /)" in text
-    assert "normalised /api//users/../orders -> /api/orders" in text
-    assert "forwards   /orders?x=1  (strip_prefix)" in text
+    assert "canonical  /api//users/../orders?x=1 -> /api/orders?x=1" in text
+    assert "forwards   GET /orders?x=1  (strip_prefix)" in text
     assert "balance = hash" in text and "consistent hash of header:X-User = 'alice'" in text
     # The same key always names the same server.
     server = next(l for l in text.splitlines() if l.strip().startswith("server"))

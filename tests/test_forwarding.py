@@ -5,6 +5,7 @@ import json
 import requests
 
 from conftest import raw_exchange, single_route
+from recording import recorder  # noqa: F401 (a fixture)
 
 
 def test_proxied_request_reaches_upstream_and_returns(proxy, upstream):
@@ -63,3 +64,24 @@ def test_client_headers_pass_untouched_and_no_defaults_added(proxy):
     assert headers["X-Custom"] == "A b  c"
     assert headers["Host"] == "example.test"
     assert "User-Agent" not in headers and "Accept-Encoding" not in headers
+
+
+def test_options_asterisk_is_forwarded_as_asterisk(start_proxy, recorder):
+    proxy = start_proxy(single_route(recorder.port))
+    reply = raw_exchange(proxy.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"OPTIONS * HTTP/1.1")
+    reply = raw_exchange(proxy.port, b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert recorder.lines == [b"OPTIONS * HTTP/1.1"]
+
+
+def test_trace_is_refused_unless_the_route_allows_it(start_proxy, recorder):
+    proxy = start_proxy(single_route(recorder.port) + "[route:debug]\npath = /debug\nupstream = app\n"
+                        "allow_trace = yes\n")
+    for method in ("TRACE", "TRACK"):
+        reply = raw_exchange(proxy.port, f"{method} /x HTTP/1.1\r\nHost: x\r\nCookie: s=1\r\n"
+                                         "Connection: close\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 405" if method == "TRACE" else b"HTTP/1.1 200"), reply[:60]
+    reply = raw_exchange(proxy.port, b"TRACE /debug/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert recorder.lines == [b"TRACK /x HTTP/1.1", b"TRACE /debug/x HTTP/1.1"]

@@ -5,7 +5,7 @@ import requests
 
 from conftest import raw_exchange
 
-from rproxy.http import BadRequest, normalize_path
+from rproxy.target import TargetError, parse
 from rproxy.routing import Router
 
 
@@ -54,13 +54,13 @@ def test_no_route_matches():
     ("/%61dmin", "/admin"), ("/./admin/.", "/admin/"), ("/a//b/", "/a/b/"), ("", "/"),
 ])
 def test_paths_are_normalised_for_matching(raw, normal):
-    assert normalize_path(raw) == normal
+    assert parse(raw or "/").path == normal
 
 
 @pytest.mark.parametrize("raw", ["/../etc/passwd", "/a/%2e%2e/%2e%2e/x", "/a%00b"])
 def test_malformed_paths_are_bad_requests(raw):
-    with pytest.raises(BadRequest):
-        normalize_path(raw)
+    with pytest.raises(TargetError):
+        parse(raw)
 
 
 ROUTES = """

@@ -1,19 +1,23 @@
 """Path filter: deny (and optionally allow) lists of prefixes and globs.
 
-Matched against the canonical path: percent-decoded, `//`, `/./` and `/../`
-resolved (done for every request, see http.normalize_path), then path
-parameters (`/admin;x`) and trailing dots (`/admin.`) dropped from each
-segment, and lower-cased when `case_insensitive = yes`. So `/%61dmin`,
-`//admin`, `/x/../admin` and `/admin;x` cannot get past `deny = /admin`.
+Judged on the request's canonical path (target.py: decoded once, `//`, `.`
+and `..` resolved, fragments, backslashes and ambiguous dot forms refused
+before any middleware runs), read the way the most lenient upstream reads
+it: each segment without its path parameters and trailing dots and spaces
+(`/admin;x`, `/admin.`, `/admin%20` are `/admin`), and regardless of case
+unless `case_insensitive = no`. A deny glob also refuses every path below a
+match (`*.php` refuses `/x.php/foo`, which PHP serves as `x.php`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Callable
 
 from ..http import Request, Response, error_response
 from ..routing import prefix_matches
+from ..target import judged
 from ..values import boolean, one_of, path_patterns, setting
 
 
@@ -24,43 +28,62 @@ class FilterConfig:
     allow: tuple[str, ...] = setting("", path_patterns,
                                      "When set, only these paths are served (deny still applies).")
     status: str = setting("404", one_of("404", "403"), "The answer to a refused path: 404 or 403.")
-    case_insensitive: bool = setting("no", boolean,
-                                     "Match regardless of case (for upstreams that ignore it).")
+    case_insensitive: bool = setting("yes", boolean,
+                                     "Match regardless of case (`no` for an upstream known to tell case apart).")
 
 
 def canonical(path: str, case_insensitive: bool) -> str:
-    if ";" in path or "." in path:
-        segments = []
-        for segment in path.split("/"):
-            segment = segment.split(";", 1)[0]
-            stripped = segment.rstrip(".")
-            segments.append(stripped if stripped else segment)
-        path = "/".join(segments)
+    """The path the filter judges (see the module's first lines)."""
+    path = judged(path)
     return path.lower() if case_insensitive else path
 
 
-def _matcher(patterns: tuple[str, ...], case_insensitive: bool):
-    if case_insensitive:
-        patterns = tuple(p.lower() for p in patterns)
-    globs = [p for p in patterns if any(c in p for c in "*?[")]
-    prefixes = [p for p in patterns if p not in globs]
+def _matcher(patterns: tuple[str, ...], case_insensitive: bool,
+             below: bool) -> Callable[[str], str | None]:
+    """path -> the first pattern that matches it, or None. With `below`, a
+    glob matches a path when it matches the path or any of its parents."""
+    keyed = [(p.lower() if case_insensitive else p, p) for p in patterns]
+    globs = [(k, p) for k, p in keyed if any(c in k for c in "*?[")]
+    prefixes = [(k, p) for k, p in keyed if (k, p) not in globs]
 
-    def matches(path: str) -> bool:
-        return (any(prefix_matches(p, path) for p in prefixes)
-                or any(fnmatchcase(path, g) for g in globs))
-    return matches
+    def first(path: str) -> str | None:
+        for key, pattern in prefixes:
+            if prefix_matches(key, path):
+                return pattern
+        if globs:
+            candidates = [path]
+            if below:
+                end = path.find("/", 1)
+                while end > 0:
+                    candidates.append(path[:end])
+                    end = path.find("/", end + 1)
+            for key, pattern in globs:
+                if any(fnmatchcase(candidate, key) for candidate in candidates):
+                    return pattern
+        return None
+    return first
 
 
 class PathFilter:
     def __init__(self, config: FilterConfig):
+        self.name = config.name
         self.case_insensitive = config.case_insensitive
-        self.denied = _matcher(config.deny, config.case_insensitive)
-        self.allowed = _matcher(config.allow, config.case_insensitive) if config.allow else None
+        self.denied = _matcher(config.deny, config.case_insensitive, below=True)
+        self.allowed = _matcher(config.allow, config.case_insensitive, below=False) if config.allow else None
         self.status = int(config.status)
 
-    def refuses(self, path: str) -> bool:
+    def verdict(self, path: str) -> str | None:
+        """Why `path` is refused ('deny /admin', 'not in allow'), or None."""
         path = canonical(path, self.case_insensitive)
-        return (self.allowed is not None and not self.allowed(path)) or self.denied(path)
+        denied = self.denied(path)
+        if denied is not None:
+            return f"deny {denied}"
+        if self.allowed is not None and self.allowed(path) is None:
+            return "not in allow"
+        return None
+
+    def refuses(self, path: str) -> bool:
+        return self.verdict(path) is not None
 
     def __call__(self, request: Request, call_next) -> Response:
         if self.refuses(request.path):

@@ -163,7 +163,7 @@ class Request:
             slash = rest.find("/")
             authority, raw = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
         try:
-            target = parse_target(raw, method)
+            target, path, query = parse_target(raw, method)
         except TargetError as e:
             raise BadRequest(str(e)) from None
 
@@ -222,7 +222,7 @@ class Request:
             request_id = os.urandom(16).hex()
         headers["X-Request-Id"] = request_id
 
-        return cls(environ, method, target.forward, target.path, target.query, hostname, headers,
+        return cls(environ, method, target, path, query, hostname, headers,
                    environ.get("REMOTE_ADDR", ""), environ.get("wsgi.url_scheme", "http"),
                    request_id, content_length, chunked, upgrade)
 

@@ -30,7 +30,6 @@ Everything else goes upstream byte for byte as the client sent it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from urllib.parse import quote
 
 
@@ -38,18 +37,17 @@ class TargetError(ValueError):
     """The target has no single reading: answer 400 with this message."""
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    forward: str   # origin-form path?query as it goes upstream (or '*')
-    path: str      # decoded, for matching: the router's and the filter's view
-    query: str
+# (as it goes upstream: origin-form path?query, or '*';
+#  the decoded path the router and the filter match; the query)
+Target = tuple[str, str, str]
 
-
-# A path made of these alone, with no empty or dot segment, is already
-# canonical: the common case costs one regex match and two substring tests.
-_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*").fullmatch
-# What a request-target may hold at all (RFC 9112 3.2): visible ASCII, no '#'.
-_REFUSED_CHAR = re.compile(r"[^\x21-\x7e]|[#\\]").search
+# A target whose path is made of these alone, with no empty or dot segment,
+# is already canonical: the common case costs one regex match and two
+# substring tests (per request, so no object is built either).
+_PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*(?:\?[\x21\x22\x24-\x5b\x5d-\x7e]*)?").fullmatch
+# What a request-target may hold at all (RFC 9112 3.2): visible ASCII, no '#'
+# (and no backslash, see above).
+_REFUSED_CHAR = re.compile(r"[^\x21\x22\x24-\x5b\x5d-\x7e]").search
 _ESCAPE = re.compile(r"%(?:([0-9A-Fa-f]{2})|.{0,2})", re.S)
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPED_ESCAPE = re.compile(r"[0-9A-Fa-f]{2}").match
@@ -58,21 +56,22 @@ _DOTS_AND_SPACES = re.compile(r"[.\s]*").fullmatch
 
 
 def parse(raw: str, method: str = "GET") -> Target:
-    """The canonical Target of an origin-form request-target, or TargetError."""
+    """(forward, path, query) of an origin-form request-target, or TargetError."""
+    if _PLAIN(raw) and "//" not in raw and "/." not in raw:
+        path, _, query = raw.partition("?")
+        return raw, path, query
     bad = _REFUSED_CHAR(raw)
     if bad:
         raise TargetError(_why_refused(bad.group()))
     if raw == "*":
         if method != "OPTIONS":
             raise TargetError("the asterisk form is for OPTIONS only")
-        return Target("*", "/", "")
+        return "*", "/", ""
     if raw[:1] != "/":
         raise TargetError("request target is neither a path nor an absolute URL")
     raw_path, separator, query = raw.partition("?")
-    if _PLAIN_PATH(raw_path) and "//" not in raw_path and "/." not in raw_path:
-        return Target(raw, raw_path, query)
     forward, path = _canonical_path(raw_path)
-    return Target(forward + separator + query, path, query)
+    return forward + separator + query, path, query
 
 
 def _why_refused(char: str) -> str:

@@ -10,7 +10,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Serve from a checkout without installing too (once: a reload runs this file again).
-if HERE not in sys.path:
+if sys.path[:1] != [HERE]:
     sys.path.insert(0, HERE)
 os.environ.setdefault("RPROXY_CONFIG", os.path.join(HERE, "conf", "rproxy.ini"))
 

@@ -427,14 +427,10 @@ def _build(path: str, section: str, cls: type, items: Mapping[str, str], preset:
         spec = declared.get(key)
         if spec is None:
             raise ConfigError(path, section, key, "unknown key" + _did_you_mean(key, declared))
-        value = raw
         try:
-            value = values.substitute(raw, os.environ)
-            kwargs[key] = spec.metadata["parse"](value)
+            kwargs[key] = spec.metadata["parse"](values.substitute(raw, os.environ))
         except ValueError as e:
-            # A value from the environment may be a secret: quote the INI's text instead.
-            problem = str(e) if value == raw else str(e).replace(repr(value), repr(raw))
-            raise ConfigError(path, section, key, problem) from None
+            raise ConfigError(path, section, key, values.masked(str(e), raw, os.environ)) from None
     for key, spec in declared.items():
         if spec.metadata["required"] and not kwargs.get(key):
             raise ConfigError(path, section, key, f"is required: {spec.metadata['doc']}")

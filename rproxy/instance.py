@@ -54,6 +54,9 @@ def control_socket(config: Config) -> str | None:
 def prepare(config: Config) -> None:
     """In the master, at start: the default run folder exists, is ours and
     closed to others (it sits in /tmp for users other than root)."""
+    if config.server.pidfile and not os.path.isdir(os.path.dirname(os.path.abspath(config.server.pidfile))):
+        raise ConfigError(config.path, "server", "pidfile",
+                          f"the folder of {config.server.pidfile!r} does not exist")
     wanted = [pidfile(config), control_socket(config) or ""]
     if not any(os.path.dirname(p) == run_dir() for p in wanted):
         return

@@ -241,6 +241,17 @@ def substitute(raw: str, environ: Mapping[str, str]) -> str:
     return _VARIABLE_RE.sub(replace, raw)
 
 
+def masked(message: str, raw: str, environ: Mapping[str, str]) -> str:
+    """`message` about the value `raw` gave, with what came from `environ`
+    shown as the ${NAME} it came from: it may be a secret."""
+    for match in _VARIABLE_RE.finditer(raw):
+        value = environ.get(match.group(1) or "", "")
+        # Short values are left: they say nothing and would garble the message.
+        if len(value) >= 4:
+            message = message.replace(value, "${" + match.group(1) + "}")
+    return message
+
+
 def one_of(*choices: str):
     def parse(raw: str) -> str:
         value = raw.strip().lower()

@@ -173,8 +173,10 @@ def test_missing_environment_value_names_the_variable(tmp_path, monkeypatch):
 
 def test_a_secret_from_the_environment_is_not_echoed_in_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RPROXY_TEST_SECRET", "hunter2-secret")
-    e = error_for(tmp_path, ROUTE + "[cache]\nstorage = mongo://${RPROXY_TEST_SECRET}\n")
-    assert "hunter2" not in str(e) and "${RPROXY_TEST_SECRET}" in str(e)
+    for text in ("[cache]\nstorage = mongo://${RPROXY_TEST_SECRET}\n",
+                 "[upstream:b]\nservers = 127.0.0.1:1 ${RPROXY_TEST_SECRET}:x\n"):
+        e = error_for(tmp_path, ROUTE + text)
+        assert "hunter2" not in str(e) and "${RPROXY_TEST_SECRET}" in str(e)
 
 
 @pytest.mark.parametrize("bind, problem", [

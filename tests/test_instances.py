@@ -174,3 +174,13 @@ def test_configured_pidfile_and_control_socket_are_used(tmp_path, upstream):
         assert not pidfile.exists()
     finally:
         instance.stop()
+
+
+def test_pidfile_in_a_missing_folder_stops_the_start_in_one_line(tmp_path):
+    ini = tmp_path / "rproxy.ini"
+    ini.write_text(f"[server]\nbind = 127.0.0.1:{free_port()}\npidfile = {tmp_path}/nowhere/x.pid\n\n"
+                   + single_route(9))
+    out = subprocess.run([GUNICORN, "-c", "python:rproxy.gunicorn_conf"], capture_output=True, text=True,
+                         env=dict(os.environ, RPROXY_CONFIG=str(ini)), cwd=tmp_path, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip() == f"rproxy: {ini}: [server] pidfile: the folder of '{tmp_path}/nowhere/x.pid' does not exist"

@@ -1,16 +1,17 @@
-"""gunicorn settings for rproxy: `gunicorn -c gunicorn.conf.py`.
+"""gunicorn settings for rproxy in a checkout: `gunicorn -c gunicorn.conf.py`.
 
-Everything comes from the INI named by $RPROXY_CONFIG (default
-conf/rproxy.ini): bind, workers, worker_connections, keepalive,
-graceful_timeout, logging. gunicorn's command-line flags still override.
+A shim over the installed module `rproxy.gunicorn_conf` (`gunicorn -c
+python:rproxy.gunicorn_conf` anywhere else): everything comes from the INI
+named by $RPROXY_CONFIG, default conf/rproxy.ini beside this file.
 """
 
 import os
 import sys
 
-# Serve from a checkout without installing too.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Serve from a checkout without installing too (once: a reload runs this file again).
+if sys.path[:1] != [HERE]:
+    sys.path.insert(0, HERE)
+os.environ.setdefault("RPROXY_CONFIG", os.path.join(HERE, "conf", "rproxy.ini"))
 
-from rproxy.serving import gunicorn_settings  # noqa: E402
-
-globals().update(gunicorn_settings(__file__))
+from rproxy.gunicorn_conf import *  # noqa: E402,F401,F403

@@ -170,11 +170,6 @@ def build(path: str | None = None) -> Proxy:
     return Proxy(config_module.load(path or config_module.config_path()))
 
 
-def paste_app_factory(global_conf, **local_conf):
-    """PasteDeploy entry point: `[app:main] use = egg:rproxy` in the INI."""
-    return build(local_conf.get("config") or global_conf.get("__file__"))
-
-
 def __getattr__(name):
     # Built on first access, i.e. when gunicorn loads the app in a worker,
     # so that importing this module never reads a config by surprise.

@@ -44,8 +44,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    bind: tuple[str, ...] = setting("127.0.0.1:8080", values.words,
-                                    "Addresses to listen on, gunicorn syntax, space separated.")
+    bind: tuple[str, ...] = setting("127.0.0.1:8080", values.bind_addresses,
+                                    "Addresses to listen on, gunicorn syntax (host:port, [::1]:port, "
+                                    "unix:/path, fd://N), space separated.")
     workers: int = setting("1", values.positive_count, "Worker processes.")
     worker_connections: int = setting("10000", values.positive_count,
                                       "Concurrent client connections per worker (idle ones cost "
@@ -108,6 +109,14 @@ class ServerConfig:
                                      "The port redirects to HTTPS name; default: that of the first bind "
                                      "address (left out when 443).")
     tls_min_version: str = setting("1.2", values.one_of("1.2", "1.3"), "Oldest TLS version accepted.")
+    pidfile: str = setting("", values.text,
+                           "The master's pid file (`rproxy reload`/`rproxy stop` read it); empty = "
+                           "NAME.pid in /run/rproxy (root) or /tmp/rproxy-UID, NAME from the config "
+                           "file's name and real path (`rproxy check` prints it).")
+    control_socket: str = setting("", values.text,
+                                  "gunicorn's control socket (`gunicornc -s PATH`); empty = NAME.ctl "
+                                  "beside the default pid file, never shared with another instance; "
+                                  "off = none.")
 
 
 @dataclass(frozen=True)
@@ -422,9 +431,9 @@ def _build(path: str, section: str, cls: type, items: Mapping[str, str], preset:
         if spec is None:
             raise ConfigError(path, section, key, "unknown key" + _did_you_mean(key, declared))
         try:
-            kwargs[key] = spec.metadata["parse"](raw)
+            kwargs[key] = spec.metadata["parse"](values.substitute(raw, os.environ))
         except ValueError as e:
-            raise ConfigError(path, section, key, str(e)) from None
+            raise ConfigError(path, section, key, values.masked(str(e), raw, os.environ)) from None
     for key, spec in declared.items():
         if spec.metadata["required"] and not kwargs.get(key):
             raise ConfigError(path, section, key, f"is required: {spec.metadata['doc']}")

@@ -16,6 +16,7 @@ import sys
 
 from . import config as config_module
 from . import acme, certificates, metrics, tls
+from . import instance
 from .config import Config, ConfigError
 
 
@@ -69,6 +70,9 @@ def to_gunicorn(config: Config) -> dict:
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "child_exit": child_exit,
+        # Files of this instance alone: gunicorn's defaults are one per user.
+        "pidfile": instance.pidfile(config),
+        **instance.control_socket_settings(config),
     }
 
 
@@ -171,6 +175,7 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
         config = config_module.load(path)
         if config.acme.domains:
             prepare_acme(config)
+        instance.prepare(config)
     except ConfigError as e:
         if _serving is None:
             print(f"rproxy: {e}", file=sys.stderr, flush=True)

@@ -5,9 +5,10 @@ raises ValueError with a message that says what a valid value looks like."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 
 def setting(raw: str | None, parse: Callable[[str], Any], doc: str, required: bool = False) -> Any:
@@ -24,12 +25,19 @@ _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 
 
+# About 31 years: longer ones are typos, and gunicorn's settings need finite ones.
+_LONGEST_DURATION = 1e9
+
+
 def duration(raw: str) -> float:
     """'500ms', '3s', '2m', '1h', '30d' or a bare number of seconds -> seconds."""
     match = _DURATION_RE.fullmatch(raw.strip())
     if not match:
         raise ValueError(f"{raw!r} is not a duration (use e.g. 500ms, 3s, 2m)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(value) or value > _LONGEST_DURATION:
+        raise ValueError(f"{raw!r} is too long a duration")
+    return value
 
 
 def positive_duration(raw: str) -> float:
@@ -203,6 +211,47 @@ def servers(raw: str) -> tuple[ServerAddress, ...]:
     return tuple(result)
 
 
+_VARIABLE_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|(\{))")
+
+
+def substitute(raw: str, environ: Mapping[str, str]) -> str:
+    """'${NAME}' and '${NAME:-default}' replaced from `environ` (the default
+    also when NAME is empty, as in the shell); '$$' is a literal '$'. A
+    missing NAME without default, or a '${' that is neither, is an error."""
+    if "$" not in raw:
+        return raw
+
+    def replace(match: re.Match) -> str:
+        name, default, broken = match.group(1), match.group(2), match.group(3)
+        if match.group(0) == "$$":
+            return "$"
+        if broken:
+            raise ValueError(f"{raw!r}: '${{' starts neither ${{NAME}} nor ${{NAME:-default}} "
+                             "(write $$ for a literal $)")
+        value = environ.get(name, "")
+        if value:
+            return value
+        if default is not None:
+            return default
+        if name in environ:
+            return ""
+        raise ValueError(f"${{{name}}} is not set in the environment "
+                         f"(set it, or give a default: ${{{name}:-...}})")
+
+    return _VARIABLE_RE.sub(replace, raw)
+
+
+def masked(message: str, raw: str, environ: Mapping[str, str]) -> str:
+    """`message` about the value `raw` gave, with what came from `environ`
+    shown as the ${NAME} it came from: it may be a secret."""
+    for match in _VARIABLE_RE.finditer(raw):
+        value = environ.get(match.group(1) or "", "")
+        # Short values are left: they say nothing and would garble the message.
+        if len(value) >= 4:
+            message = message.replace(value, "${" + match.group(1) + "}")
+    return message
+
+
 def one_of(*choices: str):
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -325,10 +374,27 @@ def listener_key(bind: str) -> int | str | None:
     try:
         address = parse_address(bind.strip())
     except RuntimeError as e:
-        raise ValueError(f"{bind!r}: {e}") from None
+        raise ValueError(f"{bind!r} is not host:port, [ipv6]:port, unix:/path or fd://N "
+                         f"({str(e).rstrip('.')})") from None
     if isinstance(address, tuple):
+        if not 0 <= address[1] <= 65535:
+            raise ValueError(f"{bind!r}: the port must be 0 to 65535")
         return address[1]
-    return None if isinstance(address, int) else address
+    if isinstance(address, int):
+        return None
+    if not address:
+        raise ValueError(f"{bind!r}: a unix: address needs a path")
+    return address
+
+
+def bind_addresses(raw: str) -> tuple[str, ...]:
+    """Listen addresses, gunicorn syntax: host:port, [::1]:port, unix:/path, fd://N."""
+    result = words(raw)
+    if not result:
+        raise ValueError("names no address to listen on")
+    for bind in result:
+        listener_key(bind)
+    return result
 
 
 def listeners(raw: str) -> tuple[str, ...]:

@@ -145,3 +145,178 @@ def test_acme_defaults_and_durations_in_days(tmp_path):
     assert c.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
     assert c.acme.renew_before == 30 * 86400 and c.acme.retry_interval == 120
     assert not (tmp_path / "acme").exists()  # checking a config creates nothing
+
+
+def test_environment_values_fill_in_and_defaults_apply(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPROXY_TEST_PORT", "9009")
+    monkeypatch.setenv("RPROXY_TEST_EMPTY", "")
+    monkeypatch.delenv("RPROXY_TEST_UNSET", raising=False)
+    c = load_text(tmp_path, "[upstream:a]\nservers = 127.0.0.1:${RPROXY_TEST_PORT}\n"
+                            "read_timeout = ${RPROXY_TEST_UNSET:-7s}\nconnect_timeout = ${RPROXY_TEST_EMPTY:-2s}\n"
+                            "[route:r]\nupstream = a\nhost_header = pa$$word$x\n")
+    assert c.upstreams["a"].servers[0].port == 9009
+    assert c.upstreams["a"].read_timeout == 7 and c.upstreams["a"].connect_timeout == 2
+    # $$ is a literal $; a $ not followed by { stays as written.
+    assert c.routes[0].host_header == "pa$word$x"
+
+
+def test_missing_environment_value_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    e = error_for(tmp_path, ROUTE + "[rate_limit]\nlimit = 1/second\n"
+                                   "storage = redis://:${REDIS_PASSWORD}@127.0.0.1:6379/0\n")
+    assert (e.section, e.key) == ("rate_limit", "storage")
+    assert str(e).endswith("[rate_limit] storage: ${REDIS_PASSWORD} is not set in the environment "
+                           "(set it, or give a default: ${REDIS_PASSWORD:-...})")
+    e = error_for(tmp_path, ROUTE + "[server]\nworkers = ${1}\n")
+    assert (e.section, e.key) == ("server", "workers") and "write $$ for a literal $" in e.problem
+
+
+def test_a_secret_from_the_environment_is_not_echoed_in_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPROXY_TEST_SECRET", "hunter2-secret")
+    for text in ("[cache]\nstorage = mongo://${RPROXY_TEST_SECRET}\n",
+                 "[upstream:b]\nservers = 127.0.0.1:1 ${RPROXY_TEST_SECRET}:x\n"):
+        e = error_for(tmp_path, ROUTE + text)
+        assert "hunter2" not in str(e) and "${RPROXY_TEST_SECRET}" in str(e)
+
+
+@pytest.mark.parametrize("bind, problem", [
+    ("127.0.0.1:8x", "'127.0.0.1:8x' is not host:port, [ipv6]:port, unix:/path or fd://N "
+                     "('8x' is not a valid port number)"),
+    ("127.0.0.1:70000", "'127.0.0.1:70000': the port must be 0 to 65535"),
+    ("fd://x", "'fd://x' is not host:port"),
+    ("unix:", "'unix:': a unix: address needs a path"),
+    ("", "names no address to listen on"),
+])
+def test_bad_bind_addresses_are_config_errors(tmp_path, bind, problem):
+    e = error_for(tmp_path, ROUTE + f"[server]\nbind = {bind}\n")
+    assert (e.section, e.key) == ("server", "bind") and problem in e.problem
+
+
+def test_far_too_long_durations_are_config_errors(tmp_path):
+    e = error_for(tmp_path, ROUTE + "[server]\nkeepalive = " + "9" * 400 + "\n")
+    assert (e.section, e.key) == ("server", "keepalive") and "too long" in e.problem
+
+
+# --- any INI: a config or one precise message, never a traceback ---------------------
+
+from dataclasses import fields as _fields  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from rproxy import instance, serving  # noqa: E402
+
+_KINDS = {**config.SINGLE_SECTIONS, **config.NAMED_SECTIONS, **config.MIDDLEWARE}
+_SECTIONS = st.one_of(
+    st.sampled_from([kind if kind in config.SINGLE_SECTIONS else f"{kind}:{name}"
+                     for kind in _KINDS for name in ("a", "b")] + [*config.MIDDLEWARE, "acme", "route:", "x:y",
+                                                                  "server:main", "DEFAULT", "  ", "Server"]),
+    st.text(st.characters(blacklist_characters="[]\r\n"), min_size=1, max_size=10))
+_ODD = [
+    "127.0.0.1:8x", "127.0.0.1:70000", ":80", "[::1]:0", "unix:", "unix:/tmp/x.sock", "fd://3", "fd://x",
+    "tcp://127.0.0.1:1", "${RPROXY_FUZZ_SET}", "${RPROXY_FUZZ_UNSET}", "${RPROXY_FUZZ_UNSET:-3s}", "${", "${}",
+    "$${X}", "${A:-${B}}", "9" * 400, "1e999", "-0", "0x10", "１２", "1_000", "nan", "inf", "yes no", "%(here)s",
+    "off", "", "a" * 300, "127.0.0.1:1 weight=99999999999999999999", "http://[::1", "https://:0", "\x00",
+    "/dev/null", "/nonexistent/file", "header:", "10/minute;;", "memory://", "redis://", "200-100", "GET",
+]
+_ODD_VALUES = st.sampled_from(_ODD)
+_VALUES = st.one_of(_ODD_VALUES, st.text(st.characters(blacklist_characters="\r\n"), max_size=30))
+
+
+def _valid_value(kind, key) -> str:
+    field = {f.name: f for f in _fields(kind)}[key]
+    raw = field.metadata.get("raw")
+    return raw if raw else {"servers": "127.0.0.1:1", "upstream": "app", "domains": "example.com",
+                            "cache_dir": "/tmp", "certfile": "/dev/null", "keyfile": "/dev/null"}.get(key, "")
+
+
+@st.composite
+def _ini(draw) -> str:
+    """Mostly a valid config with one or two values made odd, so that the
+    checks after each value's own parser are reached too; now and then
+    anything at all."""
+    body = {"upstream:app": {"servers": "127.0.0.1:1"}, "route:r": {"upstream": "app"}} \
+        if draw(st.integers(0, 4)) else {}
+    for section in draw(st.lists(_SECTIONS, unique=True, max_size=4)):
+        kind = _KINDS.get(section.split(":", 1)[0].strip())
+        known = [f.name for f in _fields(kind) if "parse" in f.metadata] if kind else []
+        keys = draw(st.lists(st.sampled_from(known) if known and draw(st.integers(0, 5)) else
+                             st.text(st.characters(blacklist_characters="=:[]\r\n;#"), min_size=1, max_size=8),
+                             unique=True, max_size=5))
+        pairs = body.setdefault(section, {})
+        for key in keys:
+            odd = not known or key not in known or draw(st.integers(0, 2)) == 0
+            pairs[key.strip() or "k"] = draw(_VALUES) if odd else _valid_value(kind, key)
+    lines = []
+    for section, pairs in body.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value}" for key, value in pairs.items()]
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(text=_ini())
+def test_any_ini_gives_a_config_that_starts_or_names_file_section_key(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("RPROXY_FUZZ_SET", "127.0.0.1:9")
+    monkeypatch.delenv("RPROXY_FUZZ_UNSET", raising=False)
+    path = tmp_path / "fuzz.ini"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    _assert_precise(path, lambda: config.load(str(path)))
+
+
+def _assert_precise(path, load):
+    try:
+        loaded = load()
+    except ConfigError as e:
+        message = str(e)
+        assert message.startswith(f"{path}: ") and e.problem and message.endswith(e.problem)
+        if e.section:
+            assert f"[{e.section}]" in message
+        if e.key:
+            assert e.section and f"[{e.section}] {e.key}: " in message
+        return
+    # What start-up does with it next must not fail either.
+    assert serving.to_gunicorn(loaded)["bind"] and instance.pidfile(loaded)
+
+
+def test_every_key_with_every_odd_value_names_file_section_key(tmp_path, monkeypatch):
+    """Each declared key of each section, set to each odd value on top of a
+    valid config: the checks after a value's own parser are reached too."""
+    monkeypatch.setenv("RPROXY_FUZZ_SET", "127.0.0.1:9")
+    monkeypatch.delenv("RPROXY_FUZZ_UNSET", raising=False)
+    path = tmp_path / "sweep.ini"
+    base = "[upstream:app]\nservers = 127.0.0.1:1\n[route:r]\nupstream = app\n"
+    tried = 0
+    for kind, cls in _KINDS.items():
+        section = {"upstream": "upstream:app", "route": "route:r", "certificate": "certificate:c"}.get(kind, kind)
+        for field in _fields(cls):
+            if "parse" not in field.metadata:
+                continue
+            for value in _ODD + ["${RPROXY_FUZZ_SET}x", "\u00e9\u00e9", "1/second"]:
+                sections = {"upstream:app": {"servers": "127.0.0.1:1"}, "route:r": {"upstream": "app"}}
+                sections.setdefault(section, {})[field.name] = value
+                text = "".join(f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in pairs.items())
+                               for name, pairs in sections.items())
+                path.write_text(text, encoding="utf-8", errors="surrogatepass")
+                _assert_precise(path, lambda: config.load(str(path)))
+                tried += 1
+    assert tried > 3000
+
+
+def test_check_prints_one_line_for_odd_files(tmp_path):
+    import subprocess
+    from conftest import BIN
+    cases = {"binary.ini": b"\xff\xfe[server]\x00\n", "dup.ini": b"[server]\n[server]\n",
+             "nosection.ini": b"bind = 1\n", "bind.ini": b"[server]\nbind = 127.0.0.1:8x\n",
+             "env.ini": b"[upstream:a]\nservers = ${RPROXY_FUZZ_UNSET}\n", "dir.ini": None}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        out = subprocess.run([str(BIN / "rproxy"), "check", str(path)], capture_output=True, text=True,
+                             timeout=60, env={k: v for k, v in __import__("os").environ.items()
+                                              if k != "RPROXY_FUZZ_UNSET"})
+        assert out.returncode == 1, (name, out.stdout)
+        assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"rproxy: {path}: "), out.stderr

@@ -182,7 +182,8 @@ class Server:
 
     def available(self, now: float) -> bool:
         # Back from a passive fail_timeout: one request at a time tries it.
-        return self.healthy and self.passive.usable(now)
+        passive = self.passive
+        return self.healthy and (not passive.until or passive.usable(now))
 
     def close(self) -> None:
         self.pool.close()

@@ -175,6 +175,11 @@ def test_a_trusted_proxy_may_send_them(proxy):
     seen = upstream_headers(requests.get(proxy.url + "/echo", headers=headers, timeout=10))
     assert seen["true-client-ip"] == "203.0.113.9" and seen["cf-connecting-ip"] == "203.0.113.9"
     assert seen["x-forwarded-prefix"] == "/shop"
+    # gunicorn drops names with underscores, whoever sends them, rather than
+    # read X_Client_IP as X-Client-IP.
+    data = raw_exchange(proxy.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                    b"X_Client_IP: 203.0.113.9\r\n\r\n")
+    assert not any(value == "203.0.113.9" for value in echoed_headers(data).values())
 
 
 def test_the_stripped_list_is_configurable(start_proxy, upstream):

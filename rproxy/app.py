@@ -48,7 +48,7 @@ class Route:
 class Proxy:
     def __init__(self, config: Config):
         self.config = config
-        self.forwarding = Forwarding(config.server.trusted_proxies)
+        self.forwarding = Forwarding(config.server.trusted_proxies, config.server.spoofable_headers)
         self.upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
         self.tunnels = Tunnels(config.server.max_tunnels)
         shared: dict = {}

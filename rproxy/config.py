@@ -78,7 +78,18 @@ class ServerConfig:
     graceful_timeout: float = setting("30s", values.positive_duration,
                                       "On shutdown or reload, how long workers may finish their requests.")
     trusted_proxies: tuple = setting("127.0.0.1 ::1", values.networks,
-                                     "Peers whose X-Forwarded-*, X-Real-IP and Forwarded headers are believed.")
+                                     "Peers whose X-Forwarded-*, X-Real-IP, Forwarded and "
+                                     "spoofable_headers are believed.")
+    spoofable_headers: tuple = setting(
+        "X-Client-IP True-Client-IP CF-Connecting-IP Fastly-Client-IP X-Cluster-Client-IP "
+        "X-Originating-IP X-Remote-IP X-Remote-Addr Client-IP X-ProxyUser-IP X-Envoy-External-Address "
+        "X-Original-Forwarded-For Forwarded-For X-Forwarded X-Original-URL X-Rewrite-URL X-Original-Host "
+        "X-Host Front-End-Https X-Url-Scheme X-Client-Cert X-SSL-Client-Cert",
+        values.header_names,
+        "Request headers only a proxy in front should set (the client's address, scheme, host, "
+        "URL or certificate), removed from requests of peers outside trusted_proxies; any case "
+        "or spelling with underscores is the same name. X-Forwarded-*, Forwarded and X-Real-IP "
+        "are replaced for such peers whatever this lists. Empty = only those.")
     max_body_size: int = setting("100m", values.size,
                                  "Largest request body; 413 above it. 0 = no limit.")
     max_tunnels: int = setting("5000", values.positive_count,

@@ -272,7 +272,10 @@ class Forwarder:
                 return self._none_available(request)
             request.environ["rproxy.upstream"] = server.label
             request.environ["rproxy.upstream_name"] = self.upstream.name
-            return open_tunnel(request, server, self, self._target(request), self._headers(request, server))
+            try:
+                return open_tunnel(request, server, self, self._target(request), self._headers(request, server))
+            finally:
+                self.upstream.done_with(server)
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
             return self._closing(error_response(request, 413, "request body is too large"))
         try:
@@ -293,14 +296,17 @@ class Forwarder:
                 return self._none_available(request)
             tried.append(server)
             request.environ["rproxy.upstream"] = server.label
-            outcome = self._attempt(server, request, target, request_body)
+            try:
+                outcome = self._attempt(server, request, target, request_body)
+            finally:
+                self.upstream.done_with(server)
             if isinstance(outcome, Response):
                 return outcome
             if not isinstance(outcome, EmptyPoolError):
                 self.upstream.failed(server, _describe(outcome))
             if (len(tried) <= self.retries and time.monotonic() - first_try < self.retry_timeout
                     and _retriable(outcome, request, request_body)
-                    and self.upstream.pick(request, exclude=tried) is not None):
+                    and self.upstream.any_available(exclude=tried)):
                 log.info("upstream %s: %s failed (%s); trying another server, request_id=%s",
                          self.upstream.name, server.label, _describe(outcome), request.request_id)
                 continue
@@ -440,7 +446,7 @@ class Forwarder:
     def _none_available(self, request: Request) -> Response:
         request.environ["rproxy.error"] = "no server available"
         return error_response(request, 503, f"no server of upstream {self.upstream.name} is available",
-                              [("Retry-After", str(self.upstream.retry_after()))])
+                              [("Retry-After", str(self.upstream.unavailable()))])
 
     def failure(self, request: Request, server: Server, error: Exception, record: bool = True) -> Response:
         """The client's answer to an upstream error (recorded against the

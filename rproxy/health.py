@@ -1,7 +1,8 @@
 """Active health checks: one greenlet per upstream and worker asks each
 server `health_check` every `health_interval`; a server that fails is out of
-rotation until it passes again. (Passive health, from real requests, lives
-with the server's state in upstream.py.)
+rotation until it passes again, and then its passive failures are forgotten
+too. (Passive health, from real requests, lives with the server's state in
+upstream.py.)
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ class ActiveCheck:
         while True:
             for server in self.upstream.servers:
                 ok, why = self.check(server)
-                if ok != server.healthy:
-                    if ok:
-                        log.info("upstream %s: server %s passes its health check again",
-                                 self.upstream.name, server.label)
-                    else:
-                        log.warning("upstream %s: server %s fails its health check (%s); "
-                                    "out of rotation", self.upstream.name, server.label, why)
-                    server.healthy = ok
+                if ok and not server.healthy:
+                    log.info("upstream %s: server %s passes its health check again",
+                             self.upstream.name, server.label)
+                    self.upstream.recovered(server)
+                elif not ok and server.healthy:
+                    log.warning("upstream %s: server %s fails its health check (%s); "
+                                "out of rotation", self.upstream.name, server.label, why)
+                    server.healthy = False
                     server.mark()
             gevent.sleep(self.interval)
 

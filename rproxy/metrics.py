@@ -64,6 +64,14 @@ class Metrics:
         self.rate_limited = Counter("rproxy_rate_limited", "Requests refused by a rate limit", ["limit"])
         self.cache = Counter("rproxy_cache_responses", "Responses by cache outcome", ["result"])
         self.cache_bytes = Counter("rproxy_cache_hit_bytes", "Body bytes served from the cache")
+        # Labelled by the section that uses the storage: rate_limit:NAME, cache:NAME.
+        self.storage_errors = Counter("rproxy_storage_errors", "Storage (Redis) calls that failed or timed out",
+                                      ["user"])
+        self.storage_skipped = Counter("rproxy_storage_skipped",
+                                       "Requests that went without the storage while it was left alone",
+                                       ["user"])
+        self.storage_down = Gauge("rproxy_storage_down", "1 while a worker leaves the storage alone after a failure",
+                                  ["user"], multiprocess_mode="livemax")
 
 
 def get() -> Metrics | None:

@@ -1,6 +1,13 @@
 """Upstream servers: one urllib3 connection pool per server, the choice of
 server for each request (balancing.py), and each server's health as this
-worker sees it: passive (real requests that fail) and active (health.py).
+worker sees it: passive (real requests that fail, counted by a circuit
+breaker, breaker.py) and active (health.py).
+
+Passive health follows nginx: a server that fails `max_fails` times within
+`fail_timeout` is out of rotation for `fail_timeout`, then one request tries
+it again. Every server of a group can be out; requests then get 503 with
+Retry-After at once instead of a connect attempt each. Only a group of one
+server is exempt: it is all there is.
 
 Pools are made once per worker process (after the fork) and keep connections
 alive across requests. With `max_connections = 0` a pool keeps up to
@@ -23,6 +30,7 @@ from urllib3.util.connection import is_connection_dropped
 
 from . import metrics, upstream_tls
 from .balancing import POLICIES, ConsistentHash
+from .breaker import Breaker, State
 from .config import UpstreamConfig
 from .health import ActiveCheck
 from .http import Request, header_environ_key
@@ -123,8 +131,7 @@ class Server:
     worker knows of its health."""
 
     __slots__ = ("address", "label", "weight", "pool", "current_weight", "in_flight",
-                 "healthy", "fails", "window_start", "down_until", "probing", "up_gauge", "busy_gauge",
-                 "__weakref__")
+                 "healthy", "passive", "up_gauge", "busy_gauge", "__weakref__")
 
     def __init__(self, address: ServerAddress, config: UpstreamConfig, tls_context=None):
         self.address = address
@@ -133,10 +140,9 @@ class Server:
         self.current_weight = 0   # round robin's running score
         self.in_flight = 0        # requests and tunnels under way in this worker
         self.healthy = True       # the active health check's verdict
-        self.fails = 0            # passive: failures in the current window
-        self.window_start = 0.0
-        self.down_until = 0.0     # passive: out of rotation until then
-        self.probing = False      # passive: one request is trying it again
+        # Passive health: max_fails failures within fail_timeout take it out
+        # for fail_timeout.
+        self.passive = Breaker(config.max_fails, config.fail_timeout, config.fail_timeout)
         counters = metrics.get()
         self.up_gauge = counters.server_up.labels(config.name, self.label) if counters else None
         self.busy_gauge = counters.server_busy.labels(config.name, self.label) if counters else None
@@ -169,15 +175,15 @@ class Server:
             self.busy_gauge.dec()
 
     def mark(self) -> None:
-        """Tell the metrics whether this server is in rotation."""
+        """Tell the metrics whether this server is in rotation (a server
+        back from fail_timeout counts once a request has succeeded on it)."""
         if self.up_gauge is not None:
-            self.up_gauge.set(1 if self.healthy and not self.down_until else 0)
+            self.up_gauge.set(1 if self.healthy and not self.passive.until else 0)
 
     def available(self, now: float) -> bool:
-        if not self.healthy or self.down_until > now:
-            return False
         # Back from a passive fail_timeout: one request at a time tries it.
-        return not (self.down_until and self.probing)
+        passive = self.passive
+        return self.healthy and (not passive.until or passive.usable(now))
 
     def close(self) -> None:
         self.pool.close()
@@ -199,6 +205,7 @@ class Upstream:
         self._header = header_environ_key(key[len("header:"):]) if key.startswith("header:") else None
         self._key_is_path = key == "path"
         self.active_check = ActiveCheck(self) if config.health_check else None
+        self.all_out = False  # "no server is available" was logged
 
     def start(self) -> None:
         if self.active_check is not None:
@@ -212,24 +219,45 @@ class Upstream:
         return request.client_ip
 
     def pick(self, request: Request, exclude=()) -> Server | None:
-        """A server for this request, or None when none is available."""
+        """A server for this request, or None when none is available. The
+        caller reports how it went (succeeded, failed) or, when the server was
+        never put to the test, done_with."""
         now = time.monotonic()
         available = [s for s in self.servers if s not in exclude and s.available(now)]
         if not available:
             return None
         key = self.hash_key(request) if isinstance(self.policy, ConsistentHash) else None
         server = self.policy.pick(available, key)
-        if server.down_until:
-            server.probing = True
+        server.passive.claim(now)
         return server
 
-    def retry_after(self) -> int:
-        """Seconds until a server may be back, for a 503's Retry-After."""
+    def any_available(self, exclude=()) -> bool:
+        """Is there a server left to try? (No side effect, unlike pick.)"""
         now = time.monotonic()
-        waits = [s.down_until - now for s in self.servers if s.down_until > now]
-        if self.active_check is not None:
-            waits.append(self.config.health_interval)
-        return max(1, math.ceil(min(waits))) if waits else 1
+        return any(s not in exclude and s.available(now) for s in self.servers)
+
+    def unavailable(self) -> int:
+        """No server can take a request: said once per outage in the log.
+        Returns the seconds until one may be back, for a 503's Retry-After."""
+        now = time.monotonic()
+        waits = [self.config.health_interval if not s.healthy else s.passive.retry_in(now)
+                 for s in self.servers]
+        retry_after = max(1, math.ceil(min(waits)))
+        if not self.all_out:
+            self.all_out = True
+            log.error("upstream %s: no server is available (%s); answering 503 with Retry-After "
+                      "until one is back", self.name, ", ".join(self._why_out(s, now) for s in self.servers))
+        return retry_after
+
+    def _why_out(self, server: Server, now: float) -> str:
+        if not server.healthy:
+            return f"{server.label} fails its health check"
+        state = server.passive.state(now)
+        if state is State.OPEN:
+            return f"{server.label} out for {server.passive.retry_in(now):.0f}s more"
+        if state is State.TRYING:
+            return f"{server.label} being tried again"
+        return f"{server.label} {state.value}"
 
     def failed(self, server: Server, why: str) -> None:
         """Passive health: a connect error, timeout, reset or listed status."""
@@ -238,22 +266,37 @@ class Upstream:
         if not config.max_fails or len(self.servers) == 1:
             return
         now = time.monotonic()
-        if server.probing or now - server.window_start > config.fail_timeout:
-            server.window_start, server.fails = now, 0
-        server.probing = False
-        server.fails += 1
-        if server.fails >= config.max_fails:
-            server.down_until = now + config.fail_timeout
-            server.mark()
-            log.warning("upstream %s: server %s out of rotation for %gs after %d failure(s), last: %s",
-                        self.name, server.label, config.fail_timeout, server.fails, why)
+        was = server.passive.state(now)
+        if not server.passive.failed(now):
+            return
+        server.mark()
+        if was is State.CLOSED:
+            log.warning("upstream %s: server %s out of rotation for %gs after %d failure(s) within %gs, "
+                        "last: %s", self.name, server.label, config.fail_timeout, config.max_fails,
+                        config.fail_timeout, why)
+        else:
+            log.info("upstream %s: server %s still failing (%s); out of rotation for %gs more",
+                     self.name, server.label, why, config.fail_timeout)
 
     def succeeded(self, server: Server) -> None:
-        if server.down_until or server.fails:
-            if server.down_until:
-                log.info("upstream %s: server %s is answering again", self.name, server.label)
-            server.fails, server.down_until, server.probing = 0, 0.0, False
+        if server.passive.succeeded():
+            log.info("upstream %s: server %s is answering again", self.name, server.label)
             server.mark()
+            self.all_out = False
+
+    def done_with(self, server: Server) -> None:
+        """The request that picked `server` is done with it. A trial that
+        gave no verdict (the client went away first, the pool was full)
+        lets the next request try."""
+        server.passive.abandoned()
+
+    def recovered(self, server: Server) -> None:
+        """The active check passes again: its failures, passive ones
+        included, are history."""
+        server.healthy = True
+        server.passive.succeeded()
+        server.mark()
+        self.all_out = False
 
     def close(self) -> None:
         if self.active_check is not None:

@@ -345,6 +345,24 @@ def limit_key(raw: str) -> str:
     raise ValueError(f"{raw!r} is not ip or header:NAME")
 
 
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z_-]+")
+# Removing these would break the request itself.
+_ESSENTIAL_HEADERS = frozenset({"host", "content-length", "content-type", "transfer-encoding"})
+
+
+def header_names(raw: str) -> tuple[str, ...]:
+    """'X-Client-IP True-Client-IP' -> the names; X_Client_IP is X-Client-IP
+    (the WSGI environ cannot tell them apart)."""
+    names = []
+    for word in words(raw):
+        if not _TOKEN_RE.fullmatch(word):
+            raise ValueError(f"{word!r} is not a header name")
+        if word.lower() in _ESSENTIAL_HEADERS:
+            raise ValueError(f"{word} cannot be listed: requests need it")
+        names.append(word.replace("_", "-"))
+    return tuple(names)
+
+
 def header_value(raw: str) -> str:
     value = raw.strip()
     if any(ch in value for ch in "\r\n\x00"):

@@ -190,7 +190,7 @@ SITE = {"Host": "shop.example"}  # both instances serve one site: one key
 
 
 def test_redis_cache_is_shared_and_survives_an_outage(start_proxy, upstream, redis_server):
-    section = f"\n[cache]\nstorage = {redis_server.url}\nstorage_timeout = 300ms\n"
+    section = f"\n[cache]\nstorage = {redis_server.url}\nstorage_timeout = 300ms\nstorage_retry = 500ms\n"
     first = start_proxy(single_route(upstream.port) + section)
     second = start_proxy(single_route(upstream.port) + section)
     path = f"/cacheable?cc=max-age=60&id=redis-{next(_unique)}"
@@ -203,6 +203,7 @@ def test_redis_cache_is_shared_and_survives_an_outage(start_proxy, upstream, red
     requests.get(first.url + path, headers=SITE, timeout=10)
     assert first.log().count("bypassing the cache until it is back") == 1
     redis_server.start_again()
+    time.sleep(0.7)  # storage_retry: then the next request tries Redis again
     r4 = requests.get(first.url + path, headers=SITE, timeout=10)
     r5 = requests.get(first.url + path, headers=SITE, timeout=10)
     assert (r4.headers["X-Cache"], r5.headers["X-Cache"]) == ("MISS", "HIT")

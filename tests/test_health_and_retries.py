@@ -1,6 +1,7 @@
 """Failing servers leave the rotation and come back; requests that can be
 sent twice get another server, the others never."""
 
+import signal
 import socket
 import threading
 import time
@@ -9,6 +10,7 @@ import pytest
 import requests
 
 from conftest import free_port
+from test_observability import metric, scrape
 
 
 class BadServer:
@@ -175,3 +177,75 @@ def test_retries_zero_means_one_attempt(start_proxy, start_upstream):
     proxy = start_proxy(upstream_ini(free_port(), good.port, extra="retries = 0"))
     assert requests.get(proxy.url + "/echo", timeout=10).status_code == 502
     assert requests.get(proxy.url + "/echo", timeout=10).status_code == 200
+
+
+def server_up(admin: int, port: int) -> float:
+    return metric(scrape(admin), "rproxy_upstream_server_up", upstream="app", server=f"127.0.0.1:{port}")
+
+
+def test_whole_group_killed_gives_503_without_connecting_until_one_is_back(start_proxy, start_upstream,
+                                                                          hardening_record):
+    group = [start_upstream() for _ in range(3)]
+    ports = [u.port for u in group]
+    admin = free_port()
+    proxy = start_proxy(upstream_ini(*ports, extra="fail_timeout = 2s\nretries = 2")
+                        + f"\n[admin]\nbind = 127.0.0.1:{admin}\n")
+    assert {port_of(proxy) for _ in range(6)} == {str(p) for p in ports}
+    for server in group:
+        server.stop(signal.SIGKILL)
+    # One request tries all three and counts their failures...
+    assert requests.get(proxy.url + "/echo", timeout=10).status_code == 502
+    assert len(proxy.log_lines("out of rotation for 2s after 1 failure")) == 3
+    # ...then every request is answered at once, without a connection attempt.
+    slowest = 0.0
+    for _ in range(5):
+        started = time.monotonic()
+        r = requests.get(proxy.url + "/echo", timeout=10)
+        slowest = max(slowest, time.monotonic() - started)
+        assert r.status_code == 503 and "no server of upstream app is available" in r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 2
+    assert slowest < 1
+    assert len(proxy.log_lines("Connection refused")) == 3 + 2  # the three failures, two "trying another"
+    assert len(proxy.log_lines("upstream app: no server is available")) == 1
+    assert [server_up(admin, p) for p in ports] == [0, 0, 0]
+
+    start_upstream(ports[1])
+    time.sleep(int(r.headers["Retry-After"]) + 0.2)
+    # Back from fail_timeout, each server gets one try: the live one answers.
+    assert port_of(proxy) == str(ports[1])
+    assert {port_of(proxy) for _ in range(6)} == {str(ports[1])}
+    proxy.wait_for_log(f"server 127.0.0.1:{ports[1]} is answering again")
+    assert [server_up(admin, p) for p in ports] == [0, 1, 0]
+    hardening_record(("every server of a 3-server upstream killed (SIGKILL), fail_timeout 2s", "1 + 5 requests",
+                      f"1 x 502 (all three tried, all out), then 5 x 503 with Retry-After, slowest "
+                      f"{slowest * 1000:.0f} ms, no connection attempt, logged once; one restarted: served "
+                      f"again after Retry-After"))
+
+
+def test_health_check_brings_a_server_back_before_its_fail_timeout(start_proxy, start_upstream):
+    group = [start_upstream() for _ in range(2)]
+    ports = [u.port for u in group]
+    proxy = start_proxy(upstream_ini(*ports, extra="fail_timeout = 60s\nhealth_check = GET /healthz\n"
+                                                   "health_interval = 200ms"))
+    assert {port_of(proxy) for _ in range(4)} == {str(p) for p in ports}
+    for server in group:
+        server.stop(signal.SIGKILL)
+    codes = [requests.get(proxy.url + "/echo", timeout=10).status_code for _ in range(3)]
+    assert codes[-1] == 503
+    start_upstream(ports[0])
+    proxy.wait_for_log(f"server 127.0.0.1:{ports[0]} passes its health check again")
+    assert {port_of(proxy) for _ in range(4)} == {str(ports[0])}
+    r = requests.get(proxy.url + "/echo", timeout=10)
+    assert r.status_code == 200
+
+
+def test_a_lone_server_is_never_taken_out(start_proxy, start_upstream):
+    server = start_upstream()
+    port = server.port
+    proxy = start_proxy(upstream_ini(port, extra="fail_timeout = 60s"))
+    server.stop(signal.SIGKILL)
+    # Each request tries it: nothing else could answer.
+    assert [requests.get(proxy.url + "/echo", timeout=10).status_code for _ in range(3)] == [502] * 3
+    start_upstream(port)
+    assert port_of(proxy) == str(port)
+    assert "out of rotation" not in proxy.log()

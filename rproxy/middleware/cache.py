@@ -10,12 +10,13 @@ turns out cacheable. A successful POST, PUT, PATCH or DELETE invalidates the
 stored entry of its URL (so does any method not known to be safe). Every response says what happened:
 X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream) or BYPASS.
 A response too large for an entry streams through untouched. When Redis
-fails, the cache is bypassed, logged once, and used again when Redis is back.
+fails, the cache is bypassed, logged once, and left alone for
+`storage_retry` (storage_guard.py), so that requests do not each wait for a
+hung Redis; it is used again when Redis is back.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -25,9 +26,8 @@ from .. import metrics
 from ..http import Request, Response
 from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
 from ..httpcache.store import MemoryStore, RedisStore
+from ..storage_guard import StorageGuard
 from ..values import positive_duration, setting, size, storage_uri
-
-log = logging.getLogger("rproxy.cache")
 
 # Any other method, known or not, invalidates what it succeeds on (RFC 9111 4.4).
 SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -47,6 +47,9 @@ class CacheConfig:
     max_entry_size: int = setting("8m", size, "Largest response stored; larger ones stream through.")
     storage: str = setting("memory://", storage_uri, "memory:// (per worker) or redis://host:port/db (shared).")
     storage_timeout: float = setting("500ms", positive_duration, "Longest wait for Redis.")
+    storage_retry: float = setting("5s", positive_duration,
+                                   "After Redis fails or times out, how long the cache is bypassed "
+                                   "without asking it; then one request tries it again.")
     collapse_timeout: float = setting("10s", positive_duration,
                                       "How long concurrent misses for one URL wait for the first one.")
 
@@ -98,7 +101,8 @@ class HTTPCache:
         self.store = stores[store_key]
         self.config = config
         self.inflight: dict[str, Event] = {}
-        self.outage = False
+        self.guard = StorageGuard(f"cache:{config.name}", config.storage, config.storage_retry,
+                                  "bypassing the cache")
 
     def __call__(self, request: Request, call_next) -> Response:
         method = request.method
@@ -186,19 +190,27 @@ class HTTPCache:
         return f"{request.scheme}://{request.headers.get('Host', '').lower()}{request.target}"
 
     def _lookup(self, key: str, request: Request):
+        """The stored variants of `key` and the one for this request; None
+        when the storage is down or left alone."""
+        if not self.guard.allow():
+            return None
         try:
             entries = self.store.get(key)
         except Exception as e:  # Redis down or slow
-            self._storage_failed(e)
+            self.guard.failed(e)
             return None
-        self._storage_ok()
+        self.guard.succeeded()
         return entries, next((e for e in entries if selects(e, request.headers)), None)
 
     def _save(self, key: str, others: list[Entry], entry: Entry | None) -> None:
+        if not self.guard.allow():
+            return
         try:
             self.store.put(key, others + ([entry] if entry is not None else []))
         except Exception as e:
-            self._storage_failed(e)
+            self.guard.failed(e)
+        else:
+            self.guard.succeeded()
 
     def _invalidate(self, request: Request, response: Response) -> None:
         keys = {self._key(request)}
@@ -207,28 +219,21 @@ class HTTPCache:
             target = response.header(name)
             if target and target.startswith("/"):
                 keys.add(f"{request.scheme}://{host}{target}")
+        if not self.guard.allow():
+            return
         try:
             for key in keys:
                 self.store.delete(key)
         except Exception as e:
-            self._storage_failed(e)
+            self.guard.failed(e)
+        else:
+            self.guard.succeeded()
 
     def _finish(self, key: str, leader: bool) -> None:
         if leader:
             event = self.inflight.pop(key, None)
             if event is not None:
                 event.set()
-
-    def _storage_failed(self, error: Exception) -> None:
-        if not self.outage:
-            self.outage = True
-            log.error("[cache:%s] storage %s failed (%s); bypassing the cache until it is back",
-                      self.config.name, self.config.storage, error)
-
-    def _storage_ok(self) -> None:
-        if self.outage:
-            self.outage = False
-            log.warning("[cache:%s] storage %s is back", self.config.name, self.config.storage)
 
 
 def _count(request: Request, label: str, hit_bytes: int = 0) -> None:

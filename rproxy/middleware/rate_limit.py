@@ -7,13 +7,13 @@ fixed-window or sliding-window-counter strategy. Counts live in this worker
 rproxy that uses the same Redis. Over the limit: 429 with Retry-After;
 RateLimit-Limit/-Remaining/-Reset on allowed responses too (`headers = yes`).
 When the storage fails, requests are let through (or refused, with
-`on_storage_error = deny`), logged once per outage; counting resumes by
-itself when the storage is back.
+`on_storage_error = deny`), logged once per outage, and the storage is left
+alone for `storage_retry` (storage_guard.py), so that requests do not each
+wait for a hung Redis; counting resumes by itself when the storage is back.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,9 +23,8 @@ from limits.storage import storage_from_string
 
 from .. import metrics
 from ..http import Request, Response, error_response, header_environ_key
+from ..storage_guard import StorageGuard
 from ..values import boolean, limit_key, limits, one_of, positive_duration, setting, storage_uri
-
-log = logging.getLogger("rproxy.rate_limit")
 
 STRATEGIES = {
     "moving-window": strategies.MovingWindowRateLimiter,
@@ -47,6 +46,9 @@ class RateLimitConfig:
     storage_timeout: float = setting("500ms", positive_duration, "Longest wait for the storage.")
     on_storage_error: str = setting("allow", one_of("allow", "deny"),
                                     "When the storage fails: allow requests, or deny them (503).")
+    storage_retry: float = setting("5s", positive_duration,
+                                   "After the storage fails or times out, how long it is left alone "
+                                   "(on_storage_error applies at once); then one request tries it again.")
     headers: bool = setting("yes", boolean, "RateLimit-* headers on allowed responses too.")
 
 
@@ -71,20 +73,22 @@ class RateLimiter:
         header = config.key[len("header:"):] if config.key.startswith("header:") else None
         self.header_key = header_environ_key(header) if header else None
         self.namespace = f"rproxy:{config.name}"
-        self.outage = False
+        self.deny = config.on_storage_error == "deny"
+        self.guard = StorageGuard(f"rate_limit:{config.name}", config.storage, config.storage_retry,
+                                  "denying requests" if self.deny else "allowing requests", "; counting again")
         self.metrics = metrics.get()
 
     def __call__(self, request: Request, call_next) -> Response:
         key = request.environ.get(self.header_key) if self.header_key else None
         key = f"h:{key}" if key else f"ip:{request.client_ip}"
+        if not self.guard.allow():
+            return self._without_storage(request, call_next)
         try:
             allowed, limit, remaining, reset = self._hit(key)
         except Exception as e:  # the storage failed: Redis down, timed out, ...
-            return self._storage_failed(request, call_next, e)
-        if self.outage:
-            self.outage = False
-            log.warning("[rate_limit:%s] storage %s is back; counting again", self.config.name,
-                        self.config.storage)
+            self.guard.failed(e)
+            return self._without_storage(request, call_next)
+        self.guard.succeeded()
         headers = [("RateLimit-Limit", str(limit)), ("RateLimit-Remaining", str(remaining)),
                    ("RateLimit-Reset", str(reset))]
         if not allowed:
@@ -111,14 +115,11 @@ class RateLimiter:
         remaining, reset, amount = worst
         return allowed, amount, max(0, remaining), reset
 
-    def _storage_failed(self, request: Request, call_next, error: Exception) -> Response:
-        if not self.outage:
-            self.outage = True
-            log.error("[rate_limit:%s] storage %s failed (%s); %s requests until it is back",
-                      self.config.name, self.config.storage, error,
-                      "denying" if self.config.on_storage_error == "deny" else "allowing")
-        if self.config.on_storage_error == "deny":
-            return error_response(request, 503, "rate limiting is unavailable", [("Retry-After", "1")])
+    def _without_storage(self, request: Request, call_next) -> Response:
+        if self.deny:
+            request.environ["rproxy.error"] = "rate limit storage unavailable"
+            return error_response(request, 503, "rate limiting is unavailable",
+                                  [("Retry-After", str(self.guard.retry_after()))])
         return call_next(request)
 
 

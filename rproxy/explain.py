@@ -47,7 +47,7 @@ def explain(config: config_module.Config, url: str, method: str = "GET",
     except BadRequest as e:
         out.append(f"answer       {e.status}: {e} (the proxy answers itself)")
         return 1, "\n".join(out)
-    Forwarding(config.server.trusted_proxies).apply(request)
+    Forwarding(config.server.trusted_proxies, config.server.spoofable_headers).apply(request)
     router = Router([(rc.host, rc.path, rc) for rc in config.routes])
     match = router.match(request.host, request.path)
     if match is None:

@@ -5,7 +5,7 @@ import base64
 import json
 import os
 import signal
-import socket
+import ssl
 import time
 
 import httpx
@@ -16,7 +16,7 @@ import websocket
 from conftest import free_port, raw_exchange, single_route
 
 
-def admin_ini(body: str, admin_port: int, server_extra: str = "") -> str:
+def admin_ini(body: str, admin_port: int) -> str:
     return body + f"\n[admin]\nbind = 127.0.0.1:{admin_port}\n"
 
 
@@ -136,7 +136,6 @@ def test_server_header_over_http2(start_proxy, upstream, certs, setting, expecte
         server["server_header"] = setting
     ini = ROUTED_HOST.format(port=upstream.port) + ROUTED_DEAD.format(dead=free_port())
     proxy = start_proxy(ini, server=server)
-    import ssl
     with httpx.Client(http2=True, verify=ssl.create_default_context(cafile=certs.ca_file), timeout=20) as c:
         for host, status in [("app.test", 200), ("nowhere.test", 404), ("dead.test", 502)]:
             r = c.get(f"https://127.0.0.1:{proxy.port}/echo", headers={"Host": host})

@@ -1,5 +1,7 @@
-"""The admin listener (`[admin] bind`): /metrics for Prometheus, /status (a
-self-contained live page) and /status.json (what the page draws).
+"""The admin listener (`[admin] bind`): /metrics for Prometheus, /healthz
+and /readyz for load balancers and orchestrators, /status (a self-contained
+live page), /status.json (what the page draws) and /status/live (the same,
+pushed over a WebSocket: status_feed.py).
 
 Requests are told apart by the listener they arrived on, never by anything
 the client sends, so no route can reach these pages and the admin listener
@@ -14,17 +16,26 @@ import time
 
 from . import metrics
 from .http import Response, error_response
+from .status_feed import StatusFeed
 from .status_page import PAGE
 
 
 class Admin:
-    def __init__(self, config):
+    def __init__(self, config, upstreams=None):
         self.config = config
+        self.upstreams = upstreams or {}
+        self.feed = StatusFeed(self.status)
 
     def __call__(self, environ) -> Response:
         path = environ.get("PATH_INFO", "/")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return error_response(None, 405, "the admin listener only answers GET", environ=environ)
+        if path == "/healthz":
+            return _answer(b"ok\n", "text/plain; charset=utf-8")
+        if path == "/readyz":
+            ready = self.readiness()
+            return _answer(json.dumps(ready).encode() + b"\n", "application/json",
+                           200 if ready["ready"] else 503)
         if path == "/metrics":
             if not metrics.enabled():
                 return error_response(None, 503, "metrics are off", environ=environ)
@@ -34,7 +45,30 @@ class Admin:
             return _answer(PAGE.encode(), "text/html; charset=utf-8")
         if path == "/status.json":
             return _answer(json.dumps(self.status()).encode(), "application/json")
+        if path == "/status/live":
+            return self.feed.open(environ)
         return error_response(None, 404, "not an admin page", environ=environ)
+
+    def readiness(self) -> dict:
+        """Can this proxy take traffic? The worker answering says its config
+        is loaded; the master's count of workers (their metric files, which
+        it removes as it reaps them) says they are all up; each upstream
+        needs a server in rotation as this worker sees it (passive and
+        active health). In memory and one directory listing: cheap."""
+        reasons = []
+        now = time.monotonic()
+        upstreams = {}
+        for name, upstream in self.upstreams.items():
+            in_rotation = sum(1 for s in upstream.servers if s.healthy and s.down_until <= now)
+            upstreams[name] = {"servers": len(upstream.servers), "in_rotation": in_rotation}
+            if not in_rotation:
+                reasons.append(f"upstream {name}: no server in rotation")
+        expected = self.config.server.workers
+        up = metrics.live_workers()
+        if up is not None and up < expected:
+            reasons.append(f"workers: {up} of {expected} up")
+        return {"ready": not reasons, "reasons": reasons, "config": self.config.path, "pid": os.getpid(),
+                "workers": {"up": up, "configured": expected}, "upstreams": upstreams}
 
     def status(self) -> dict:
         samples = metrics.snapshot() if metrics.enabled() else {}
@@ -48,7 +82,11 @@ class Admin:
             "samples": samples,
         }
 
+    def shutdown(self) -> None:
+        """The worker stops: live feeds say going away."""
+        self.feed.going_away()
 
-def _answer(body: bytes, content_type: str) -> Response:
-    return Response(200, [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                          ("Cache-Control", "no-store")], [body])
+
+def _answer(body: bytes, content_type: str, status: int = 200) -> Response:
+    return Response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                             ("Cache-Control", "no-store")], [body])

@@ -59,7 +59,7 @@ class Proxy:
             chain = [middleware.make(kind, section, shared) for kind, section in config.chain_for(rc)]
             entries.append((rc.host, rc.path, Route(rc, compose(chain, forwarder))))
         self.metrics = metrics.get()
-        self.admin = Admin(config)
+        self.admin = Admin(config, self.upstreams)
         self.admin_address = None
         if config.admin.bind:
             host, port = host_port(config.admin.bind)
@@ -139,6 +139,7 @@ class Proxy:
     def shutdown(self) -> None:
         """The worker is stopping gracefully: WebSocket peers get going-away."""
         self.tunnels.going_away()
+        self.admin.shutdown()
 
     def close(self) -> None:
         for upstream in self.upstreams.values():

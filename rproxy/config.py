@@ -42,6 +42,12 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {problem}")
 
 
+def _server_header(raw: str) -> str:
+    """[server] server_header: the value to send, "" for none."""
+    value = values.header_value(raw)
+    return "" if value.lower() == "off" else value
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     bind: tuple[str, ...] = setting("127.0.0.1:8080", values.bind_addresses,
@@ -128,6 +134,10 @@ class ServerConfig:
                                   "gunicorn's control socket (`gunicornc -s PATH`); empty = NAME.ctl "
                                   "beside the default pid file, never shared with another instance; "
                                   "off = none.")
+    server_header: str = setting("rproxy", _server_header,
+                                 "The Server header of every response, over HTTP/1.1 and HTTP/2, the "
+                                 "proxy's own answers included (the upstream's is never passed on); "
+                                 "off = none.")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,20 @@ def worker_died(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def live_workers() -> int | None:
+    """How many workers are up, as the master sees them: each has a file of
+    live gauges, made as it starts and removed by the master as it reaps it
+    (worker_died). None without metrics."""
+    path = os.environ.get(ENV)
+    if not path:
+        return None
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    return len({name for name in names if name.startswith("gauge_livesum_") and name.endswith(".db")})
+
+
 def enabled() -> bool:
     return bool(os.environ.get(ENV))
 

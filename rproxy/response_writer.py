@@ -2,7 +2,9 @@
 the head held back until the first piece of the body, so that both go out
 in one send (one syscall and one greenlet round through the socket instead
 of two: for a small response that was a tenth of the worker's CPU), and the
-Date header rendered once a second instead of once a response.
+Date header rendered once a second instead of once a response. And the
+Server header of both HTTP/1.x and HTTP/2 responses: `[server]
+server_header`, or none, chosen once per worker (install()).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from email.utils import formatdate
 
 from gunicorn import util
 from gunicorn.http import message, wsgi
+from gunicorn.http2 import response as http2_response
+from gunicorn.workers import base_async
 
 _date = [0, ""]
 # gunicorn's rules: names are tokens, values printable (or tab, space, obs-text).
@@ -21,6 +25,22 @@ _valid_values = wsgi.HEADER_VALUE_RE.fullmatch
 # What gunicorn's writer drops (hop-by-hop, and Server and Date: its own go
 # out), and Content-Length, which it reads.
 _SPECIAL = frozenset(util.hop_headers) | {"content-length"}
+
+
+# The Server header line (HTTP/1.x) and field (HTTP/2), or none: install().
+_server_line = "Server: rproxy\r\n"
+_server_fields: list[tuple[str, str]] = [("server", "rproxy")]
+
+
+def install(server_header: str) -> None:
+    """In a worker, before it serves: gunicorn writes responses with these
+    classes, and `server_header` ("" for none) as their Server."""
+    global _server_line, _server_fields
+    _server_line = f"Server: {server_header}\r\n" if server_header else ""
+    _server_fields = [("server", server_header)] if server_header else []
+    wsgi.Response = Response
+    # gunicorn's async worker names its HTTP/2 response class at module level.
+    base_async.HTTP2Response = HTTP2Response
 
 
 def http_date() -> str:
@@ -71,7 +91,7 @@ class Response(wsgi.Response):
         else:
             connection = "keep-alive"
         version = self.req.version
-        headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n", f"Server: {self.version}\r\n",
+        headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n", _server_line,
                    f"Date: {http_date()}\r\n", f"Connection: {connection}\r\n"]
         if self.chunked:
             headers.append("Transfer-Encoding: chunked\r\n")
@@ -109,3 +129,17 @@ class Response(wsgi.Response):
             self.sock.sendall(b"%b%X\r\n%b\r\n" % (head, len(data), data))
         else:
             self.sock.sendall(head + data)
+
+
+class HTTP2Response(http2_response.HTTP2Response):
+    """gunicorn's HTTP/2 response, with rproxy's Server (or none) and Date."""
+
+    def send_headers(self):
+        if self.headers_sent:
+            return
+        # The application's Server and Date never get here (gunicorn drops
+        # them as it does over HTTP/1): the proxy's own go out.
+        headers = [*self.headers, *_server_fields, ("date", http_date())]
+        if not self.h2_conn.send_response_headers(self.stream_id, self.status_code, headers, end_stream=False):
+            self._aborted("stream closed before headers were sent")
+        self.headers_sent = True

@@ -1,8 +1,10 @@
 """The status page: one self-contained HTML document (no CDN, no fonts from
-elsewhere) that polls /status.json every 2 seconds and draws what the
-workers count: per route request rate, error rate and p50/p99 latency with
-small charts of the last minutes, upstream servers with their health and
-requests in flight, cache hit ratio and open tunnels."""
+elsewhere) that draws what the workers count: per route request rate, error
+rate and p50/p99 latency with small charts of the last minutes, upstream
+servers with their health and requests in flight, cache hit ratio and open
+tunnels. The numbers come live over the WebSocket /status/live, once a
+second; while the socket is down the page polls /status.json every 2
+seconds and tries the socket again after 10 s, then less and less often."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -25,7 +27,7 @@ PAGE = """<!doctype html>
 </head>
 <body>
 <h1>rproxy</h1>
-<div class="muted" id="updated">waiting for the first numbers...</div>
+<div class="muted"><span id="updated">waiting for the first numbers...</span> &middot; <span id="mode">connecting</span></div>
 <div class="tiles">
   <div class="tile">requests/s<b id="total-rate">-</b></div>
   <div class="tile">requests<b id="total-requests">-</b></div>
@@ -41,7 +43,7 @@ PAGE = """<!doctype html>
 <tbody id="servers"></tbody></table>
 <script>
 "use strict";
-const HISTORY = 90;            // points kept: 3 minutes at one every 2 s
+const HISTORY = 180;           // points kept: 3 minutes at one a second
 let previous = null;
 const history = {};            // route -> [req/s, ...]
 
@@ -136,16 +138,45 @@ function draw(now) {
   previous = now;
 }
 
+const POLL_EVERY = 2000, FIRST_RETRY = 10000, LAST_RETRY = 60000;
+let pollTimer = null, retryDelay = FIRST_RETRY;
+const mode = document.getElementById("mode");
+
 async function tick() {
   try {
     const response = await fetch("status.json", {cache: "no-store"});
-    if (response.ok) draw(await response.json());
+    if (response.ok) {
+      draw(await response.json());
+      mode.dataset.polls = Number(mode.dataset.polls || 0) + 1;
+    }
   } catch (e) {
     document.getElementById("updated").textContent = "cannot reach the proxy: " + e.message;
   }
 }
-tick();
-setInterval(tick, 2000);
+function connect() {
+  const url = new URL("status/live", location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const socket = new WebSocket(url.href);
+  socket.onopen = () => {
+    retryDelay = FIRST_RETRY;
+    if (pollTimer !== null) { clearInterval(pollTimer); pollTimer = null; }
+    mode.textContent = "live";
+  };
+  socket.onmessage = event => {
+    draw(JSON.parse(event.data));
+    mode.dataset.pushes = Number(mode.dataset.pushes || 0) + 1;
+  };
+  socket.onclose = fallBack;   // also when it never opened
+}
+function fallBack() {
+  // The socket dropped (a worker restarted, a proxy in between cut it):
+  // poll meanwhile, and try the socket again later, less and less often.
+  mode.textContent = "polling every " + POLL_EVERY / 1000 + " s";
+  if (pollTimer === null) { tick(); pollTimer = setInterval(tick, POLL_EVERY); }
+  setTimeout(connect, retryDelay);
+  retryDelay = Math.min(retryDelay * 2, LAST_RETRY);
+}
+if ("WebSocket" in window) connect(); else fallBack();
 </script>
 </body>
 </html>

@@ -35,7 +35,7 @@ import gevent
 import gunicorn.http
 from gevent.baseserver import BaseServer
 from gevent.server import StreamServer
-from gunicorn.http import message, parser, wsgi
+from gunicorn.http import message, parser
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
@@ -221,7 +221,7 @@ class Worker(GeventWorker):
         # they cost per request or per connection: the response writer (head
         # and first body piece in one send), the parser and the server (an
         # idle connection's wait), the forwarding trust check, the settings.
-        wsgi.Response = response_writer.Response
+        response_writer.install(server.server_header)
         gunicorn.http.RequestParser = RequestParser
         ggevent.StreamServer = Server
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)

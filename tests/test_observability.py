@@ -144,6 +144,7 @@ def test_status_page_in_a_real_browser(start_proxy, upstream, tmp_path):
     with Chromium(tmp_path) as browser:
         page = browser.open(f"http://127.0.0.1:{admin}/status")
         page.wait_for("document.getElementById('total-requests').textContent !== '-'")
+        page.wait_for("document.getElementById('mode').textContent === 'live'")
         before = int(page.evaluate("document.getElementById('total-requests').textContent"))
         for _ in range(25):
             requests.get(proxy.url + "/echo", timeout=10)
@@ -157,6 +158,45 @@ def test_status_page_in_a_real_browser(start_proxy, upstream, tmp_path):
         assert page.errors == []
     assert float(rate) >= 0 and health == "up"
     assert (artifacts / "status-page.png").stat().st_size > 5000
+
+
+TOTAL = "Number(document.getElementById('total-requests').textContent)"
+MODE = "document.getElementById('mode')"
+
+
+def test_status_page_live_over_websocket_then_polling_when_the_socket_drops(start_proxy, upstream, tmp_path):
+    from browser import Chromium
+    admin = free_port()
+    proxy = start_proxy(admin_ini(upstream.port, admin))
+    with Chromium(tmp_path) as browser:
+        page = browser.open(f"http://127.0.0.1:{admin}/status")
+        page.wait_for(f"{MODE}.textContent === 'live' && Number({MODE}.dataset.pushes) >= 2")
+        before = page.evaluate(TOTAL)
+        for _ in range(10):
+            requests.get(proxy.url + "/echo", timeout=10)
+        page.wait_for(f"{TOTAL} >= {before + 10}")
+        # Those numbers came over the socket: the page has not polled once.
+        assert page.evaluate(f"{MODE}.dataset.polls") is None
+        assert page.errors == []
+        # The worker holding the socket dies; the master starts another.
+        os.kill(proxy.workers()[0].pid, signal.SIGKILL)
+        page.wait_for(f"{MODE}.textContent === 'polling every 2 s'")
+        deadline = time.monotonic() + 15
+        served = 0
+        while served < 10 and time.monotonic() < deadline:
+            try:
+                served += requests.get(proxy.url + "/echo", timeout=10).status_code == 200
+            except requests.ConnectionError:
+                time.sleep(0.1)  # between the two workers
+        assert served == 10
+        page.wait_for(f"Number({MODE}.dataset.polls) >= 1 && {TOTAL} >= {before + 20}")
+        artifacts = REPO / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        page.screenshot(artifacts / "status-page-polling.png")
+        # Later the socket is tried again, and the page is live once more.
+        page.wait_for(f"{MODE}.textContent === 'live'", timeout=40)
+        pushes = page.evaluate(f"Number({MODE}.dataset.pushes)")
+        page.wait_for(f"Number({MODE}.dataset.pushes) > {pushes}")
 
 
 ACCESS_LINE = re.compile(r'^127\.0\.0\.1 - - \[[^\]]+\] "GET /echo/(\w+) HTTP/1\.1" 200 \d+ "-" "[^"]*" '

@@ -66,6 +66,7 @@ def to_gunicorn(config: Config) -> dict:
         "http2_cleartext": "both" if server.http2_cleartext else "off",
         "http2_max_concurrent_streams": server.http2_max_concurrent_streams,
         "when_ready": when_ready,
+        "pre_fork": pre_fork,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "child_exit": child_exit,
@@ -130,6 +131,13 @@ def _warn_expiring(config: Config, log) -> None:
         if left < EXPIRY_WARNING:
             log.warning("rproxy: %s: the certificate in %s expires in %d days (%s UTC)", label, path,
                         left.days, f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}")
+
+
+def pre_fork(arbiter, worker) -> None:
+    """In the master, about to fork a worker: signals sent to it while it
+    boots wait until it has its handlers."""
+    from .worker import hold_signals_across_fork  # the worker class: imported by now
+    hold_signals_across_fork(worker)
 
 
 def post_worker_init(worker) -> None:

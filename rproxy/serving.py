@@ -3,6 +3,9 @@
 `gunicorn.conf.py` calls `gunicorn_settings()`; gunicorn applies its own
 command-line flags on top, so those still override. A bad config stops
 gunicorn here, in the master, with the same message `rproxy check` prints.
+The hooks that run in the master are here too, among them what keeps a
+signal sent during start-up from being lost (see _MASTER_COMMANDS and
+worker.hold_signals_across_fork).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
 
 from . import config as config_module
@@ -67,6 +71,7 @@ def to_gunicorn(config: Config) -> dict:
         "http2_cleartext": "both" if server.http2_cleartext else "off",
         "http2_max_concurrent_streams": server.http2_max_concurrent_streams,
         "when_ready": when_ready,
+        "pre_fork": pre_fork,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "child_exit": child_exit,
@@ -92,8 +97,14 @@ def child_exit(arbiter, worker) -> None:
 
 
 def when_ready(arbiter) -> None:
-    """In the master, once listening: say what is unsafe, which listeners are
-    plain, and what several workers change."""
+    """In the master, once listening: take the commands held since start-up,
+    say what is unsafe, which listeners are plain, and what several workers
+    change."""
+    global _master_held
+    # gunicorn's handlers are in place (init_signals comes before): a command
+    # sent since the config was read is handled now, by gunicorn's loop.
+    held, _master_held = _master_held, frozenset()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     config = _serving
     if config is None:
         return
@@ -136,6 +147,13 @@ def _warn_expiring(config: Config, log) -> None:
                         left.days, f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}")
 
 
+def pre_fork(arbiter, worker) -> None:
+    """In the master, about to fork a worker: signals sent to it while it
+    boots wait until it has its handlers."""
+    from .worker import hold_signals_across_fork  # the worker class: imported by now
+    hold_signals_across_fork(worker)
+
+
 def post_worker_init(worker) -> None:
     config = getattr(worker.wsgi, "config", None)
     if config is not None:
@@ -153,6 +171,14 @@ def worker_exit(arbiter, worker) -> None:
         shutdown()
 
 
+# Signals that ask a running master to do something (reload, reopen the logs,
+# upgrade, one worker more or less) but whose default action ends or stops the
+# process: one that comes before gunicorn has its handlers (a tool that starts
+# and reloads in one step) waits, blocked, until when_ready. Before this
+# module runs, nothing but the default action can take it.
+_MASTER_COMMANDS = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU})
+_master_held: frozenset = frozenset()
+
 # The config this master serves, validated. Workers are forked from the
 # master, so they start from it rather than from the file, which may have
 # changed (and broken) since.
@@ -168,7 +194,9 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
     """At start: the settings, or exit with the config's problem. At a reload
     (HUP): the new settings, or, when the file is now broken, the old ones
     kept with an error logged, so that the proxy goes on serving."""
-    global _serving, _settings
+    global _serving, _settings, _master_held
+    if _serving is None:  # starting: gunicorn's handlers come after this
+        _master_held = _MASTER_COMMANDS - signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_COMMANDS)
     conf_dir = os.path.dirname(os.path.abspath(conf_file))
     path = os.path.abspath(ini_path(conf_dir, sys.argv if argv is None else argv))
     try:

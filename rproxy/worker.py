@@ -19,6 +19,8 @@ attributes, the forwarding trust remembered per address, a keep-alive
 connection's wait for its next request at the top of its stack, holding no
 finished request (RequestParser, Server), the response writer of
 response_writer.py.
+
+And no signal sent to a worker is lost while it boots (hold_signals_across_fork).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import socket
 import ssl
 import time
@@ -200,7 +203,44 @@ class Server(StreamServer):
             raise
 
 
+# The signals gunicorn sets up in a worker (SIGCHLD aside: the worker's own
+# children's, which gevent may watch). From the fork until gunicorn's
+# init_signals (after gevent's patching) the new worker runs the master's
+# handlers, which only queue a signal for the master's loop, and that loop
+# does not run in the child: a TERM sent then (a reload or a stop during
+# start-up) was lost, and the worker served the old config until the master
+# stopped, which then waited graceful_timeout for it.
+_WORKER_SIGNALS = frozenset(GeventWorker.SIGNALS) - {signal.SIGCHLD}
+# Blocked by hold_signals_across_fork: in the master until fork returns, in
+# the new worker until its own handlers are in place.
+_held: frozenset = frozenset()
+
+
+def hold_signals_across_fork(worker) -> None:
+    """In the master, just before it forks `worker` (gunicorn's pre_fork):
+    block the worker's signals, so that those sent to the new process wait,
+    pending, until it can handle them itself (Worker.init_signals). The
+    master takes its own back as soon as fork returns."""
+    global _held
+    if isinstance(worker, Worker):  # another worker class would never release them
+        _held = _WORKER_SIGNALS - signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+
+
+def _release_held() -> None:
+    global _held
+    if _held:
+        held, _held = _held, frozenset()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+os.register_at_fork(after_in_parent=_release_held)
+
+
 class Worker(GeventWorker):
+
+    def init_signals(self):
+        super().init_signals()
+        _release_held()  # what was sent since the fork is delivered now, to these handlers
 
     def run(self):
         server = self.wsgi.config.server

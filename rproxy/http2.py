@@ -13,6 +13,7 @@ frames, rather than reading the socket itself.
 from __future__ import annotations
 
 import errno
+import logging
 import ssl
 import time
 
@@ -22,10 +23,12 @@ from gevent.lock import Semaphore
 from gevent.pool import Pool
 from gunicorn.http2.connection import HTTP2ServerConnection
 from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ErrorCode, HTTP2ProtocolError
-from gunicorn.http2.stream import StreamState
+from gunicorn.http2.stream import HTTP2Stream, StreamState
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
+
+log = logging.getLogger("rproxy.http2")
 
 
 class _Socket:
@@ -102,6 +105,25 @@ class ConcurrentConnection(HTTP2ServerConnection):
                 self._closed = True
                 raise HTTP2ConnectionError(f"Socket write error: {e}") from None
 
+    def _handle_request_received(self, event):
+        # gunicorn resets a stream whose head is over the request limits
+        # (PROTOCOL_ERROR); its client gets the answer an HTTP/1.1 one gets.
+        refused = over_limits(self.cfg, event.headers)
+        if refused is None or (self.draining and event.stream_id > self.peer_last_stream_id):
+            return super()._handle_request_received(event)
+        status, message = refused
+        stream_id = event.stream_id
+        stream = HTTP2Stream(stream_id, self)
+        self.streams[stream_id] = stream
+        stream.receive_headers(event.headers, end_stream=event.stream_ended is not None)
+        log.warning("Invalid request from ip=%s over HTTP/2: %s: %d",
+                    self.client_addr[0] if isinstance(self.client_addr, tuple) else "-", message, status)
+        self.send_error(stream_id, status, message + "\n")
+        if event.stream_ended is None:
+            # A body may follow: not wanted (RFC 9113 8.1, a complete response first).
+            self.abort_stream(stream_id, HTTP2ErrorCode.NO_ERROR)
+        return None
+
     def _wake(self) -> None:
         """Frames were processed (or the connection ended): waiters look again."""
         progress, self._progress = self._progress, Event()
@@ -155,6 +177,23 @@ class ConcurrentConnection(HTTP2ServerConnection):
                 if remaining <= 0:
                     return 0
             self._progress.wait(remaining)
+
+
+def over_limits(cfg, headers) -> tuple[int, str] | None:
+    """(status, message) when a request head is over gunicorn's limits on
+    the request line and fields (the checks of its HTTP2Request), else None."""
+    fields = 0
+    for name, value in headers:
+        if name.startswith(":"):
+            if name == ":path" and cfg.limit_request_line and len(value) > cfg.limit_request_line:
+                return 414, "request target too long"
+            continue
+        fields += 1
+        if cfg.limit_request_field_size and len(name) + len(value) + 2 > cfg.limit_request_field_size:
+            return 431, "request header field too large"
+    if cfg.limit_request_fields and fields > cfg.limit_request_fields:
+        return 431, f"more than {cfg.limit_request_fields} request header fields"
+    return None
 
 
 def http1_framing(req) -> None:

@@ -50,11 +50,10 @@ class ScriptedUpstream:
             conn.sendall(self.answer)
             if self.hold:
                 self._held.append(conn)
-                # Keep recording what arrives after the answer.
-                conn.settimeout(0.5)
+                conn.settimeout(None)
+                # Keep recording what arrives after the answer, until either side closes.
                 while data := conn.recv(65536):
                     self.received[index] += data
-                return
         except OSError:
             pass
         if not self.hold:
@@ -73,6 +72,7 @@ class ScriptedUpstream:
         self._listener.close()
         for conn in self._held:
             try:
-                conn.close()
+                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv
             except OSError:
                 pass
+            conn.close()

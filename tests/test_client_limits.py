@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from conftest import raw_exchange, single_route
+from h2client import RawH2
 
 FAST = {"client_header_timeout": "1s", "client_timeout": "1s", "keepalive": "1s"}
 
@@ -195,6 +196,75 @@ def test_request_line_and_header_limits(start_proxy, start_upstream, request_byt
     assert upstream.stats()["requests"] == 1  # this stats call only
     hardening_record((f"oversized request head ({len(request_bytes)} bytes)", "1",
                       f"{status.decode()}, logged, nothing forwarded"))
+
+
+def fields(count: int, value: bytes = b"y") -> bytes:
+    return b"".join(b"X-%d: %b\r\n" % (i, value) for i in range(count))
+
+
+@pytest.mark.parametrize("count", [101, 150, 256, 257, 300, 1000, 100_000])
+def test_too_many_header_fields_get_431_whatever_their_count(start_proxy, start_upstream, count,
+                                                             hardening_record):
+    upstream = start_upstream()
+    proxy = start_proxy(single_route(upstream.port))
+    head = b"GET /echo HTTP/1.1\r\nHost: x\r\n" + fields(count, b"y" * 12) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        # The proxy answers while the client is still sending (2 MiB for the
+        # largest head); the client sends it all, then reads the answer:
+        # no reset on either side.
+        for start in range(0, len(head), 65536):
+            s.sendall(head[start:start + 65536])
+            if start == 0:
+                time.sleep(0.3)
+        reply, _ = read_until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert b"header" in reply.partition(b"\r\n\r\n")[2]
+    proxy.wait_for_log(r"Invalid request from ip=127\.0\.0\.1: .*(header|fields)")
+    assert upstream.stats()["requests"] == 1  # this stats call only
+    hardening_record((f"{count} request header fields ({len(head) // 1024} KiB head, max_headers 100)", "1",
+                      "431, the whole head read and dropped, no reset; nothing forwarded "
+                      "(nginx: no count limit; 400 past large_client_header_buffers)"))
+
+
+def test_head_over_the_header_bytes_limit_gets_431(start_proxy, start_upstream):
+    upstream = start_upstream()
+    proxy = start_proxy(single_route(upstream.port), server={"max_headers": "10", "max_header_size": "1k"})
+    # A head that never ends: past what 10 fields of 1 KiB can take.
+    head = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"z" * 300_000
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(head)
+        reply, _ = read_until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert upstream.stats()["requests"] == 1
+
+
+@pytest.mark.parametrize("headers, status", [
+    ([(f"x-{i}", "y") for i in range(101)], 431),
+    ([(f"x-{i}", "y") for i in range(300)], 431),
+    ([(f"x-{i}", "y" * 12) for i in range(1000)], 431),
+    ([("x-big", "z" * 9000)], 431),
+    ([], 414),
+])
+def test_too_many_header_fields_over_http2_get_431(start_proxy, start_upstream, headers, status,
+                                                   hardening_record):
+    upstream = start_upstream()
+    proxy = start_proxy(single_route(upstream.port), server={"http2": "yes", "http2_cleartext": "yes"})
+    client = RawH2(proxy.port)
+    try:
+        path = "/echo" if headers else "/" + "a" * 9000
+        answer = client.response(client.request("GET", path, headers=headers))
+        # The connection goes on serving its other streams.
+        after = client.response(client.request("GET", "/echo"))
+    finally:
+        client.close()
+    assert answer["status"] == status and answer["ended"], answer
+    assert answer["body"].endswith(b"\n") and len(answer["body"]) < 100
+    assert after["status"] == 200
+    proxy.wait_for_log(r"Invalid request from ip=127\.0\.0\.1 over HTTP/2: .*: %d" % status)
+    assert upstream.stats()["requests"] == 2  # the second stream and this stats call
+    if len(headers) > 1:
+        hardening_record((f"{len(headers)} request header fields over HTTP/2 (max_headers 100)", "1",
+                          f"{status} on the stream, nothing forwarded, the connection kept"))
 
 
 def test_limits_are_configurable(start_proxy, upstream):

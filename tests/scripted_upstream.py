@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 
 class ScriptedUpstream:
@@ -58,15 +57,6 @@ class ScriptedUpstream:
             pass
         if not self.hold:
             conn.close()
-
-    def body_bytes_received(self) -> int:
-        """Bytes received past the request heads, on every connection."""
-        return sum(len(raw.split(b"\r\n\r\n", 1)[1]) for raw in self.received if b"\r\n\r\n" in raw)
-
-    def wait_for_connections(self, count: int, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def stop(self) -> None:
         self._listener.close()

@@ -5,6 +5,10 @@
     python3 scripts/dev.py test    install into .venv with the test extras and
                                    the system packages the tests use, run pytest
                                    (extra arguments go to pytest)
+    python3 scripts/dev.py test --quick
+                                   the fast tier: in-process tests only (parsing,
+                                   framing, rules, config), no servers started,
+                                   no root, apt or browser; under a minute
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ def run() -> int:
 
 def test(pytest_args: list[str]) -> int:
     ensure_venv("[test]")
-    ensure_programs(TEST_PROGRAMS)
+    if "--quick" in pytest_args:
+        pytest_args = [arg for arg in pytest_args if arg != "--quick"] + ["-m", "not process"]
+    else:
+        ensure_programs(TEST_PROGRAMS)
     code = subprocess.call([str(BIN / "python"), "-m", "pytest", *pytest_args], cwd=ROOT)
     if code == 5:
         say("pytest collected no tests: that is a failure here, not a pass")

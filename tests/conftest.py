@@ -333,3 +333,16 @@ def hardening_record():
         lines = ["| what was tried | how many | what happened |", "|---|---|---|"]
         lines += [f"| {what} | {count} | {result} |" for what, count, result in rows]
         out.write_text("\n".join(lines) + "\n")
+
+
+# The fixtures that start servers (and those that start tools from apt);
+# a test that uses none of them, even through another fixture, is in the fast
+# tier: `python3 scripts/dev.py test --quick` (pytest -m "not process").
+PROCESS_FIXTURES = frozenset({"start_proxy", "start_upstream", "upstream", "redis_server", "pebble", "installed",
+                              "ws_upstream", "aio_upstream", "start_starting_proxy", "unit"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.process)

@@ -50,6 +50,7 @@ def test_every_example_passes_rproxy_check(example, tmp_path):
     assert ": ok (" in out.stdout
 
 
+@pytest.mark.process
 def test_shipped_default_config_does_what_the_readme_says(tmp_path):
     """conf/rproxy.ini, with its ports moved to free ones, in front of the
     demo upstream: `curl -i localhost:8080/anything` shows the echo with
@@ -135,6 +136,7 @@ def test_systemd_unit_sandbox_exposure_is_low(unit):
     assert float(score.group(1)) <= 2.0, out.stdout
 
 
+@pytest.mark.process
 def test_gunicorn_tells_systemd_it_is_ready(tmp_path):
     """Type=notify: the master sends READY=1 once it listens."""
     notify = tmp_path / "notify.sock"

@@ -14,6 +14,11 @@ connection, so the client sees a truncated response, never a complete-looking
 one. A request that failed on a reused keep-alive connection which the
 upstream had closed meanwhile is sent once more on a fresh connection, when
 the upstream cannot have processed it (RFC 9110 9.2.2).
+
+A request whose client left (an HTTP/2 stream reset, its connection lost)
+stops waiting on its upstream at once (see cut_short), and its connection
+is discarded: a client that resets its streams holds no upstream connection
+for longer than it takes to say so.
 """
 
 from __future__ import annotations
@@ -67,6 +72,44 @@ class MalformedBody(Exception):
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientLeft(BaseException):
+    """Thrown into a request's greenlet whose client left. A BaseException,
+    as gevent's own Timeout and GreenletExit: no handler of upstream errors
+    (`except Exception`) takes it for one, and every path out of an upstream
+    wait releases or discards its connection."""
+
+
+# The greenlets waiting on an upstream now (for a free connection, the
+# response head, the next body bytes), and those whose client left before
+# they began their next such wait.
+_waiting: set = set()
+_client_left: set = set()
+
+
+def _wait_begins():
+    """The current greenlet is about to wait on its upstream."""
+    me = gevent.getcurrent()
+    if me in _client_left:
+        raise ClientLeft()
+    _waiting.add(me)
+    return me
+
+
+def cut_short(greenlet) -> None:
+    """The client of the request that `greenlet` serves has left: stop its
+    upstream wait now if it is in one, else when it begins the next. Called
+    from the hub (a loop callback), never by the greenlet itself."""
+    if greenlet in _waiting:
+        greenlet.throw(ClientLeft())
+    elif not greenlet.dead:
+        _client_left.add(greenlet)
+
+
+def forget(greenlet) -> None:
+    """The greenlet is done with its request."""
+    _client_left.discard(greenlet)
 
 
 class UpstreamCut(ConnectionResetError):
@@ -196,6 +239,7 @@ class UpstreamBody:
         if self.finished:
             raise StopIteration
         response = self.response
+        me = _wait_begins()
         try:
             data = response.read1(CHUNK)
         except (OSError, http.client.HTTPException) as e:
@@ -205,6 +249,8 @@ class UpstreamBody:
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
             raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
+        finally:
+            _waiting.discard(me)
         if response.complete:
             # The connection goes back to its pool as soon as the body is in,
             # before this last piece is written to the client.
@@ -315,12 +361,31 @@ class Forwarder:
     def _attempt(self, server: Server, request: Request, target: str, request_body):
         """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
+        me = _wait_begins()
         try:
-            conn = server.pool._get_conn(timeout=self.connect_timeout)
-        except EmptyPoolError as e:
-            return e
-        server.begin()
-        release = partial(_release, server, conn)
+            try:
+                conn = server.pool._get_conn(timeout=self.connect_timeout)
+            except EmptyPoolError as e:
+                return e
+            server.begin()
+            release = partial(_release, server, conn)
+            try:
+                return self._exchange_on(server, conn, release, request, target, headers, request_body)
+            except BaseException:  # ClientLeft, or the worker is going: never back to the pool
+                release(reusable=False)
+                raise
+        finally:
+            _waiting.discard(me)
+            # A server back from fail_timeout is tried by one request at a
+            # time; one that ended without a verdict (its client left, the
+            # pool was full) lets the next request try it.
+            server.probing = False
+
+    def _exchange_on(self, server: Server, conn, release, request: Request, target: str, headers,
+                     request_body):
+        """The exchange on a connection taken from the server's pool: a
+        Response (its body releases the connection), or the error that
+        stopped it (the connection released already)."""
         for attempt in (1, 2):
             reused = conn.sock is not None
             started = time.monotonic()

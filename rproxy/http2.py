@@ -265,6 +265,11 @@ def serve_connection(worker, listener, client, addr, preface=b"", upgrade=None) 
 
     def serve(req):
         stream_id, me = req.stream.stream_id, getcurrent()
+        if conn.is_closed or req.stream.disconnected:
+            # Reset, or its connection lost, before its turn came: nothing
+            # goes upstream for it.
+            conn.cleanup_stream(stream_id)
+            return
         conn.serving[stream_id] = me
         try:
             worker._serve_http2_stream(listener_name, req, client, addr, conn)

@@ -361,7 +361,10 @@ class Forwarder:
     def _attempt(self, server: Server, request: Request, target: str, request_body):
         """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
-        me = _wait_begins()
+        try:
+            me = _wait_begins()
+        except ClientLeft:
+            return self._client_left(request)
         try:
             try:
                 conn = server.pool._get_conn(timeout=self.connect_timeout)
@@ -374,6 +377,8 @@ class Forwarder:
             except BaseException:  # ClientLeft, or the worker is going: never back to the pool
                 release(reusable=False)
                 raise
+        except ClientLeft:
+            return self._client_left(request)
         finally:
             _waiting.discard(me)
             # A server back from fail_timeout is tried by one request at a
@@ -501,6 +506,13 @@ class Forwarder:
                  request.client_ip, error, request.request_id)
         request.environ["rproxy.error"] = "client went away mid-upload"
         return self._closing(error_response(request, 499, "client closed the request"))
+
+    @staticmethod
+    def _client_left(request: Request) -> Response:
+        # Not logged but in the access line: a rapid reset flood would
+        # write a line per stream.
+        request.environ["rproxy.error"] = "client left before the response"
+        return error_response(request, 499, "client closed the request")
 
     def _malformed_body(self, request: Request, error: Exception) -> Response:
         log.info("malformed chunked body from %s (%s), request_id=%s", request.client_ip, error,

@@ -15,8 +15,9 @@ http2_max_concurrent_streams bounds both; a stream whose client takes none
 of its response (a window kept at 0) for client_timeout is reset and its
 upstream connection closed, as is a connection whose client reads nothing
 for that long. A stream the client resets, or whose connection ends, stops
-waiting on its upstream at once (forward.cut_short), so reset streams free
-their upstream connections as fast as the client resets them.
+waiting on its upstream within RESET_GRACE (forward.cut_short), so reset
+streams free their upstream connections about as fast as the client resets
+them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ from hyperframe.frame import GoAwayFrame
 from . import forward
 
 log = logging.getLogger("rproxy.worker")
+
+
+# A stream reset while its upstream request is under way is cut this long
+# after, if still waiting: most upstream answers come within it, and one that
+# does leaves its connection reusable in the pool (cut, it is closed, and the
+# next request pays for a new one). Meanwhile the stream still counts against
+# http2_max_concurrent_streams, which slows a rapid reset flood down.
+RESET_GRACE = 0.25
 
 
 class _Socket:
@@ -89,16 +98,20 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self._cut_after_write: dict = {}  # greenlet -> stream id
 
     # A stream's greenlet whose client left is cut short (see forward.py),
-    # from the hub, at once; but never in the middle of a write to the
-    # client, where a frame cut in two would break the connection for every
-    # stream: that greenlet is cut once its write is done.
+    # from the hub, RESET_GRACE later if it still waits on its upstream;
+    # never in the middle of a write to the client, where a frame cut in two
+    # would break the connection for every stream: that greenlet is cut once
+    # its write is done.
 
     def cut(self, stream_id: int) -> None:
         greenlet = self.serving.get(stream_id)
         if greenlet is not None:
-            self._loop.run_callback(self._deliver_cut, stream_id, greenlet)
+            timer = self._loop.timer(RESET_GRACE, ref=False)
+            timer.start(self._deliver_cut, stream_id, greenlet, timer)
 
-    def _deliver_cut(self, stream_id: int, greenlet) -> None:
+    def _deliver_cut(self, stream_id: int, greenlet, timer=None) -> None:
+        if timer is not None:
+            timer.close()
         if self.serving.get(stream_id) is not greenlet:
             return  # done meanwhile
         if greenlet is self._writer:
@@ -158,7 +171,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         if self._cut_after_write:
             stream_id = self._cut_after_write.pop(me, None)
             if stream_id is not None:
-                self.cut(stream_id)
+                self._loop.run_callback(self._deliver_cut, stream_id, me)
 
     # Writes on a connection that is closed already (a GOAWAY for a flood,
     # the client gone) end the stream quietly, as on a reset stream, rather

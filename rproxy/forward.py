@@ -381,10 +381,6 @@ class Forwarder:
             return self._client_left(request)
         finally:
             _waiting.discard(me)
-            # A server back from fail_timeout is tried by one request at a
-            # time; one that ended without a verdict (its client left, the
-            # pool was full) lets the next request try it.
-            server.probing = False
 
     def _exchange_on(self, server: Server, conn, release, request: Request, target: str, headers,
                      request_body):

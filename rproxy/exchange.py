@@ -14,15 +14,30 @@ fifth of the proxy's CPU per request:
   and 304; chunked; Content-Length; else until the upstream closes) and read
   as it arrives, in pieces of up to `n` bytes.
 
+Transfer-Encoding: the only coding passed on is chunked, decoded here (the
+client gets the body re-framed for its own connection). We never send TE
+upstream, so an upstream may use no other coding (RFC 9112 section 7.4);
+one that does (gzip, chunked; chunked, gzip; chunked twice; anything
+unknown, over one header line or several) is refused as malformed rather
+than guessed at: reading `chunked, gzip` until close, or passing `gzip,
+chunked` on with its framing, would give the client bytes it cannot
+decode. Transfer-Encoding overrides Content-Length (section 6.3, 3), which
+is then dropped; in an HTTP/1.0 response it is faulty framing (section 6.1).
+
 Errors are http.client's exceptions, so that callers tell them apart as
 before: RemoteDisconnected (nothing came back), BadStatusLine, LineTooLong,
-IncompleteRead (the body ended short) and HTTPException (malformed).
+IncompleteRead (the head or body ended short) and HTTPException (malformed;
+UnsupportedCoding for a transfer coding that cannot be passed on).
 """
 
 from __future__ import annotations
 
 import re
 from http.client import BadStatusLine, HTTPException, IncompleteRead, LineTooLong, RemoteDisconnected
+
+class UnsupportedCoding(HTTPException):
+    """The response's Transfer-Encoding cannot be passed on to the client."""
+
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
@@ -94,9 +109,8 @@ class UpstreamResponse:
             self.chunked = False
             self._left = 0
         else:
-            coding = self.headers.get("Transfer-Encoding")
-            self.chunked = coding is not None and coding.strip().lower() == "chunked"
-            self._left = None if self.chunked or coding is not None else self._content_length()
+            self.chunked = self._chunked()
+            self._left = None if self.chunked else self._content_length()
         if self._left == 0 and not self.chunked:
             self._done = True
         if status == 101 or (self._left is None and not self.chunked):
@@ -137,6 +151,22 @@ class UpstreamResponse:
             self.will_close = "keep-alive" not in connection
         else:
             self.will_close = "close" in connection
+
+    def _chunked(self) -> bool:
+        """Is the body chunked? False when there is no Transfer-Encoding;
+        any coding but chunked alone is refused (see the module's doc)."""
+        lines = [v for k, v in self.headers if k.lower() == "transfer-encoding"]
+        if not lines:
+            return False
+        # One list over all the lines (RFC 9110 5.3); empty elements ignored (5.6.1).
+        codings = [c.strip(" \t").lower() for c in ",".join(lines).split(",")]
+        codings = [c for c in codings if c]
+        if codings != ["chunked"]:
+            shown = ", ".join(lines)
+            raise UnsupportedCoding(f"transfer coding {shown[:80]!r} cannot be passed on (only chunked)")
+        if self.version == 10:
+            raise UnsupportedCoding("Transfer-Encoding in an HTTP/1.0 response")
+        return True
 
     def _content_length(self) -> int | None:
         values = {v.strip() for k, v in self.headers if k.lower() == "content-length"}

@@ -8,10 +8,10 @@ path out of here leaves the connection either back in its pool, ready for the
 next request, or closed: a connection with a half-read response or a
 half-sent request never goes back.
 
-Failures before the response head map to 502 (refused, reset, malformed) or
-504 (connect or read timeout). After the head, a failure cuts the client
-connection, so the client sees a truncated response, never a complete-looking
-one. A request that failed on a reused keep-alive connection which the
+Failures before the first body byte map to 502 (refused, reset, malformed,
+closed after the head) or 504 (connect or read timeout): the head goes to the
+client only with that byte. After it, a failure cuts the client connection,
+so the client sees a truncated response, never a complete-looking one. A request that failed on a reused keep-alive connection which the
 upstream had closed meanwhile is sent once more on a fresh connection, when
 the upstream cannot have processed it (RFC 9110 9.2.2).
 
@@ -28,7 +28,6 @@ import http.client
 import logging
 import socket
 import time
-from functools import partial
 
 import gevent
 
@@ -39,7 +38,7 @@ from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectio
 from . import upstream_tls
 from .config import RouteConfig, ServerConfig
 from .exchange import UpstreamResponse, request_head
-from .http import (Request, Response, bad_header_value, clean_response_headers, error_response,
+from .http import (BadRequest, Request, Response, bad_header_value, clean_response_headers, error_response,
                    valid_header_name)
 from .target import without_prefix
 from .tunnel import Tunnels, open_tunnel
@@ -110,6 +109,10 @@ def cut_short(greenlet) -> None:
 def forget(greenlet) -> None:
     """The greenlet is done with its request."""
     _client_left.discard(greenlet)
+
+
+class BodyTimeout(TimeoutError):
+    """The upstream sent its response head, then no body byte in read_timeout."""
 
 
 class UpstreamCut(ConnectionResetError):
@@ -200,6 +203,10 @@ class RequestBody:
             raise ClientGone(f"{type(e).__name__}: {e}") from None
         except TimeoutError:
             raise ClientTimeout(f"no body bytes within client_timeout, after {self.sent} bytes") from None
+        except BadRequest as e:  # the worker's judgement of a chunk size line
+            if e.status == 413:
+                raise BodyTooLarge(str(e)) from None
+            raise MalformedBody(str(e)) from None
         except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
             raise MalformedBody(f"{type(e).__name__}: {e}") from None
         finally:
@@ -223,7 +230,7 @@ class UpstreamBody:
     calls close() when done, also when the client went away mid-way.
     `release(reusable)` hands the connection back (or closes it)."""
 
-    __slots__ = ("response", "request", "label", "release", "finished")
+    __slots__ = ("response", "request", "label", "release", "finished", "first")
 
     def __init__(self, response, request: Request, label: str, release):
         self.response = response
@@ -231,11 +238,36 @@ class UpstreamBody:
         self.label = label
         self.release = release
         self.finished = False
+        self.first = b""
+
+    def start(self) -> None:
+        """Read the first piece of the body before anything goes to the
+        client. The response head goes out with that piece anyway (in one
+        send, see response_writer; over HTTP/2 the HEADERS frame waits for
+        it too), so this costs no latency; and an upstream that fails
+        between its head and its first body byte (closes, resets, times
+        out) raises here, while the client can still get a 502 or 504
+        instead of a cut connection. The connection is released on error."""
+        response = self.response
+        try:
+            if not response.complete:
+                self.first = response.read1(CHUNK)
+        except TimeoutError:
+            self._done(reusable=False)
+            raise BodyTimeout() from None
+        except BaseException:
+            self._done(reusable=False)
+            raise
+        if response.complete:
+            self._done(reusable=response.reusable)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> bytes:
+        if self.first:
+            data, self.first = self.first, b""
+            return data
         if self.finished:
             raise StopIteration
         response = self.response
@@ -266,6 +298,22 @@ class UpstreamBody:
         if not self.finished:
             self.finished = True
             self.release(reusable)
+
+
+class _Lease:
+    """A connection taken from a server's pool, to give back once, whichever
+    of the paths out of an exchange gets there first (a body's error and a
+    client leaving can both try)."""
+
+    __slots__ = ("server", "conn", "returned")
+
+    def __init__(self, server: Server, conn):
+        self.server, self.conn, self.returned = server, conn, False
+
+    def __call__(self, reusable: bool) -> None:
+        if not self.returned:
+            self.returned = True
+            _release(self.server, self.conn, reusable)
 
 
 def _release(server: Server, conn, reusable: bool) -> None:
@@ -371,7 +419,7 @@ class Forwarder:
             except EmptyPoolError as e:
                 return e
             server.begin()
-            release = partial(_release, server, conn)
+            release = _Lease(server, conn)
             try:
                 return self._exchange_on(server, conn, release, request, target, headers, request_body)
             except BaseException:  # ClientLeft, or the worker is going: never back to the pool
@@ -415,24 +463,35 @@ class Forwarder:
                 return e
             break
         request.environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+        try:
+            proxied = self._relay(request, server.label, response, release)
+        except (OSError, http.client.HTTPException) as e:
+            return e  # no body byte came: answered like a failure before the head
         if response.status in self.fail_status:
             self.upstream.failed(server, f"status {response.status}")
         else:
             self.upstream.succeeded(server)
-        proxied = self.proxied(request, server.label, response, release)
         if request.has_body and not request_body.complete:
             # The upstream answered before reading the whole body; the rest
             # is still on the client connection, which cannot be reused.
             proxied.close_connection = True
         return proxied
 
-    @staticmethod
-    def proxied(request: Request, label: str, response: UpstreamResponse, release) -> Response:
+    def proxied(self, request: Request, label: str, response: UpstreamResponse, release) -> Response:
         """The client's Response for an upstream's response head; its body
-        streams from the upstream."""
+        streams from the upstream. An upstream that fails before the first
+        body byte gets the client a 502 or 504 (see UpstreamBody.start)."""
+        try:
+            return self._relay(request, label, response, release)
+        except (OSError, http.client.HTTPException) as e:
+            return self._error_answer(request, label, e)
+
+    @staticmethod
+    def _relay(request: Request, label: str, response: UpstreamResponse, release) -> Response:
         headers = response_headers(response.headers.items(), response.headers.get("Connection"),
                                    response.chunked)
         body = UpstreamBody(response, request, label, release)
+        body.start()
         return Response(response.status, headers, body, response.reason or None)
 
     def _exchange(self, conn, method, target, headers, body, chunked):
@@ -526,9 +585,12 @@ class Forwarder:
         server's health unless already done)."""
         if record and not isinstance(error, EmptyPoolError):
             self.upstream.failed(server, _describe(error))
+        return self._error_answer(request, server.label, error)
+
+    def _error_answer(self, request: Request, label: str, error: Exception) -> Response:
         status, message = _classify(error, self.connect_timeout, self.read_timeout)
         request.environ["rproxy.error"] = message
-        log.warning("upstream %s (%s %s): %s, request_id=%s", server.label, request.method,
+        log.warning("upstream %s (%s %s): %s, request_id=%s", label, request.method,
                     request.target, message, request.request_id)
         response = error_response(request, status, message,
                                   [("Retry-After", "1")] if status == 503 else ())
@@ -555,6 +617,8 @@ def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> 
         return 502, f"cannot connect to upstream: {_describe(cause or error)}"
     if isinstance(error, ConnectTimeoutError):
         return 504, f"upstream did not accept the connection within {connect_timeout:g}s"
+    if isinstance(error, BodyTimeout):
+        return 504, f"upstream sent its response head, then no body within {read_timeout:g}s"
     if isinstance(error, (socket.timeout, TimeoutError)):
         return 504, f"upstream sent no response within {read_timeout:g}s"
     bad_certificate = upstream_tls.verification_failure(error)
@@ -567,6 +631,8 @@ def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> 
         error = error.__cause__
     if isinstance(error, http.client.RemoteDisconnected):
         return 502, "upstream closed the connection without a response"
+    if isinstance(error, http.client.IncompleteRead):
+        return 502, f"upstream closed the connection before the end of the response ({error!r})"
     if isinstance(error, (http.client.HTTPException, ProtocolError)):
         return 502, f"malformed response from upstream: {_describe(error)}"
     if isinstance(error, OSError):

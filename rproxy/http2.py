@@ -9,6 +9,10 @@ serialised by a lock, so frames never interleave; a stream that waits for
 its request body or for send window waits for the reader to bring the
 frames, rather than reading the socket itself.
 
+A head over the request limits (too many fields, a field or header list too
+large, a target too long) is answered on its stream as over HTTP/1.1 (431,
+414), where gunicorn would reset the stream.
+
 What one client connection can hold is bounded: each stream in flight holds
 at most one upstream connection and one 64 KiB piece of its response, so
 http2_max_concurrent_streams bounds both; a stream whose client takes none
@@ -33,15 +37,22 @@ from gevent.lock import Semaphore
 from gevent.pool import Pool
 from gunicorn.http2.connection import HTTP2ServerConnection
 from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ErrorCode, HTTP2ProtocolError
-from gunicorn.http2.stream import StreamState
+from gunicorn.http2.stream import HTTP2Stream, StreamState
 from h2.exceptions import ProtocolError
+from hpack import Decoder
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from . import forward
 
-log = logging.getLogger("rproxy.worker")
+log = logging.getLogger("rproxy.http2")
 
+# A header list past the size announced to the client (SETTINGS_MAX_HEADER_
+# LIST_SIZE) is still decoded, up to this many times it, so that its stream
+# can be answered 431 like any other head over the limits. Past that the
+# decoding stops, and the connection with it (its HPACK state is lost): the
+# bound on what one header block may inflate to.
+HEADER_LIST_SLACK = 4
 
 # A stream reset while its upstream request is under way is cut this long
 # after, if still waiting: most upstream answers come within it, and one that
@@ -49,6 +60,20 @@ log = logging.getLogger("rproxy.worker")
 # next request pays for a new one). Meanwhile the stream still counts against
 # http2_max_concurrent_streams, which slows a rapid reset flood down.
 RESET_GRACE = 0.25
+
+
+class _Decoder(Decoder):
+    """hpack's decoder, taking header lists up to HEADER_LIST_SLACK times
+    the limit h2 gives it (h2 sets it again when the client acknowledges
+    the settings)."""
+
+    @property
+    def max_header_list_size(self) -> int:
+        return self._announced * HEADER_LIST_SLACK
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        self._announced = value
 
 
 class _Socket:
@@ -90,6 +115,8 @@ class ConcurrentConnection(HTTP2ServerConnection):
         # window makes no progress does: as over HTTP/1.1.
         super().__init__(cfg, _Socket(sock, client_timeout), client_addr)
         self.stream_timeout = client_timeout
+        # Nothing decoded yet: a fresh decoder loses no HPACK state.
+        self.h2_conn.decoder = _Decoder(self.h2_conn.decoder.max_header_list_size)
         self._write_lock = Semaphore()
         self._progress = Event()
         self._loop = get_hub().loop
@@ -152,6 +179,25 @@ class ConcurrentConnection(HTTP2ServerConnection):
             except OSError as e:
                 self._closed = True
                 raise HTTP2ConnectionError(f"Socket write error: {e}") from None
+
+    def _handle_request_received(self, event):
+        # gunicorn resets a stream whose head is over the request limits
+        # (PROTOCOL_ERROR); its client gets the answer an HTTP/1.1 one gets.
+        refused = over_limits(self.cfg, event.headers)
+        if refused is None or (self.draining and event.stream_id > self.peer_last_stream_id):
+            return super()._handle_request_received(event)
+        status, message = refused
+        stream_id = event.stream_id
+        stream = HTTP2Stream(stream_id, self)
+        self.streams[stream_id] = stream
+        stream.receive_headers(event.headers, end_stream=event.stream_ended is not None)
+        log.warning("Invalid request from ip=%s over HTTP/2: %s: %d",
+                    self.client_addr[0] if isinstance(self.client_addr, tuple) else "-", message, status)
+        self.send_error(stream_id, status, message + "\n")
+        if event.stream_ended is None:
+            # A body may follow: not wanted (RFC 9113 8.1, a complete response first).
+            self.abort_stream(stream_id, HTTP2ErrorCode.NO_ERROR)
+        return None
 
     def _wake(self) -> None:
         """Frames were processed (or the connection ended): waiters look again."""
@@ -245,6 +291,27 @@ class ConcurrentConnection(HTTP2ServerConnection):
                              pseudo.get(":method"), pseudo.get(":path"), self.stream_timeout)
                     return 0
             self._progress.wait(remaining)
+
+
+def over_limits(cfg, headers) -> tuple[int, str] | None:
+    """(status, message) when a request head is over gunicorn's limits on
+    the request line and fields (the checks of its HTTP2Request), else None."""
+    fields = 0
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value) + 32  # as RFC 9113 6.5.2 counts it
+        if name.startswith(":"):
+            if name == ":path" and cfg.limit_request_line and len(value) > cfg.limit_request_line:
+                return 414, "request target too long"
+            continue
+        fields += 1
+        if cfg.limit_request_field_size and len(name) + len(value) + 2 > cfg.limit_request_field_size:
+            return 431, "request header field too large"
+    if cfg.limit_request_fields and fields > cfg.limit_request_fields:
+        return 431, f"more than {cfg.limit_request_fields} request header fields"
+    if cfg.http2_max_header_list_size and size > cfg.http2_max_header_list_size:
+        return 431, f"request header section over {cfg.http2_max_header_list_size} bytes"
+    return None
 
 
 def http1_framing(req) -> None:

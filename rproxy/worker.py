@@ -10,6 +10,11 @@ the app:
   the response is dropped after `client_timeout`, which frees its greenlet,
   its socket and the upstream connection behind it;
 - `max_connections_per_ip` caps what one address may hold (429);
+- a head with more than `max_headers` fields gets 431 whatever the count,
+  and the rest of an oversized head is read and dropped before closing, so
+  that the client, still sending, reads the answer;
+- each chunk size of a request body is judged as soon as its line is in,
+  before any of it goes upstream: 413 past `max_body_size`, 400 if absurd;
 - running out of file descriptors pauses accepting (gevent backs off up to a
   second) with a log line instead of a traceback per failed accept.
 
@@ -38,14 +43,16 @@ import gevent
 import gunicorn.http
 from gevent.baseserver import BaseServer
 from gevent.server import StreamServer
-from gunicorn.http import message, parser
+from gunicorn.http import body, message, parser
 from gunicorn.http.body import LengthReader
+from gunicorn.http.errors import InvalidChunkSize, InvalidRequestLine, LimitRequestHeaders, LimitRequestLine
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from . import http2, response_writer
 from .connection import linger
 from .forwarded import Forwarding
+from .http import BadRequest
 from .tls import handshake_done
 
 log = logging.getLogger("rproxy.worker")
@@ -135,6 +142,54 @@ def _nothing_left(body) -> bool:
     return type(reader) is LengthReader and reader.length == 0 and not body.failed
 
 
+# RFC 9112 7.1: a chunk size is a length; one past what a file offset can
+# hold is no body anyone sends (nginx refuses the same with 400).
+MAX_CHUNK_SIZE = (1 << 63) - 1
+
+
+class ChunkedReader(body.ChunkedReader):
+    """gunicorn's reader of a chunked request body, judging each chunk size
+    as soon as its line is read, before any of the chunk's data is read or
+    forwarded: beyond MAX_CHUNK_SIZE it is malformed (400); taking the
+    declared sizes so far past max_body_size it is too large (413, as
+    nginx's "client intended to send too large chunked body"). Without this
+    the start of such a body would already have gone upstream when the
+    running count of bytes caught it."""
+
+    max_body_size = 0  # [server] max_body_size, set once per worker; 0 = unlimited
+
+    def __init__(self, req, unreader):
+        super().__init__(req, unreader)
+        self.declared = 0
+
+    def parse_chunk_size(self, unreader, data=None):
+        size, rest = super().parse_chunk_size(unreader, data)
+        if size > MAX_CHUNK_SIZE:
+            raise InvalidChunkSize(b"out of range")
+        self.declared += size
+        if self.max_body_size and self.declared > self.max_body_size:
+            raise BadRequest(f"chunked body declares {self.declared} bytes, over max_body_size "
+                             f"({self.max_body_size})", 413)
+        return size, rest
+
+
+class Request(message.Request):
+    """gunicorn's request head parser, giving a head with too many fields
+    the same 431 whatever their count. gunicorn_h1c's parser holds at most
+    256 fields and calls a head with more an invalid request (400); only
+    on that error path are the lines counted."""
+
+    def _parse_fast(self, unreader, buf):
+        try:
+            return super()._parse_fast(unreader, buf)
+        except InvalidRequestLine:
+            end = buf.find(b"\r\n\r\n")
+            lines = buf.count(b"\r\n", 0, end if end >= 0 else len(buf))
+            if lines > self.limit_request_fields:  # the request line's CRLF, and one per field
+                raise LimitRequestHeaders(f"more than {self.limit_request_fields} header fields") from None
+            raise
+
+
 class RequestParser(parser.RequestParser):
     """gunicorn's, waiting for a keep-alive connection's next request in a
     lighter way (see Worker.timeout_ctx): the finished request is let go of
@@ -142,6 +197,8 @@ class RequestParser(parser.RequestParser):
     gunicorn's parser is entered. An idle connection then holds no request
     object, and its greenlet sleeps on a shorter C stack (a greenlet keeps a
     copy of it): about 2 KiB less per idle connection."""
+
+    mesg_class = Request
 
     def __init__(self, cfg, source, source_addr):
         super().__init__(cfg, source, source_addr)
@@ -263,6 +320,8 @@ class Worker(GeventWorker):
         # idle connection's wait), the forwarding trust check, the settings.
         response_writer.install(server.server_header)
         gunicorn.http.RequestParser = RequestParser
+        ChunkedReader.max_body_size = server.max_body_size
+        message.ChunkedReader = ChunkedReader
         ggevent.StreamServer = Server
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         settle_settings(self.cfg)
@@ -395,6 +454,11 @@ class Worker(GeventWorker):
                 log.debug("keep-alive connection from %s idle for %gs: closed", peer, self.keepalive_timeout)
             return
         super().handle_error(req, client, addr, exc)
+        if isinstance(exc, (LimitRequestHeaders, LimitRequestLine)):
+            # The rest of an oversized head is likely still coming: closing
+            # over it would reset the connection, and the client, still
+            # sending, would never read the answer.
+            linger(client)
 
     def _hub_error(self, context, type_, value, tb):
         if (isinstance(context, BaseServer) and isinstance(value, OSError)

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from conftest import raw_exchange, single_route
+from h2client import RawH2
 
 FAST = {"client_header_timeout": "1s", "client_timeout": "1s", "keepalive": "1s"}
 
@@ -197,6 +198,93 @@ def test_request_line_and_header_limits(start_proxy, start_upstream, request_byt
                       f"{status.decode()}, logged, nothing forwarded"))
 
 
+def fields(count: int, value: bytes = b"y") -> bytes:
+    return b"".join(b"X-%d: %b\r\n" % (i, value) for i in range(count))
+
+
+@pytest.mark.parametrize("count", [101, 150, 256, 257, 300, 1000, 100_000])
+def test_too_many_header_fields_get_431_whatever_their_count(start_proxy, start_upstream, count,
+                                                             hardening_record):
+    upstream = start_upstream()
+    proxy = start_proxy(single_route(upstream.port))
+    head = b"GET /echo HTTP/1.1\r\nHost: x\r\n" + fields(count, b"y" * 12) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        # The proxy answers while the client is still sending (2 MiB for the
+        # largest head); the client sends it all, then reads the answer:
+        # no reset on either side.
+        for start in range(0, len(head), 65536):
+            s.sendall(head[start:start + 65536])
+            if start == 0:
+                time.sleep(0.3)
+        reply, _ = read_until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert b"header" in reply.partition(b"\r\n\r\n")[2]
+    proxy.wait_for_log(r"Invalid request from ip=127\.0\.0\.1: .*(header|fields)")
+    assert upstream.stats()["requests"] == 1  # this stats call only
+    # nginx has no count limit, only large_client_header_buffers (4 x 8k by default).
+    nginx = "forwarded" if len(head) <= 32 << 10 else "400, past large_client_header_buffers"
+    hardening_record((f"{count} request header fields ({len(head) // 1024} KiB head, max_headers 100)", "1",
+                      f"431, the whole head read and dropped, no reset; nothing forwarded (nginx: {nginx})"))
+
+
+def test_head_over_the_header_bytes_limit_gets_431(start_proxy, start_upstream):
+    upstream = start_upstream()
+    proxy = start_proxy(single_route(upstream.port), server={"max_headers": "10", "max_header_size": "1k"})
+    # A head that never ends: past what 10 fields of 1 KiB can take.
+    head = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"z" * 300_000
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(head)
+        reply, _ = read_until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert upstream.stats()["requests"] == 1
+
+
+@pytest.mark.parametrize("headers, status", [
+    ([(f"x-{i}", "y") for i in range(101)], 431),
+    ([(f"x-{i}", "y") for i in range(300)], 431),
+    ([(f"x-{i}", "y" * 12) for i in range(1000)], 431),
+    ([("x-big", "z" * 9000)], 431),
+    ([(f"x-{i}", "z" * 2000) for i in range(50)], 431),  # 100 KiB: over the 64 KiB list size announced
+    ([], 414),
+])
+def test_too_many_header_fields_over_http2_get_431(start_proxy, start_upstream, headers, status,
+                                                   hardening_record):
+    upstream = start_upstream()
+    proxy = start_proxy(single_route(upstream.port), server={"http2": "yes", "http2_cleartext": "yes"})
+    client = RawH2(proxy.port)
+    try:
+        path = "/echo" if headers else "/" + "a" * 9000
+        answer = client.response(client.request("GET", path, headers=headers))
+        # The connection goes on serving its other streams.
+        after = client.response(client.request("GET", "/echo"))
+    finally:
+        client.close()
+    assert answer["status"] == status and answer["ended"], answer
+    assert answer["body"].endswith(b"\n") and len(answer["body"]) < 100
+    assert after["status"] == 200
+    proxy.wait_for_log(r"Invalid request from ip=127\.0\.0\.1 over HTTP/2: .*: %d" % status)
+    assert upstream.stats()["requests"] == 2  # the second stream and this stats call
+    if len(headers) > 1:
+        size = sum(len(name) + len(value) + 32 for name, value in headers)
+        hardening_record((f"{len(headers)} request header fields, {size // 1024} KiB, over HTTP/2 "
+                          f"(max_headers 100, 64 KiB header list announced)", "1",
+                          f"{status} on the stream, nothing forwarded, the connection kept "
+                          f"(gunicorn alone: {'the connection closed' if size > 65536 else 'a reset stream'})"))
+
+
+def test_header_list_past_four_times_the_announced_size_closes_the_http2_connection(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"http2": "yes", "http2_cleartext": "yes"})
+    client = RawH2(proxy.port)
+    try:
+        client.request("GET", "/echo", headers=[(f"x-{i}", "z" * 4000) for i in range(80)])  # 320 KiB
+        with pytest.raises(ConnectionError):
+            client.response(1)
+    finally:
+        client.close()
+    proxy.wait_for_log(r"HTTP/2 connection closed: .*header list larger than 262144")
+    assert requests.get(proxy.url + "/echo", timeout=5).status_code == 200
+
+
 def test_limits_are_configurable(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port),
                         server={"max_request_line": "300", "max_headers": "8", "max_header_size": "300"})
@@ -291,3 +379,16 @@ def test_out_of_file_descriptors_pauses_accepting_with_a_log_line(start_proxy, u
     hardening_record(("file descriptors run out (RLIMIT_NOFILE lowered, 60 connections)", "60",
                       "accepting paused with back-off and one log line a second, no busy loop, "
                       "served again after"))
+
+
+def test_too_many_header_fields_with_a_body_following_over_http2(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"http2": "yes", "http2_cleartext": "yes"})
+    client = RawH2(proxy.port)
+    try:
+        stream = client.request("POST", "/echo", headers=[(f"x-{i}", "y") for i in range(150)], end=False)
+        answer = client.response(stream)
+        after = client.response(client.request("GET", "/echo"))
+    finally:
+        client.close()
+    # A complete 431, then the request's body is declined without error (RFC 9113 8.1).
+    assert answer["status"] == 431 and answer["ended"] and after["status"] == 200

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from rproxy.exchange import UpstreamResponse, request_head
+from rproxy.exchange import UnsupportedCoding, UpstreamResponse, request_head
+from rproxy.forward import response_headers
 
 
 def answer(raw: bytes, method: str = "GET", close: bool = True):
@@ -106,3 +107,51 @@ def test_short_bodies_are_cuts():
 def test_request_head_is_one_buffer():
     head = request_head("POST", "/a?b", {"Host": "h", "X-Request-Id": "r"}, chunked=True)
     assert head == b"POST /a?b HTTP/1.1\r\nHost: h\r\nX-Request-Id: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("lines", [
+    [b"Chunked"], [b" chunked "], [b"CHUNKED"], [b"chunked,"], [b", chunked"],
+])
+def test_chunked_however_spelled_is_chunked(lines):
+    head = b"".join(b"Transfer-Encoding:%b\r\n" % line for line in lines)
+    response = answer(b"HTTP/1.1 200 OK\r\n%b\r\n%b" % (head, CHUNKED_HELLO), close=False)
+    assert response.chunked and body(response) == b"hello" and response.reusable
+
+
+@pytest.mark.parametrize("lines", [
+    [b"gzip, chunked"], [b"chunked, gzip"], [b"gzip", b"chunked"], [b"chunked", b"gzip"],
+    [b"chunked, chunked"], [b"chunked", b"chunked"], [b"xchunked"], [b"identity"], [b"deflate"],
+    [b""], [b"chunked;q=1"], [b"compress, chunked"],
+])
+def test_transfer_codings_that_cannot_be_passed_on_are_refused(lines):
+    head = b"".join(b"Transfer-Encoding: %b\r\n" % line for line in lines)
+    with pytest.raises(UnsupportedCoding):
+        answer(b"HTTP/1.1 200 OK\r\n%b\r\n%b" % (head, CHUNKED_HELLO))
+
+
+def test_transfer_encoding_overrides_content_length_which_is_dropped():
+    response = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + CHUNKED_HELLO, close=False)
+    assert response.chunked and body(response) == b"hello" and response.reusable
+    headers = response_headers(response.headers.items(), None, response.chunked)
+    assert [name for name, _ in headers] == []  # neither length nor coding goes to the client
+
+
+def test_transfer_encoding_in_an_http10_response_is_faulty_framing():
+    with pytest.raises(UnsupportedCoding):
+        answer(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED_HELLO)
+
+
+@pytest.mark.parametrize("status, method", [(204, "GET"), (304, "GET"), (200, "HEAD")])
+def test_no_body_answers_ignore_their_transfer_coding(status, method):
+    response = answer(b"HTTP/1.1 %d X\r\nTransfer-Encoding: gzip\r\n\r\n" % status, method, close=False)
+    assert response.read1(10) == b"" and response.complete
+
+
+def test_chunked_response_cut_before_its_first_chunk_is_incomplete():
+    response = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with pytest.raises(http.client.IncompleteRead):
+        response.read1(10)

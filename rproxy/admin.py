@@ -59,7 +59,7 @@ class Admin:
         now = time.monotonic()
         upstreams = {}
         for name, upstream in self.upstreams.items():
-            in_rotation = sum(1 for s in upstream.servers if s.healthy and s.down_until <= now)
+            in_rotation = sum(1 for s in upstream.servers if s.available(now))
             upstreams[name] = {"servers": len(upstream.servers), "in_rotation": in_rotation}
             if not in_rotation:
                 reasons.append(f"upstream {name}: no server in rotation")

@@ -113,9 +113,11 @@ class ServerConfig:
                                     "Without TLS: serve HTTP/2 to peers in trusted_proxies that start with "
                                     "the HTTP/2 preface (prior knowledge) or ask for Upgrade: h2c; "
                                     "HTTP/1.1 is still served. Needs http2 = yes.")
-    http2_max_concurrent_streams: int = setting("100", values.positive_count,
-                                                "Requests one HTTP/2 connection may have in flight; each is "
-                                                "served on its own.")
+    http2_max_concurrent_streams: int = setting("32", values.positive_count,
+                                                "Requests one HTTP/2 connection may have in flight (advertised "
+                                                "to the client); each is served on its own and holds at most "
+                                                "one upstream connection, so this also bounds what one client "
+                                                "connection holds upstream.")
     http_bind: tuple[str, ...] = setting("", values.listeners,
                                          "Plain-HTTP listeners beside the HTTPS ones, e.g. 0.0.0.0:80; "
                                          "only with TLS.")
@@ -176,9 +178,11 @@ class UpstreamConfig:
                                   "Longest wait for any byte of a response, including its head.")
     pool_size: int = setting("64", values.positive_count,
                              "Idle keep-alive connections kept per server and worker.")
-    max_connections: int = setting("0", values.count,
-                                   "Cap on open connections per server and worker; requests beyond it wait up "
-                                   "to connect_timeout, then get 503. 0 = no cap.")
+    max_connections: int = setting("256", values.count,
+                                   "Cap on open connections per server and worker; requests beyond it wait, in "
+                                   "order, up to connect_timeout, then get 503. Each request or response in "
+                                   "flight holds one (an event stream or long poll for its whole life). "
+                                   "0 = no cap.")
     max_fails: int = setting("1", values.count,
                              "Failures (connect error, timeout, fail_status) within fail_timeout that "
                              "take a server out for fail_timeout; 0 = never.")

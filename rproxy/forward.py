@@ -14,6 +14,11 @@ client only with that byte. After it, a failure cuts the client connection,
 so the client sees a truncated response, never a complete-looking one. A request that failed on a reused keep-alive connection which the
 upstream had closed meanwhile is sent once more on a fresh connection, when
 the upstream cannot have processed it (RFC 9110 9.2.2).
+
+A request whose client left (an HTTP/2 stream reset, its connection lost)
+stops waiting on its upstream at once (see cut_short), and its connection
+is discarded: a client that resets its streams holds no upstream connection
+for longer than it takes to say so.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import http.client
 import logging
 import socket
 import time
-from functools import partial
 
 import gevent
 
@@ -67,6 +71,44 @@ class MalformedBody(Exception):
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientLeft(BaseException):
+    """Thrown into a request's greenlet whose client left. A BaseException,
+    as gevent's own Timeout and GreenletExit: no handler of upstream errors
+    (`except Exception`) takes it for one, and every path out of an upstream
+    wait releases or discards its connection."""
+
+
+# The greenlets waiting on an upstream now (for a free connection, the
+# response head, the next body bytes), and those whose client left before
+# they began their next such wait.
+_waiting: set = set()
+_client_left: set = set()
+
+
+def _wait_begins():
+    """The current greenlet is about to wait on its upstream."""
+    me = gevent.getcurrent()
+    if me in _client_left:
+        raise ClientLeft()
+    _waiting.add(me)
+    return me
+
+
+def cut_short(greenlet) -> None:
+    """The client of the request that `greenlet` serves has left: stop its
+    upstream wait now if it is in one, else when it begins the next. Called
+    from the hub (a loop callback), never by the greenlet itself."""
+    if greenlet in _waiting:
+        greenlet.throw(ClientLeft())
+    elif not greenlet.dead:
+        _client_left.add(greenlet)
+
+
+def forget(greenlet) -> None:
+    """The greenlet is done with its request."""
+    _client_left.discard(greenlet)
 
 
 class BodyTimeout(TimeoutError):
@@ -229,6 +271,7 @@ class UpstreamBody:
         if self.finished:
             raise StopIteration
         response = self.response
+        me = _wait_begins()
         try:
             data = response.read1(CHUNK)
         except (OSError, http.client.HTTPException) as e:
@@ -238,6 +281,8 @@ class UpstreamBody:
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
             raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
+        finally:
+            _waiting.discard(me)
         if response.complete:
             # The connection goes back to its pool as soon as the body is in,
             # before this last piece is written to the client.
@@ -253,6 +298,22 @@ class UpstreamBody:
         if not self.finished:
             self.finished = True
             self.release(reusable)
+
+
+class _Lease:
+    """A connection taken from a server's pool, to give back once, whichever
+    of the paths out of an exchange gets there first (a body's error and a
+    client leaving can both try)."""
+
+    __slots__ = ("server", "conn", "returned")
+
+    def __init__(self, server: Server, conn):
+        self.server, self.conn, self.returned = server, conn, False
+
+    def __call__(self, reusable: bool) -> None:
+        if not self.returned:
+            self.returned = True
+            _release(self.server, self.conn, reusable)
 
 
 def _release(server: Server, conn, reusable: bool) -> None:
@@ -349,11 +410,31 @@ class Forwarder:
         """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
         try:
-            conn = server.pool._get_conn(timeout=self.connect_timeout)
-        except EmptyPoolError as e:
-            return e
-        server.begin()
-        release = partial(_release, server, conn)
+            me = _wait_begins()
+        except ClientLeft:
+            return self._client_left(request)
+        try:
+            try:
+                conn = server.pool._get_conn(timeout=self.connect_timeout)
+            except EmptyPoolError as e:
+                return e
+            server.begin()
+            release = _Lease(server, conn)
+            try:
+                return self._exchange_on(server, conn, release, request, target, headers, request_body)
+            except BaseException:  # ClientLeft, or the worker is going: never back to the pool
+                release(reusable=False)
+                raise
+        except ClientLeft:
+            return self._client_left(request)
+        finally:
+            _waiting.discard(me)
+
+    def _exchange_on(self, server: Server, conn, release, request: Request, target: str, headers,
+                     request_body):
+        """The exchange on a connection taken from the server's pool: a
+        Response (its body releases the connection), or the error that
+        stopped it (the connection released already)."""
         for attempt in (1, 2):
             reused = conn.sock is not None
             started = time.monotonic()
@@ -480,6 +561,13 @@ class Forwarder:
                  request.client_ip, error, request.request_id)
         request.environ["rproxy.error"] = "client went away mid-upload"
         return self._closing(error_response(request, 499, "client closed the request"))
+
+    @staticmethod
+    def _client_left(request: Request) -> Response:
+        # Not logged but in the access line: a rapid reset flood would
+        # write a line per stream.
+        request.environ["rproxy.error"] = "client left before the response"
+        return error_response(request, 499, "client closed the request")
 
     def _malformed_body(self, request: Request, error: Exception) -> Response:
         log.info("malformed chunked body from %s (%s), request_id=%s", request.client_ip, error,

@@ -12,6 +12,16 @@ frames, rather than reading the socket itself.
 A head over the request limits (too many fields, a field or header list too
 large, a target too long) is answered on its stream as over HTTP/1.1 (431,
 414), where gunicorn would reset the stream.
+
+What one client connection can hold is bounded: each stream in flight holds
+at most one upstream connection and one 64 KiB piece of its response, so
+http2_max_concurrent_streams bounds both; a stream whose client takes none
+of its response (a window kept at 0) for client_timeout is reset and its
+upstream connection closed, as is a connection whose client reads nothing
+for that long. A stream the client resets, or whose connection ends, stops
+waiting on its upstream within RESET_GRACE (forward.cut_short), so reset
+streams free their upstream connections about as fast as the client resets
+them.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import logging
 import ssl
 import time
 
-from gevent import Timeout
+from gevent import Timeout, get_hub, getcurrent
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Pool
@@ -33,6 +43,8 @@ from hpack import Decoder
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
+from . import forward
+
 log = logging.getLogger("rproxy.http2")
 
 # A header list past the size announced to the client (SETTINGS_MAX_HEADER_
@@ -41,6 +53,13 @@ log = logging.getLogger("rproxy.http2")
 # decoding stops, and the connection with it (its HPACK state is lost): the
 # bound on what one header block may inflate to.
 HEADER_LIST_SLACK = 4
+
+# A stream reset while its upstream request is under way is cut this long
+# after, if still waiting: most upstream answers come within it, and one that
+# does leaves its connection reusable in the pool (cut, it is closed, and the
+# next request pays for a new one). Meanwhile the stream still counts against
+# http2_max_concurrent_streams, which slows a rapid reset flood down.
+RESET_GRACE = 0.25
 
 
 class _Decoder(Decoder):
@@ -90,14 +109,42 @@ class _Socket:
 class ConcurrentConnection(HTTP2ServerConnection):
     """gunicorn's HTTP/2 connection, shared by one reader and many writers."""
 
-    def __init__(self, cfg, sock, client_addr):
-        # A write that makes no progress for gunicorn's timeout gives up, as
-        # a stream without progress does.
-        super().__init__(cfg, _Socket(sock, cfg.timeout or None), client_addr)
+    def __init__(self, cfg, sock, client_addr, client_timeout: float):
+        # A write that makes no progress for client_timeout gives up (the
+        # client reads nothing), as a stream whose request body or send
+        # window makes no progress does: as over HTTP/1.1.
+        super().__init__(cfg, _Socket(sock, client_timeout), client_addr)
+        self.stream_timeout = client_timeout
         # Nothing decoded yet: a fresh decoder loses no HPACK state.
         self.h2_conn.decoder = _Decoder(self.h2_conn.decoder.max_header_list_size)
         self._write_lock = Semaphore()
         self._progress = Event()
+        self._loop = get_hub().loop
+        self.serving: dict = {}      # stream id -> the greenlet serving it
+        self._writer = None          # the greenlet writing to the socket now
+        self._cut_after_write: dict = {}  # greenlet -> stream id
+
+    # A stream's greenlet whose client left is cut short (see forward.py),
+    # from the hub, RESET_GRACE later if it still waits on its upstream;
+    # never in the middle of a write to the client, where a frame cut in two
+    # would break the connection for every stream: that greenlet is cut once
+    # its write is done.
+
+    def cut(self, stream_id: int) -> None:
+        greenlet = self.serving.get(stream_id)
+        if greenlet is not None:
+            timer = self._loop.timer(RESET_GRACE, ref=False)
+            timer.start(self._deliver_cut, stream_id, greenlet, timer)
+
+    def _deliver_cut(self, stream_id: int, greenlet, timer=None) -> None:
+        if timer is not None:
+            timer.close()
+        if self.serving.get(stream_id) is not greenlet:
+            return  # done meanwhile
+        if greenlet is self._writer:
+            self._cut_after_write[greenlet] = stream_id
+        else:
+            forward.cut_short(greenlet)
 
     def initiate_connection(self):
         self._settle_stream_limit()
@@ -160,8 +207,34 @@ class ConcurrentConnection(HTTP2ServerConnection):
     def _send_pending_data(self):
         # h2 queues frames in order; taking them and writing them under one
         # lock keeps them in that order on the wire.
+        me = getcurrent()
         with self._write_lock:
-            super()._send_pending_data()
+            self._writer = me
+            try:
+                super()._send_pending_data()
+            finally:
+                self._writer = None
+        if self._cut_after_write:
+            stream_id = self._cut_after_write.pop(me, None)
+            if stream_id is not None:
+                self._loop.run_callback(self._deliver_cut, stream_id, me)
+
+    # Writes on a connection that is closed already (a GOAWAY for a flood,
+    # the client gone) end the stream quietly, as on a reset stream, rather
+    # than with h2's error for a closed state machine.
+
+    def send_response_headers(self, stream_id, status, headers, end_stream=False):
+        return not self._closed and super().send_response_headers(stream_id, status, headers, end_stream)
+
+    def send_data(self, stream_id, data, end_stream=False):
+        return not self._closed and super().send_data(stream_id, data, end_stream)
+
+    def send_trailers(self, stream_id, trailers):
+        return not self._closed and super().send_trailers(stream_id, trailers)
+
+    def send_error(self, stream_id, status_code, message=None):
+        if not self._closed:
+            super().send_error(stream_id, status_code, message)
 
     def _process_events(self, events):
         try:
@@ -169,8 +242,16 @@ class ConcurrentConnection(HTTP2ServerConnection):
         finally:
             self._wake()
 
+    def _handle_stream_reset(self, event):
+        try:
+            super()._handle_stream_reset(event)
+        finally:
+            self.cut(event.stream_id)
+
     def _abort_all_streams(self):
         super()._abort_all_streams()
+        for stream_id in self.serving:
+            self.cut(stream_id)
         self._wake()
 
     def pump(self, stream_id=None):
@@ -203,6 +284,11 @@ class ConcurrentConnection(HTTP2ServerConnection):
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    pseudo = stream.get_pseudo_headers()
+                    log.info("client %s took no bytes of the response of %s %s for %gs "
+                             "(its HTTP/2 window stayed closed): stream reset, upstream connection closed",
+                             self.client_addr[0] if isinstance(self.client_addr, tuple) else "-",
+                             pseudo.get(":method"), pseudo.get(":path"), self.stream_timeout)
                     return 0
             self._progress.wait(remaining)
 
@@ -253,12 +339,25 @@ def http1_framing(req) -> None:
 def serve_connection(worker, listener, client, addr, preface=b"", upgrade=None) -> None:
     """gunicorn's handle_http2, for `worker`: read frames here, serve each stream in a greenlet."""
     listener_name = listener.getsockname()
-    conn = ConcurrentConnection(worker.cfg, client, addr)
+    conn = ConcurrentConnection(worker.cfg, client, addr, worker.client_timeout)
     streams = Pool(worker.cfg.http2_max_concurrent_streams)
     last = 0
 
     def serve(req):
-        worker._serve_http2_stream(listener_name, req, client, addr, conn)
+        stream_id, me = req.stream.stream_id, getcurrent()
+        if conn.is_closed or req.stream.disconnected:
+            # Reset, or its connection lost, before its turn came: nothing
+            # goes upstream for it.
+            conn.cleanup_stream(stream_id)
+            return
+        conn.serving[stream_id] = me
+        try:
+            worker._serve_http2_stream(listener_name, req, client, addr, conn)
+        except forward.ClientLeft:
+            worker.log.debug("HTTP/2 stream %d: the client reset it or left; stopped", stream_id)
+        finally:
+            del conn.serving[stream_id]
+            forward.forget(me)
 
     try:
         if upgrade is not None:  # h2c via Upgrade: the request is stream 1

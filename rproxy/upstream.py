@@ -10,10 +10,12 @@ Retry-After at once instead of a connect attempt each. Only a group of one
 server is exempt: it is all there is.
 
 Pools are made once per worker process (after the fork) and keep connections
-alive across requests. With `max_connections = 0` a pool keeps up to
-`pool_size` idle connections and opens more when needed, closing the surplus
-after use, as nginx's `keepalive N` does; with a cap, requests beyond it wait
-for a free connection.
+alive across requests: up to `pool_size` idle ones, opening more when needed
+and closing the surplus after use, as nginx's `keepalive N` does. At most
+`max_connections` are open at once (256 by default; 0 = no cap): requests
+beyond it wait, in order, up to connect_timeout for one to come back, then
+get 503, so that no burst or client holding its responses can open more
+connections to a server than it was sized for.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import queue
 import socket
 import time
 
+from gevent.lock import Semaphore
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ClosedPoolError, EmptyPoolError
 from urllib3.util.connection import is_connection_dropped
@@ -40,10 +43,10 @@ log = logging.getLogger("rproxy.upstream")
 
 
 class _IdleStack(list):
-    """The idle connections of a pool that never waits for one (no
-    max_connections), last in first out, as urllib3's queue.LifoQueue: a
-    list, since gevent turns the queue's locks into greenlet-aware ones
-    that cost more than the queue itself, and a worker is one thread."""
+    """The idle connections of a pool, last in first out, as urllib3's
+    queue.LifoQueue: a list, since gevent turns the queue's locks into
+    greenlet-aware ones that cost more than the queue itself, and a worker
+    is one thread."""
 
     def __init__(self, maxsize: int):
         super().__init__()
@@ -68,30 +71,38 @@ class _QuietSurplus:
     for a proxy under a burst that is the expected way to shed them. And
     check an idle connection for a close by the upstream with one peek:
     urllib3's check polls through gevent's select.poll, which costs as
-    much as a greenlet switch, once per request."""
+    much as a greenlet switch, once per request.
 
-    def __init__(self, *args, block: bool = False, **kwargs):
-        self._never_waits = not block
-        super().__init__(*args, block=block, **kwargs)
+    `cap` > 0 bounds the connections in use (every _get_conn is paired with
+    one _put_conn): an idle one is reused before a new one is opened, so
+    in use plus idle never exceeds it either."""
+
+    def __init__(self, *args, cap: int = 0, **kwargs):
+        self._in_use = Semaphore(cap) if cap else None
+        super().__init__(*args, block=False, **kwargs)
 
     def _new_pool_queue(self, maxsize: int):
-        return _IdleStack(maxsize) if self._never_waits else super()._new_pool_queue(maxsize)
+        return _IdleStack(maxsize)
 
     def _get_conn(self, timeout=None):
+        in_use = self._in_use
+        if in_use is not None and not in_use.acquire(timeout=timeout):
+            raise EmptyPoolError(self, "every connection is in use (max_connections)")
         try:
-            conn = self.pool.get(block=self.block, timeout=timeout)
+            conn = self.pool.get()
         except AttributeError:  # the pool was closed
+            if in_use is not None:
+                in_use.release()
             raise ClosedPoolError(self, "Pool is closed.") from None
         except queue.Empty:
-            if self.block:
-                raise EmptyPoolError(self, "Pool is empty and a new connection can't be opened "
-                                           "due to blocking mode.") from None
             conn = None
         if conn is not None and conn.sock is not None and _closed_or_stray(conn):
             conn.close()  # reconnects when used
         return conn or self._new_conn()
 
     def _put_conn(self, conn):
+        if self._in_use is not None:
+            self._in_use.release()
         if self.pool is not None:
             try:
                 self.pool.put(conn, block=False)
@@ -148,7 +159,6 @@ class Server:
         self.busy_gauge = counters.server_busy.labels(config.name, self.label) if counters else None
         if self.up_gauge is not None:
             self.up_gauge.set(1)
-        capped = config.max_connections > 0
         tls = {}
         if address.scheme == "https":
             pool_cls = TLSServerPool
@@ -157,8 +167,8 @@ class Server:
             pool_cls = ServerPool
         self.pool = pool_cls(
             address.host, address.port,
-            maxsize=config.max_connections if capped else config.pool_size,
-            block=capped,
+            maxsize=config.pool_size,
+            cap=config.max_connections,
             retries=False,
             **tls,
         )

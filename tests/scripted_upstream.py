@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import Callable
 
 
 class ScriptedUpstream:
     """Listens on a free loopback port. Each connection: read the request
-    head, send `answer`, then close (or, with `hold`, keep the connection
-    open until stop()). Everything received, per connection, is kept in
-    `received`."""
+    head, send `answer` (or what `answer(head)` returns), then close (or,
+    with `hold`, keep the connection open until stop()). Everything
+    received, per connection, is kept in `received`."""
 
-    def __init__(self, answer: bytes = b"", hold: bool = False):
+    def __init__(self, answer: bytes | Callable[[bytes], bytes] = b"", hold: bool = False):
         self.answer = answer
         self.hold = hold
         self.received: list[bytes] = []
@@ -46,7 +47,7 @@ class ScriptedUpstream:
                     conn.close()
                     return
                 self.received[index] += data
-            conn.sendall(self.answer)
+            conn.sendall(self.answer(self.received[index]) if callable(self.answer) else self.answer)
             if self.hold:
                 self._held.append(conn)
                 conn.settimeout(None)
@@ -57,6 +58,11 @@ class ScriptedUpstream:
             pass
         if not self.hold:
             conn.close()
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The request line of each request received, byte for byte."""
+        return [head.split(b"\r\n", 1)[0] for head in self.received if head]
 
     def stop(self) -> None:
         self._listener.close()

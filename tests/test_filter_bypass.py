@@ -11,7 +11,7 @@ import pytest
 import lenient
 from conftest import raw_exchange, single_route
 from h2client import RawH2
-from recording import RecordingUpstream, recorder  # noqa: F401 (a fixture)
+from recording import recorder  # noqa: F401 (a fixture)
 from rproxy.http import BadRequest, Request
 from rproxy.middleware.filter import FilterConfig, PathFilter
 
@@ -81,7 +81,7 @@ def _status_and_body(response: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-def _check(results: dict, recorder: RecordingUpstream, protocol: str, hardening_record) -> None:
+def _check(results: dict, recorder, protocol: str, hardening_record) -> None:
     for target, (status, body) in results.items():
         expected = {**CORPUS, **H2_ONLY}[target]
         if isinstance(expected, str):

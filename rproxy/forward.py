@@ -16,7 +16,7 @@ upstream had closed meanwhile is sent once more on a fresh connection, when
 the upstream cannot have processed it (RFC 9110 9.2.2).
 
 A request whose client left (an HTTP/2 stream reset, its connection lost)
-stops waiting on its upstream at once (see cut_short), and its connection
+stops waiting on its upstream at once (see client_left.py), and its connection
 is discarded: a client that resets its streams holds no upstream connection
 for longer than it takes to say so.
 """
@@ -36,6 +36,7 @@ from gunicorn.http2.errors import HTTP2StreamError
 from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectionError, ProtocolError, SSLError
 
 from . import upstream_tls
+from .client_left import ClientLeft, waiting
 from .config import RouteConfig, ServerConfig
 from .exchange import UpstreamResponse, request_head
 from .http import (BadRequest, Request, Response, bad_header_value, clean_response_headers, error_response,
@@ -71,44 +72,6 @@ class MalformedBody(Exception):
 
 class BodyTooLarge(Exception):
     pass
-
-
-class ClientLeft(BaseException):
-    """Thrown into a request's greenlet whose client left. A BaseException,
-    as gevent's own Timeout and GreenletExit: no handler of upstream errors
-    (`except Exception`) takes it for one, and every path out of an upstream
-    wait releases or discards its connection."""
-
-
-# The greenlets waiting on an upstream now (for a free connection, the
-# response head, the next body bytes), and those whose client left before
-# they began their next such wait.
-_waiting: set = set()
-_client_left: set = set()
-
-
-def _wait_begins():
-    """The current greenlet is about to wait on its upstream."""
-    me = gevent.getcurrent()
-    if me in _client_left:
-        raise ClientLeft()
-    _waiting.add(me)
-    return me
-
-
-def cut_short(greenlet) -> None:
-    """The client of the request that `greenlet` serves has left: stop its
-    upstream wait now if it is in one, else when it begins the next. Called
-    from the hub (a loop callback), never by the greenlet itself."""
-    if greenlet in _waiting:
-        greenlet.throw(ClientLeft())
-    elif not greenlet.dead:
-        _client_left.add(greenlet)
-
-
-def forget(greenlet) -> None:
-    """The greenlet is done with its request."""
-    _client_left.discard(greenlet)
 
 
 class BodyTimeout(TimeoutError):
@@ -271,7 +234,7 @@ class UpstreamBody:
         if self.finished:
             raise StopIteration
         response = self.response
-        me = _wait_begins()
+        me = waiting.begins()
         try:
             data = response.read1(CHUNK)
         except (OSError, http.client.HTTPException) as e:
@@ -282,7 +245,7 @@ class UpstreamBody:
                         "request_id=%s", self.label, reason, self.request.request_id)
             raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
         finally:
-            _waiting.discard(me)
+            waiting.discard(me)
         if response.complete:
             # The connection goes back to its pool as soon as the body is in,
             # before this last piece is written to the client.
@@ -410,7 +373,7 @@ class Forwarder:
         """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
         try:
-            me = _wait_begins()
+            me = waiting.begins()
         except ClientLeft:
             return self._client_left(request)
         try:
@@ -428,7 +391,7 @@ class Forwarder:
         except ClientLeft:
             return self._client_left(request)
         finally:
-            _waiting.discard(me)
+            waiting.discard(me)
 
     def _exchange_on(self, server: Server, conn, release, request: Request, target: str, headers,
                      request_body):

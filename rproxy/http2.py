@@ -19,7 +19,7 @@ http2_max_concurrent_streams bounds both; a stream whose client takes none
 of its response (a window kept at 0) for client_timeout is reset and its
 upstream connection closed, as is a connection whose client reads nothing
 for that long. A stream the client resets, or whose connection ends, stops
-waiting on its upstream within RESET_GRACE (forward.cut_short), so reset
+waiting on its upstream within RESET_GRACE (client_left.py), so reset
 streams free their upstream connections about as fast as the client resets
 them.
 """
@@ -43,7 +43,7 @@ from hpack import Decoder
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from . import forward
+from .client_left import ClientLeft, waiting
 
 log = logging.getLogger("rproxy.http2")
 
@@ -124,7 +124,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self._writer = None          # the greenlet writing to the socket now
         self._cut_after_write: dict = {}  # greenlet -> stream id
 
-    # A stream's greenlet whose client left is cut short (see forward.py),
+    # A stream's greenlet whose client left is cut short (see client_left.py),
     # from the hub, RESET_GRACE later if it still waits on its upstream;
     # never in the middle of a write to the client, where a frame cut in two
     # would break the connection for every stream: that greenlet is cut once
@@ -144,7 +144,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         if greenlet is self._writer:
             self._cut_after_write[greenlet] = stream_id
         else:
-            forward.cut_short(greenlet)
+            waiting.cut_short(greenlet)
 
     def initiate_connection(self):
         self._settle_stream_limit()
@@ -353,11 +353,11 @@ def serve_connection(worker, listener, client, addr, preface=b"", upgrade=None) 
         conn.serving[stream_id] = me
         try:
             worker._serve_http2_stream(listener_name, req, client, addr, conn)
-        except forward.ClientLeft:
+        except ClientLeft:
             worker.log.debug("HTTP/2 stream %d: the client reset it or left; stopped", stream_id)
         finally:
             del conn.serving[stream_id]
-            forward.forget(me)
+            waiting.forget(me)
 
     try:
         if upgrade is not None:  # h2c via Upgrade: the request is stream 1

@@ -235,3 +235,14 @@ def test_explain_into_a_pipe_closed_early_is_quiet(tmp_path):
         os.close(write_end)
     assert explain.returncode != 0
     assert explain.stderr == ""
+
+
+def test_the_master_imports_nothing_gevent_must_patch_first():
+    # gunicorn's master imports the worker class and the settings module
+    # before forking; a worker patches ssl with gevent when it starts, and
+    # urllib3 imported before that keeps the unpatched ssl (RecursionError
+    # in every HTTPS request the worker makes, ACME's too).
+    code = ("import sys, rproxy.worker, rproxy.serving; "
+            "print(sorted(m for m in ('urllib3', 'requests', 'acme.client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,15 +1,12 @@
 """The worker's request parsing, in-process: gunicorn's parser with
 rproxy's judgement of chunk sizes and header counts (rproxy/worker.py).
-These also pin the gunicorn internals that judgement hooks into, so that
-an upgrade which moves them fails here, loudly."""
+The gunicorn internals that judgement hooks into are pinned in
+test_canaries.py."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 from gunicorn.config import Config
-from gunicorn.http import body, message
 from gunicorn.http.errors import InvalidChunkSize, LimitRequestHeaders
 from gunicorn.http.unreader import IterUnreader
 
@@ -40,14 +37,6 @@ def reader(*pieces: bytes, limit: int = 1024) -> ChunkedReader:
     made = ChunkedReader(FakeRequest(), IterUnreader(Held(*pieces)))
     made.max_body_size = limit
     return made
-
-
-def test_gunicorn_internals_hooked_are_where_expected():
-    # set_body_reader builds the reader from message's global name ChunkedReader.
-    assert message.ChunkedReader is body.ChunkedReader or message.ChunkedReader is ChunkedReader
-    assert "ChunkedReader(self, self.unreader)" in inspect.getsource(message.Message.set_body_reader)
-    assert "_parse_fast" in inspect.getsource(message.Request.parse)
-    assert list(inspect.signature(body.ChunkedReader.parse_chunk_size).parameters) == ["self", "unreader", "data"]
 
 
 @pytest.mark.parametrize("size_line", [b"401\r\n", b"ffffffff\r\n"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import config as config_module
 from .forwarded import Forwarding
 from .http import BadRequest, Request
+from .middleware.cache import cache_key
 from .middleware.filter import PathFilter, canonical
 from .routing import Router, host_matches, prefix_matches
 from .target import without_prefix
@@ -86,6 +87,9 @@ def explain(config: config_module.Config, url: str, method: str = "GET",
                            "nothing is forwarded")
                 return 1, "\n".join(out)
             out.append(f"  filter     passes [{label}]")
+        elif kind == "cache":
+            # GET and HEAD are looked up under it; other methods invalidate it.
+            out.append(f"  cache key  {cache_key(request)}")
     if request.method == "TRACE" and not route.allow_trace:
         out.append("answer       405: TRACE is not allowed by the route (allow_trace = no)")
         return 1, "\n".join(out)

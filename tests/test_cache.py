@@ -3,6 +3,7 @@
 import concurrent.futures
 import itertools
 import time
+from email.utils import formatdate
 
 import pytest
 import requests
@@ -208,3 +209,72 @@ def test_redis_cache_is_shared_and_survives_an_outage(start_proxy, upstream, red
     r5 = requests.get(first.url + path, headers=SITE, timeout=10)
     assert (r4.headers["X-Cache"], r5.headers["X-Cache"]) == ("MISS", "HIT")
     assert "is back" in first.log()
+
+
+class Origin:
+    """Answers each path with the header lines a test set for it (any bytes,
+    invalid ones too); the body counts the answers for that path."""
+
+    def __init__(self):
+        self.headers: dict[str, list[str]] = {}
+        self.answers: dict[str, int] = {}
+
+    def __call__(self, head: bytes) -> bytes:
+        path = head.split(b" ", 2)[1].decode()
+        n = self.answers[path] = self.answers.get(path, 0) + 1
+        lines = "".join(line + "\r\n" for line in self.headers.get(path, []))
+        return (f"HTTP/1.1 200 OK\r\n{lines}Content-Length: {len(str(n))}\r\nConnection: close\r\n\r\n{n}").encode()
+
+
+@pytest.fixture(scope="module")
+def origin_cache(session_tmp):
+    from conftest import Proxy
+    from scripted_upstream import ScriptedUpstream
+    origin = Origin()
+    upstream = ScriptedUpstream(origin)
+    proxy = Proxy(session_tmp, single_route(upstream.port) + "\n[cache]\ntargeted_fields = CDN-Cache-Control\n")
+    yield proxy, origin
+    proxy.stop()
+    upstream.stop()
+
+
+def answered(origin_cache, *lines, times=2, **kw):
+    """GET one fresh path `times` times; the origin's counts and the last response."""
+    proxy, origin = origin_cache
+    path = f"/o{next(_unique)}"
+    origin.headers[path] = list(lines)
+    responses = [requests.get(proxy.url + path, timeout=10, **kw) for _ in range(times)]
+    return [r.text for r in responses], responses[-1]
+
+
+@pytest.mark.parametrize("expires", ["0", "Thu, 18 Aug 2050 02:01:18 UTC", "Thu, 18 Aug 50 02:01:18 GMT"])
+def test_invalid_expires_is_already_expired(origin_cache, expires):
+    assert answered(origin_cache, f"Expires: {expires}")[0] == ["1", "2"]
+
+
+def test_obsolete_expires_forms_still_give_freshness(origin_cache):
+    assert answered(origin_cache, "Expires: Thu Aug 18 02:01:18 2050")[0] == ["1", "1"]
+
+
+@pytest.mark.parametrize("age, reused", [("abc", True), ("-7200", True), ("0, 7200", True), ("7200, 0", False)])
+def test_age_is_read_by_its_first_member_and_an_invalid_one_ignored(origin_cache, age, reused):
+    bodies, _ = answered(origin_cache, "Cache-Control: max-age=3600", f"Age: {age}")
+    assert bodies == (["1", "1"] if reused else ["1", "2"])
+
+
+def test_cdn_cache_control_decides_for_the_proxy_and_reaches_the_client(origin_cache):
+    bodies, last = answered(origin_cache, "Cache-Control: no-store", "CDN-Cache-Control: max-age=60")
+    assert bodies == ["1", "1"] and last.headers["X-Cache"] == "HIT"
+    # Forwarded as received: a CDN behind rproxy reads it too (RFC 9213 2.1).
+    assert last.headers["CDN-Cache-Control"] == "max-age=60" and last.headers["Cache-Control"] == "no-store"
+    assert answered(origin_cache, "Cache-Control: max-age=60", "CDN-Cache-Control: private")[0] == ["1", "2"]
+    # Not a valid Structured Field: ignored, Cache-Control decides.
+    assert answered(origin_cache, "Cache-Control: max-age=60", "CDN-Cache-Control: max-age=5, &&")[0] == ["1", "1"]
+
+
+def test_no_guessed_freshness_for_a_request_with_a_cookie(origin_cache):
+    modified = "Last-Modified: " + formatdate(time.time() - 10 * 86400, usegmt=True)
+    assert answered(origin_cache, modified, headers={"Cookie": "session=1"})[0] == ["1", "2"]
+    assert answered(origin_cache, modified)[0] == ["1", "1"]
+    assert answered(origin_cache, modified, "Cache-Control: public",
+                    headers={"Cookie": "session=1"})[0] == ["1", "1"]

@@ -239,6 +239,28 @@ def test_nothing_marked_no_store_or_private_is_stored(cc, authorization, method)
 
 
 @FUZZ
+@given(value=st.text(alphabet=st.sampled_from([*'max-ge=0123456789,; "?*.&()', "\\", "\t", "\u0663"]),
+                     max_size=30))
+def test_targeted_fields_parse_or_are_ignored_never_fail(value):
+    parsed = rules.targeted_directives(value)
+    if parsed is not None:
+        for name in rules.DELTA_DIRECTIVES & parsed.keys():
+            assert parsed[name].lstrip("-").isascii() and parsed[name].lstrip("-").isdigit()
+    headers = [("Cache-Control", "no-store"), ("CDN-Cache-Control", value)]
+    directives, used = rules.response_directives(headers, ("CDN-Cache-Control",))
+    assert used is None or parsed is not None
+
+
+@FUZZ
+@given(cc=DIRECTIVES, credential=st.sampled_from(["Cookie", "Authorization"]), lm=DATES)
+def test_no_guessed_freshness_for_requests_with_credentials(cc, credential, lm):
+    ok, _ = rules.storable("GET", {credential: "x"}, 200, [("Cache-Control", cc), ("Last-Modified", lm)])
+    parsed = rules.directives(cc)
+    if ok:
+        assert {"max-age", "s-maxage", "public", "no-cache"} & parsed.keys()
+
+
+@FUZZ
 @given(vary=st.sampled_from(["Accept-Encoding", "Accept-Encoding, Cookie", "*", ""]),
        first=st.sampled_from(["gzip", "br", "gzip,  br", None]), second=st.sampled_from(["gzip", "br", None]))
 def test_a_stored_variant_answers_only_requests_it_was_stored_for(vary, first, second):

@@ -1,13 +1,16 @@
 """RFC 9111 for a shared cache, as pure functions: what may be stored, for
 how long it is fresh, how old a stored response is, whether it may be
-served, and which stored variant a request selects (Vary).
+served, and which stored variant a request selects (Vary). The header
+grammars these rules read (HTTP-date, Age, targeted cache-control fields)
+are parsed here too, strictly, as the RFCs say.
 """
 
 from __future__ import annotations
 
+import calendar
+import re
 import time
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 
 # RFC 9110 15.1: statuses cacheable by default (heuristic freshness allowed).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -15,6 +18,14 @@ HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414
 STORABLE_STATUSES = HEURISTIC_STATUSES | {302, 303, 307, 403}
 HEURISTIC_FRACTION = 0.1
 HEURISTIC_CAP = 24 * 3600.0
+# RFC 9111 1.2.2: a delta-seconds too large to represent is taken as 2^31.
+DELTA_MAX = 2 ** 31
+# Directives whose argument is a delta-seconds: in a targeted field (a
+# Structured Field) any other type of value makes the directive ignored.
+DELTA_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+# Request headers that mark a response as someone's own: without explicit
+# freshness from the origin, it is not guessed (heuristic) for them.
+CREDENTIALS = ("Authorization", "Cookie")
 
 
 def directives(value: str | None) -> dict[str, str | None]:
@@ -44,16 +55,109 @@ def seconds(value: str | None) -> int | None:
         number = int(value)
     except ValueError:
         return None
-    return max(0, number)
+    return min(DELTA_MAX, max(0, number))
 
 
-def http_date(value: str | None) -> float | None:
+_DAYS = "mon|tue|wed|thu|fri|sat|sun"
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# RFC 9110 5.6.7: the three forms a recipient must accept, and nothing else
+# (a two-digit year in the first form, another zone than GMT, a missing
+# comma, doubled spaces or a one-digit hour make the value invalid). Names
+# are matched without regard to case, as most caches do.
+_IMF_FIXDATE = re.compile(rf"(?:{_DAYS}), (\d\d) ([a-z]{{3}}) (\d{{4}}) {_TIME} gmt", re.I)
+_RFC850_DATE = re.compile(r"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)"
+                          rf", (\d\d)-([a-z]{{3}})-(\d\d) {_TIME} gmt", re.I)
+_ASCTIME_DATE = re.compile(rf"(?:{_DAYS}) ([a-z]{{3}}) ([ \d]\d) {_TIME} (\d{{4}})", re.I)
+
+
+def http_date(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP-date (RFC 9110 5.6.7) as a timestamp; None when absent or invalid."""
     if not value:
         return None
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+    value = value.strip()
+    if match := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hour, minute, second = match.groups()
+    elif match := _RFC850_DATE.fullmatch(value):
+        day, month, short, hour, minute, second = match.groups()
+        # A two-digit year more than 50 years ahead is in the past century.
+        this_year = time.gmtime(time.time() if now is None else now).tm_year
+        year = this_year - this_year % 100 + int(short)
+        if year > this_year + 50:
+            year -= 100
+    elif match := _ASCTIME_DATE.fullmatch(value):
+        month, day, hour, minute, second, year = match.groups()
+    else:
         return None
+    if month.lower() not in _MONTHS:
+        return None
+    fields = (int(year), _MONTHS.index(month.lower()) + 1, int(day), int(hour), int(minute), int(second))
+    if not (1 <= fields[2] <= calendar.monthrange(fields[0], fields[1])[1] and fields[3] < 24
+            and fields[4] < 60 and fields[5] < 61):
+        return None
+    return float(calendar.timegm((*fields, 0, 0, 0)))
+
+
+# RFC 8941 3.2 / 4.2.2: a Structured Field Dictionary, as targeted
+# cache-control fields are written (RFC 9213 2.1). Inner lists and
+# parameters are read and dropped: no cache directive uses them.
+_SF_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
+_SF_ITEM = re.compile(r'-?\d{1,12}\.\d{1,3}(?![\d.])|-?\d{1,15}(?![\d.])|"(?:[ !#-\[\]-~]|\\["\\])*"'
+                      r"|[A-Za-z*][!#$%&'*+\-.^_`|~:/0-9A-Za-z]*|:[A-Za-z0-9+/=]*:|\?[01]")
+_SF_INNER_LIST = re.compile(rf"\((?: *(?:{_SF_ITEM.pattern})(?:;[a-z*][a-z0-9_\-.*]*(?:=(?:{_SF_ITEM.pattern}))?)*)* *\)")
+_SF_PARAMETERS = re.compile(rf"(?:; *[a-z*][a-z0-9_\-.*]*(?:=(?:{_SF_ITEM.pattern}))?)*")
+
+
+def targeted_directives(value: str) -> dict[str, str | None] | None:
+    """A targeted cache-control field (RFC 9213) as directives; None when it
+    is not a valid Structured Field Dictionary. A directive whose value has
+    the wrong type (max-age="60", a decimal, a token) is dropped, as RFC 9213
+    2.1 says; a false boolean is absent."""
+    text, pos, result = value.strip(" "), 0, {}
+    while pos < len(text):
+        key = _SF_KEY.match(text, pos)
+        if key is None:
+            return None
+        pos, item = key.end(), "?1"
+        if text.startswith("=", pos):
+            found = _SF_ITEM.match(text, pos + 1) or _SF_INNER_LIST.match(text, pos + 1)
+            if found is None:
+                return None
+            pos, item = found.end(), found.group()
+        pos = _SF_PARAMETERS.match(text, pos).end()
+        result[key.group()] = item  # a repeated key: the last one counts (RFC 8941 4.2.2)
+        while text.startswith((" ", "\t"), pos):
+            pos += 1
+        if pos < len(text):
+            if text[pos] != ",":
+                return None
+            pos += 1
+            while text.startswith((" ", "\t"), pos):
+                pos += 1
+            if pos == len(text):
+                return None  # a trailing comma
+    out: dict[str, str | None] = {}
+    for name, item in result.items():
+        integer = item.lstrip("-").isdigit()
+        if name in DELTA_DIRECTIVES and not integer or item == "?0":
+            continue
+        out[name] = None if item == "?1" else re.sub(r"\\(.)", r"\1", item[1:-1]) if item.startswith('"') else item
+    return out
+
+
+def response_directives(headers: list[tuple[str, str]], targets: tuple[str, ...] = ()
+                        ) -> tuple[dict[str, str | None], str | None]:
+    """The cache directives this cache obeys, and the targeted field they
+    came from (None: Cache-Control). RFC 9213 2.1: the first field of the
+    target list with a valid, non-empty value replaces Cache-Control and
+    Expires for this cache; an invalid or empty one is ignored."""
+    for name in targets:
+        value = header(headers, name)
+        if value is not None and value.strip():
+            parsed = targeted_directives(value)
+            if parsed is not None:
+                return parsed, name
+    return directives(header(headers, "Cache-Control")), None
 
 
 def header(headers: list[tuple[str, str]], name: str) -> str | None:
@@ -74,32 +178,37 @@ class Entry:
     request_time: float
     response_time: float
     vary: dict[str, str | None] = field(default_factory=dict)  # request header -> value it was stored for
+    # The targeted fields ([cache] targeted_fields) this cache reads, in order.
+    targets: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 200
 
     def cache_control(self) -> dict[str, str | None]:
-        return directives(header(self.headers, "Cache-Control"))
+        """The directives this cache obeys (a targeted field, or Cache-Control)."""
+        return response_directives(self.headers, self.targets)[0]
 
     def freshness_lifetime(self) -> float:
         """RFC 9111 4.2.1, for a shared cache; Surrogate-Control (a gateway's
-        own directives) first. An invalid Age makes the response stale."""
-        if age_value(self.headers) is None:
-            return 0.0
+        own directives) first, then a targeted field (which makes Expires
+        ignored, RFC 9213 2.1), then Cache-Control and Expires."""
         surrogate = surrogate_directives(self.headers)
         if "max-age" in surrogate and seconds(surrogate["max-age"]) is not None:
             return float(seconds(surrogate["max-age"]))
-        cc = self.cache_control()
+        cc, targeted = response_directives(self.headers, self.targets)
         for name in ("s-maxage", "max-age"):
             value = seconds(cc.get(name)) if name in cc else None
             if value is not None:
                 return float(value)
-        expires = header(self.headers, "Expires")
+        expires = header(self.headers, "Expires") if targeted is None else None
         if expires is not None:
+            # RFC 9111 5.3: an invalid date, "0" included, means already
+            # expired; so do several Expires lines (a singleton field, joined
+            # here into one value that is no HTTP-date).
             expiry = http_date(expires)
             date = http_date(header(self.headers, "Date")) or self.response_time
-            return max(0.0, expiry - date) if expiry is not None else 0.0  # invalid Expires: stale
+            return max(0.0, expiry - date) if expiry is not None else 0.0
         if self.status in HEURISTIC_STATUSES or "public" in cc:
             modified = http_date(header(self.headers, "Last-Modified"))
             if modified is not None:
@@ -112,7 +221,7 @@ class Entry:
         now = time.time() if now is None else now
         date = http_date(header(self.headers, "Date")) or self.response_time
         apparent = max(0.0, self.response_time - date)
-        corrected = (age_value(self.headers) or 0) + (self.response_time - self.request_time)
+        corrected = age_value(self.headers) + (self.response_time - self.request_time)
         return max(apparent, corrected) + (now - self.response_time)
 
     def must_revalidate_when_stale(self) -> bool:
@@ -130,32 +239,37 @@ class Entry:
         return out
 
 
-def age_value(headers: list[tuple[str, str]]) -> int | None:
-    """The Age header's value: 0 when absent, None when invalid (RFC 9111
-    5.1: a list, a negative or non-integer value, parameters...)."""
-    values = [v.strip() for k, v in headers if k.lower() == "age"]
-    if not values:
-        return 0
-    if len(values) != 1 or not values[0].isdigit():
-        return None
-    return int(values[0])
+def age_value(headers: list[tuple[str, str]]) -> int:
+    """The Age the upstream sent (RFC 9111 5.1). A list (one line or several)
+    counts by its first member; an invalid value (negative, a decimal,
+    parameters, text) is ignored, as is an absent one: 0. A value too large
+    is 2^31 (1.2.2)."""
+    for name, value in headers:
+        if name.lower() == "age":
+            first = value.split(",", 1)[0].strip()
+            return min(int(first), DELTA_MAX) if first.isascii() and first.isdigit() else 0
+    return 0
 
 
 def storable(method: str, request_headers: dict[str, str], status: int,
-             headers: list[tuple[str, str]]) -> tuple[bool, str]:
-    """May a shared cache store this response? (RFC 9111 3.) Returns (verdict, why)."""
+             headers: list[tuple[str, str]], targets: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """May a shared cache store this response? (RFC 9111 3.) Returns (verdict, why).
+    `targets`: the targeted fields (RFC 9213) this cache reads, in order."""
     if method != "GET":
         return False, "method"
+    # Interim (1xx) responses are never stored: only final ones are listed.
     if status not in STORABLE_STATUSES:
         return False, f"status {status}"
     request_cc = directives(request_headers.get("Cache-Control"))
     if "no-store" in request_cc:
         return False, "request no-store"
-    cc = directives(header(headers, "Cache-Control"))
+    cc, targeted = response_directives(headers, targets)
     surrogate = surrogate_directives(headers)
     if "no-store" in surrogate:
         return False, "Surrogate-Control: no-store"
-    if "no-store" in cc and "max-age" not in surrogate:
+    # RFC 9111 5.2.2.3: must-understand stores a response only for a status
+    # this cache implements (the storable ones), and then overrides no-store.
+    if "no-store" in cc and "max-age" not in surrogate and "must-understand" not in cc:
         return False, "no-store"
     if "private" in cc:
         return False, "private"
@@ -165,11 +279,18 @@ def storable(method: str, request_headers: dict[str, str], status: int,
         return False, "Vary: *"
     if "Authorization" in request_headers and not ({"public", "s-maxage", "must-revalidate"} & cc.keys()):
         return False, "Authorization"
-    explicit = ("max-age" in cc or "s-maxage" in cc or header(headers, "Expires") is not None
-                or "public" in cc or "no-cache" in cc or "max-age" in surrogate)
-    heuristic = status in HEURISTIC_STATUSES and header(headers, "Last-Modified") is not None
-    if not (explicit or heuristic):
+    expires = targeted is None and header(headers, "Expires") is not None
+    explicit = ("max-age" in cc or "s-maxage" in cc or expires or "public" in cc or "no-cache" in cc
+                or "max-age" in surrogate)
+    if explicit:
+        return True, ""
+    if status not in HEURISTIC_STATUSES or header(headers, "Last-Modified") is None:
         return False, "no freshness information"
+    # A guessed lifetime is for shared content: a response to a request with
+    # credentials is stored only when the origin says it may be.
+    for name in CREDENTIALS:
+        if name in request_headers:
+            return False, f"heuristic freshness for a request with {name}"
     return True, ""
 
 

@@ -27,7 +27,7 @@ from ..http import Request, Response
 from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
 from ..httpcache.store import MemoryStore, RedisStore
 from ..storage_guard import StorageGuard
-from ..values import positive_duration, setting, size, storage_uri
+from ..values import header_names, positive_duration, setting, size, storage_uri
 
 # Any other method, known or not, invalidates what it succeeds on (RFC 9111 4.4).
 SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -52,6 +52,10 @@ class CacheConfig:
                                    "without asking it; then one request tries it again.")
     collapse_timeout: float = setting("10s", positive_duration,
                                       "How long concurrent misses for one URL wait for the first one.")
+    targeted_fields: tuple[str, ...] = setting("", header_names,
+                                               "Targeted cache-control fields (RFC 9213) this cache obeys "
+                                               "instead of Cache-Control, first present wins: "
+                                               "e.g. rproxy-Cache-Control CDN-Cache-Control.")
 
 
 class _Tee:
@@ -159,7 +163,7 @@ class HTTPCache:
             self._save(key, [e for e in entries if e is not entry], refreshed)
             return self._serve(request, refreshed, "EXPIRED")
         label = "EXPIRED" if entry is not None else "MISS"
-        ok, _ = storable(request.method, headers, response.status, response.headers)
+        ok, _ = storable(request.method, headers, response.status, response.headers, self.config.targeted_fields)
         if not ok:
             self._finish(key, leader)
             if entry is not None and response.status < 500:
@@ -171,7 +175,8 @@ class HTTPCache:
         def store(body: bytes | None) -> None:
             if body is not None:
                 fresh = Entry(response.status, response.reason, upstream_headers, body,
-                              request_time, response_time, vary_keys(upstream_headers, headers))
+                              request_time, response_time, vary_keys(upstream_headers, headers),
+                              self.config.targeted_fields)
                 self._save(key, [e for e in entries if e.vary != fresh.vary], fresh)
             self._finish(key, leader)
         response.body = _Tee(response.body, self.config.max_entry_size, store)
@@ -187,7 +192,7 @@ class HTTPCache:
                         entry.reason)
 
     def _key(self, request: Request) -> str:
-        return f"{request.scheme}://{request.headers.get('Host', '').lower()}{request.target}"
+        return cache_key(request)
 
     def _lookup(self, key: str, request: Request):
         """The stored variants of `key` and the one for this request; None
@@ -200,6 +205,8 @@ class HTTPCache:
             self.guard.failed(e)
             return None
         self.guard.succeeded()
+        for entry in entries:  # what the store keeps is the response; which fields count is config
+            entry.targets = self.config.targeted_fields
         return entries, next((e for e in entries if selects(e, request.headers)), None)
 
     def _save(self, key: str, others: list[Entry], entry: Entry | None) -> None:
@@ -236,6 +243,13 @@ class HTTPCache:
                 event.set()
 
 
+def cache_key(request: Request) -> str:
+    """Where a response to `request` is stored: scheme, Host in lower case and
+    the canonical target (target.py), as forwarded; the variants a Vary
+    names live under one key."""
+    return f"{request.scheme}://{request.headers.get('Host', '').lower()}{request.target}"
+
+
 def _count(request: Request, label: str, hit_bytes: int = 0) -> None:
     request.environ["rproxy.cache"] = label
     counters = metrics.get()
@@ -258,7 +272,8 @@ def _refreshed(entry: Entry, response: Response, request_time: float, response_t
     updates = {k.lower(): (k, v) for k, v in response.headers if k.lower() not in NOT_UPDATED}
     headers = [(k, v) for k, v in entry.headers if k.lower() not in updates]
     headers += [pair for pair in updates.values() if pair[0].lower() != "x-cache"]
-    return Entry(entry.status, entry.reason, headers, entry.body, request_time, response_time, entry.vary)
+    return Entry(entry.status, entry.reason, headers, entry.body, request_time, response_time, entry.vary,
+                 entry.targets)
 
 
 def make(config: CacheConfig, shared: dict) -> HTTPCache:

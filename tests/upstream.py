@@ -27,6 +27,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 STATS = {"connections": 0, "open": 0, "requests": 0, "sick": False}
 COUNTS: dict[str, int] = {}
 RELEASES: dict[str, Event] = {}
+FAILS: dict[str, dict[str, str]] = {}  # /cacheable id -> {"status": ..., "delay": ...} from now on
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 
 
@@ -97,6 +98,12 @@ def app(environ, start_response):
         return _json(start_response, STATS)
     if path == "/cacheable":
         return cacheable(environ, start_response, query)
+    if path == "/_fail":
+        # /cacheable?id=ID answers `status` and/or first sleeps `delay` from
+        # now on; neither: as its query says again.
+        ident = query.pop("id")
+        FAILS.update({ident: query}) if query else FAILS.pop(ident, None)
+        return _json(start_response, {"failing": FAILS})
 
     if path == "/healthz":
         if STATS["sick"]:
@@ -230,8 +237,15 @@ def app(environ, start_response):
 
 def cacheable(environ, start_response, query):
     """Answers as the query says (cc, etag, lm, expires, age, vary, cookie,
-    status, size, delay); the body counts how often the upstream answered."""
+    status, size, delay); the body counts how often the upstream answered.
+    An id set failing with /_fail sleeps first, and/or answers that error
+    status instead, uncacheable."""
     key = environ["PATH_INFO"] + "?" + environ.get("QUERY_STRING", "")
+    failing = FAILS.get(query.get("id", ""), {})
+    if failing.get("delay"):
+        gevent.sleep(float(failing["delay"]))
+    if failing.get("status"):
+        return _json(start_response, {"status": int(failing["status"])}, status=f"{failing['status']} X")
     if query.get("delay"):
         gevent.sleep(float(query["delay"]))
     headers = [("Content-Type", "application/json")]

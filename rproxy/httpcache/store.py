@@ -9,9 +9,7 @@ import json
 from collections import OrderedDict
 
 from .rules import Entry
-
-# Stale entries with validators are kept this long for revalidation.
-KEEP_STALE = 3600.0
+from .stale import kept_stale
 
 
 def _encode(entries: list[Entry]) -> bytes:
@@ -33,20 +31,31 @@ def _decode(blob: bytes) -> list[Entry]:
     return entries
 
 
-def keep_for(entries: list[Entry]) -> float:
-    """How long a key is worth keeping: fresh time, plus a while for revalidation."""
-    best = 0.0
-    for entry in entries:
-        left = entry.freshness_lifetime() - entry.age()
-        if entry.validators():
-            left += KEEP_STALE
-        best = max(best, left)
-    return best
+class Retention:
+    """How long past freshness stale entries are kept: `stale_keep` for
+    those with validators (to revalidate them), for all when `every` (the
+    use_stale switch may serve them), and as long as their own
+    stale-while-revalidate / stale-if-error may use them."""
+
+    __slots__ = ("stale_keep", "every")
+
+    def __init__(self, stale_keep: float = 3600.0, every: bool = False):
+        self.stale_keep, self.every = stale_keep, every
+
+    def keep_for(self, entries: list[Entry]) -> float:
+        """How long a key is worth keeping from now; <= 0: not at all."""
+        best = 0.0
+        for entry in entries:
+            extra = self.stale_keep if self.every or entry.validators() else 0.0
+            left = entry.freshness_lifetime() - entry.age() + max(extra, kept_stale(entry))
+            best = max(best, left)
+        return best
 
 
 class MemoryStore:
-    def __init__(self, max_size: int):
+    def __init__(self, max_size: int, retention: Retention | None = None):
         self.max_size = max_size
+        self.retention = retention or Retention()
         self.size = 0
         self.items: OrderedDict[str, list[Entry]] = OrderedDict()
 
@@ -59,7 +68,7 @@ class MemoryStore:
 
     def put(self, key: str, entries: list[Entry]) -> None:
         self.delete(key)
-        if not entries or keep_for(entries) <= 0:
+        if not entries or self.retention.keep_for(entries) <= 0:
             return
         size = sum(e.size for e in entries)
         if size > self.max_size:
@@ -77,8 +86,9 @@ class MemoryStore:
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, retention: Retention | None = None):
         import redis
+        self.retention = retention or Retention()
         self.redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.prefix = "rproxy:cache:"
 
@@ -87,7 +97,7 @@ class RedisStore:
         return _decode(blob) if blob else []
 
     def put(self, key: str, entries: list[Entry]) -> None:
-        ttl = keep_for(entries)
+        ttl = self.retention.keep_for(entries)
         if not entries or ttl <= 0:
             self.delete(key)
             return

@@ -8,7 +8,13 @@ conditional requests are answered from the cache. Concurrent misses for one
 URL in a worker send one request upstream and the others wait for it when it
 turns out cacheable. A successful POST, PUT, PATCH or DELETE invalidates the
 stored entry of its URL (so does any method not known to be safe). Every response says what happened:
-X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream) or BYPASS.
+X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream), STALE (answered
+from a stale entry: see httpcache/stale.py) or BYPASS; and Cache-Status (RFC
+9211) says the same in the standard's terms. Under stale-while-revalidate, a
+stale entry answers at once and one background greenlet per key and worker
+revalidates it; when the upstream fails (down, timing out, 5xx) and the
+response's or request's stale-if-error or the `use_stale` switch allows, the
+stale entry answers instead of the error, and a log line says so.
 A response too large for an entry streams through untouched. When Redis
 fails, the cache is bypassed, logged once, and left alone for
 `storage_retry` (storage_guard.py), so that requests do not each wait for a
@@ -17,24 +23,31 @@ hung Redis; it is used again when Redis is back.
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass
 
+import gevent
 from gevent.event import Event
 
 from .. import metrics
 from ..http import Request, Response
 from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
-from ..httpcache.store import MemoryStore, RedisStore
+from ..httpcache import stale
+from ..httpcache.store import MemoryStore, RedisStore, Retention
 from ..storage_guard import StorageGuard
 from ..values import header_names, positive_duration, setting, size, storage_uri
+
+log = logging.getLogger("rproxy.cache")
+CACHE_STATUS = "rproxy"  # this cache's name in Cache-Status
 
 # Any other method, known or not, invalidates what it succeeds on (RFC 9111 4.4).
 SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 CONDITIONALS = ("If-None-Match", "If-Modified-Since")
 # Sent with a 304 from the cache (RFC 9110 15.4.5).
 NOT_MODIFIED_HEADERS = frozenset({"etag", "cache-control", "expires", "vary", "content-location",
-                                  "last-modified", "age", "x-cache"})
+                                  "last-modified", "age", "x-cache", "cache-status"})
 # Never copied from a 304 onto the stored response (RFC 9111 3.2).
 NOT_UPDATED = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range",
                          "etag", "content-md5"})
@@ -56,6 +69,16 @@ class CacheConfig:
                                                "Targeted cache-control fields (RFC 9213) this cache obeys "
                                                "instead of Cache-Control, first present wins: "
                                                "e.g. rproxy-Cache-Control CDN-Cache-Control.")
+    use_stale: frozenset = setting("off", stale.use_stale,
+                                   "Upstream failures on which a stale stored response answers instead "
+                                   "of the error, in nginx's proxy_cache_use_stale names: error (cannot "
+                                   "connect, connection lost, no server available), timeout, http_500, http_502, http_503, "
+                                   "http_504; off = only where the response's or the request's "
+                                   "stale-if-error allows it.")
+    stale_keep: float = setting("1h", positive_duration,
+                                "How long past freshness stale responses are kept: those with "
+                                "validators, to revalidate them, and all of them when use_stale is on "
+                                "(and as long as their stale-while-revalidate/stale-if-error asks).")
 
 
 class _Tee:
@@ -100,11 +123,13 @@ class HTTPCache:
         stores = shared.setdefault("cache_stores", {})
         store_key = (config.storage, config.name)
         if store_key not in stores:
-            stores[store_key] = (MemoryStore(config.max_size) if config.storage == "memory://"
-                                 else RedisStore(config.storage, config.storage_timeout))
+            retention = Retention(config.stale_keep, every=bool(config.use_stale))
+            stores[store_key] = (MemoryStore(config.max_size, retention) if config.storage == "memory://"
+                                 else RedisStore(config.storage, config.storage_timeout, retention))
         self.store = stores[store_key]
         self.config = config
         self.inflight: dict[str, Event] = {}
+        self.revalidating: set[str] = set()  # keys revalidated in the background now
         self.guard = StorageGuard(f"cache:{config.name}", config.storage, config.storage_retry,
                                   "bypassing the cache")
 
@@ -116,16 +141,21 @@ class HTTPCache:
                 self._invalidate(request, response)
             return response
         if "Range" in request.headers or "no-store" in directives(request.headers.get("Cache-Control")):
-            return _tag(request, call_next(request), "BYPASS")
+            return _tag(request, call_next(request), "BYPASS", "fwd=bypass")
         key = self._key(request)
         looked = time.perf_counter()
         found = self._lookup(key, request)
         request.environ["rproxy.cache_ms"] = f"{(time.perf_counter() - looked) * 1000:.2f}"
         if found is None:  # storage down
-            return _tag(request, call_next(request), "BYPASS")
+            return _tag(request, call_next(request), "BYPASS", "fwd=bypass")
         entries, entry = found
-        if entry is not None and fresh_enough(entry, request.headers):
-            return self._serve(request, entry, "HIT")
+        if entry is not None:
+            if fresh_enough(entry, request.headers):
+                return self._serve(request, entry, "HIT")
+            if not request.has_body and stale.while_revalidating(entry, request.headers):
+                if key not in self.revalidating:
+                    self._revalidate_later(request, call_next, key, entry)
+                return self._serve(request, entry, "STALE", "hit; detail=stale-while-revalidate")
         if entry is None and key in self.inflight:
             # Someone in this worker is fetching it already: wait, then look again.
             self.inflight[key].wait(self.config.collapse_timeout)
@@ -157,18 +187,24 @@ class HTTPCache:
         response_time = time.time()
 
         if entry is not None and response.status == 304:
-            for _ in response.body:  # nothing, but it releases the connection
-                pass
+            _drain(response)
             refreshed = _refreshed(entry, response, request_time, response_time)
             self._save(key, [e for e in entries if e is not entry], refreshed)
-            return self._serve(request, refreshed, "EXPIRED")
-        label = "EXPIRED" if entry is not None else "MISS"
+            return self._serve(request, refreshed, "EXPIRED", "fwd=stale; fwd-status=304")
+        if entry is not None and response.status >= 500:
+            stand_in = self._instead_of_failure(request, response, entry)
+            if stand_in is not None:
+                return stand_in
+        if entry is not None:
+            label, status = "EXPIRED", f"fwd=stale; fwd-status={response.status}"
+        else:
+            label, status = "MISS", f"fwd={'vary-miss' if entries else 'uri-miss'}; fwd-status={response.status}"
         ok, _ = storable(request.method, headers, response.status, response.headers, self.config.targeted_fields)
         if not ok:
             self._finish(key, leader)
             if entry is not None and response.status < 500:
                 self._save(key, [e for e in entries if e is not entry], None)
-            return _tag(request, response, label)
+            return _tag(request, response, label, status)
 
         upstream_headers = list(response.headers)  # before _tag trims them for the client
 
@@ -180,12 +216,77 @@ class HTTPCache:
                 self._save(key, [e for e in entries if e.vary != fresh.vary], fresh)
             self._finish(key, leader)
         response.body = _Tee(response.body, self.config.max_entry_size, store)
-        return _tag(request, response, label)
+        return _tag(request, response, label, status)
 
-    def _serve(self, request: Request, entry: Entry, label: str) -> Response:
+    def _instead_of_failure(self, request: Request, response: Response, entry: Entry) -> Response | None:
+        """The stale entry, answering instead of an upstream failure where
+        allowed; None to pass the failure on."""
+        # The forwarder notes its own answers (can't connect, timed out) there.
+        generated = "rproxy.error" in request.environ
+        what = stale.failure(response.status, generated)
+        allowed = what and stale.on_failure(entry, request.headers, what, self.config.use_stale,
+                                            self.config.stale_keep)
+        if not allowed:
+            return None
+        _discard(response)
+        served = self._serve(request, entry, "STALE",
+                             "fwd=stale" + ("" if generated else f"; fwd-status={response.status}")
+                             + f"; detail={what}")
+        log.warning("cache: upstream failed (%s) for %s %s; serving the stored response instead, "
+                    "%s stale, as %s allows, request_id=%s", request.environ.get("rproxy.error", what),
+                    request.method, request.target, f"{stale.staleness(entry):.0f}s", allowed,
+                    request.request_id)
+        return served
+
+    def _revalidate_later(self, request: Request, call_next, key: str, entry: Entry) -> None:
+        """Revalidate `entry` in a background greenlet (stale-while-revalidate)."""
+        plain = {k: v for k, v in request.headers.items() if k not in CONDITIONALS}
+        background = copy.copy(request)
+        background.method = "GET"  # a HEAD's stale answer is refreshed with the body too
+        background.environ = dict(request.environ)
+        background.headers = {**plain, **dict(entry.validators())}
+        self.revalidating.add(key)
+        gevent.spawn(self._revalidate, background, plain, call_next, key, entry)
+
+    def _revalidate(self, request: Request, plain: dict[str, str], call_next, key: str, entry: Entry) -> None:
+        try:
+            request_time = time.time()
+            response = call_next(request)
+            response_time = time.time()
+            fresh: Entry | None = None
+            if response.status == 304:
+                _drain(response)
+                fresh = _refreshed(entry, response, request_time, response_time)
+            elif storable("GET", plain, response.status, response.headers, self.config.targeted_fields)[0]:
+                body = _read(response, self.config.max_entry_size)
+                if body is not None:
+                    fresh = Entry(response.status, response.reason, list(response.headers), body,
+                                  request_time, response_time, vary_keys(response.headers, plain),
+                                  self.config.targeted_fields)
+            else:
+                _discard(response)
+            found = self._lookup(key, request)  # as stored now, not as when it went stale
+            if found is None:
+                return
+            if fresh is not None:
+                self._save(key, [e for e in found[0] if e.vary != fresh.vary], fresh)
+            elif response.status < 500:  # no longer cacheable: the stale entry goes too
+                self._save(key, [e for e in found[0] if e.vary != entry.vary], None)
+            log.debug("cache: revalidated %s in the background: %s, request_id=%s",
+                      request.target, response.status, request.request_id)
+        except Exception:
+            log.exception("cache: background revalidation of %s failed, request_id=%s",
+                          request.target, request.request_id)
+        finally:
+            self.revalidating.discard(key)
+
+    def _serve(self, request: Request, entry: Entry, label: str, status: str = "hit") -> Response:
         _count(request, label, len(entry.body) if label == "HIT" and request.method == "GET" else 0)
         headers = [(k, v) for k, v in entry.headers if k.lower() not in ("age", "x-cache", "surrogate-control")]
-        headers += [("Age", str(int(entry.age()))), ("X-Cache", label)]
+        age = entry.age()
+        if status[:3] == "hit":
+            status += f"; ttl={int(entry.freshness_lifetime() - age)}"
+        headers += [("Age", str(int(age))), ("X-Cache", label), ("Cache-Status", f"{CACHE_STATUS}; {status}")]
         if not_modified(entry, request.headers):
             return Response(304, [(k, v) for k, v in headers if k.lower() in NOT_MODIFIED_HEADERS], [b""])
         return Response(entry.status, headers, [entry.body] if request.method == "GET" else [b""],
@@ -259,19 +360,46 @@ def _count(request: Request, label: str, hit_bytes: int = 0) -> None:
             counters.cache_bytes.inc(hit_bytes)
 
 
-def _tag(request: Request, response: Response, label: str) -> Response:
+def _tag(request: Request, response: Response, label: str, status: str) -> Response:
     _count(request, label)
     # Surrogate-Control is for this cache only (it is the gateway's own).
     response.headers = [(k, v) for k, v in response.headers if k.lower() != "surrogate-control"]
-    response.headers.append(("X-Cache", label))
+    # Cache-Status lists caches from the origin's side: ours comes last.
+    response.headers += [("X-Cache", label), ("Cache-Status", f"{CACHE_STATUS}; {status}")]
     return response
+
+
+def _drain(response: Response) -> None:
+    """Reads a 304's empty body: that releases the connection for reuse."""
+    for _ in response.body:
+        pass
+
+
+def _discard(response: Response) -> None:
+    """Done with an upstream response unread: its connection is not reused."""
+    close = getattr(response.body, "close", None)
+    if close is not None:
+        close()
+
+
+def _read(response: Response, limit: int) -> bytes | None:
+    """The whole body, or None when it is larger than `limit`."""
+    kept = bytearray()
+    try:
+        for chunk in response.body:
+            kept += chunk
+            if len(kept) > limit:
+                return None
+    finally:
+        _discard(response)
+    return bytes(kept)
 
 
 def _refreshed(entry: Entry, response: Response, request_time: float, response_time: float) -> Entry:
     """The stored response, with the headers of a 304 that revalidated it."""
     updates = {k.lower(): (k, v) for k, v in response.headers if k.lower() not in NOT_UPDATED}
     headers = [(k, v) for k, v in entry.headers if k.lower() not in updates]
-    headers += [pair for pair in updates.values() if pair[0].lower() != "x-cache"]
+    headers += [pair for pair in updates.values() if pair[0].lower() not in ("x-cache", "cache-status")]
     return Entry(entry.status, entry.reason, headers, entry.body, request_time, response_time, entry.vary,
                  entry.targets)
 

@@ -45,7 +45,10 @@ class ActiveCheck:
         while True:
             for server in self.upstream.servers:
                 ok, why = self.check(server)
-                if ok and not server.healthy:
+                # Passing while out of rotation, by this check's verdict or by
+                # passive health (a restart quicker than an interval is never
+                # seen failing here): back in at once, not after fail_timeout.
+                if ok and (not server.healthy or server.passive.until):
                     log.info("upstream %s: server %s passes its health check again",
                              self.upstream.name, server.label)
                     self.upstream.recovered(server)

@@ -337,6 +337,20 @@ def storage_uri(raw: str) -> str:
     return value
 
 
+def cache_storage_uri(raw: str) -> str:
+    """A storage_uri, or file:///absolute/dir for the cache's disk store."""
+    value = raw.strip()
+    if value.startswith("file://"):
+        path = value[len("file://"):]
+        if not path.startswith("/") or any(ch in path for ch in "\x00\r\n"):
+            raise ValueError(f"{raw!r}: a file:// storage names an absolute directory: file:///var/cache/rproxy")
+        return value
+    try:
+        return storage_uri(value)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not memory://, file:///path/to/dir or redis://host:port/db") from None
+
+
 def limit_key(raw: str) -> str:
     """'ip' or 'header:NAME'."""
     value = raw.strip()

@@ -178,3 +178,13 @@ def test_a_large_cached_body_streams_from_disk_without_a_copy_per_response(start
             r.close()
     # A body read into memory per response would add 10 x 4 MiB.
     assert grown < 16 << 20, f"worker RSS grew by {grown >> 20} MiB"
+
+
+def test_a_relative_file_storage_is_a_config_error_naming_the_key(tmp_path):
+    from rproxy import config
+    ini = tmp_path / "rproxy.ini"
+    ini.write_text(single_route(9) + "\n[cache]\nstorage = file://var/cache\n")
+    with pytest.raises(Exception) as error:
+        config.load(str(ini))
+    message = str(error.value)
+    assert "[cache]" in message and "storage" in message and "file:///var/cache/rproxy" in message

@@ -91,7 +91,8 @@ class DiskStore:
     def _file(self, key: str) -> str:
         return os.path.join(self.path, hashlib.sha256(key.encode()).hexdigest())
 
-    def lock(self, key: str) -> KeyLock:
+    def lock(self, key: str, expiry: float = 0.0) -> KeyLock:
+        """The lock of `key`; it needs no expiry: the kernel frees it when its holder dies."""
         return KeyLock(os.path.join(self.path, LOCK_PREFIX + hashlib.sha256(key.encode()).hexdigest()))
 
     def get(self, key: str) -> list[Entry]:

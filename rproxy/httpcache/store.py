@@ -1,11 +1,15 @@
 """Where cached responses live: an LRU in the worker's memory, or Redis,
 shared by every worker and instance. A key holds the variants (Vary) of one
 URL; both stores bound the total size, and Redis expires keys by itself.
+The disk store (disk.py) shares one directory between a host's workers.
+`lock(key, expiry)` (disk and Redis) is how one worker of a host, or of the
+whole fleet, fetches a missing URL while the others wait for it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections import OrderedDict
 
 from .rules import Entry
@@ -105,3 +109,28 @@ class RedisStore:
 
     def delete(self, key: str) -> None:
         self.redis.delete(self.prefix + key)
+
+    def lock(self, key: str, expiry: float) -> RedisLock:
+        return RedisLock(self.redis, self.prefix + "lock:" + key, expiry)
+
+
+class RedisLock:
+    """An exclusive lock on one key across every instance: a Redis key set
+    if absent, which expires after `expiry` should its holder die.
+    `acquire()` never waits: it says whether it got the lock."""
+
+    # Deletes the lock only if it is still ours: after the expiry another
+    # worker may hold it.
+    RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+    __slots__ = ("redis", "name", "expiry", "token")
+
+    def __init__(self, redis, name: str, expiry: float):
+        self.redis, self.name, self.expiry = redis, name, expiry
+        self.token = secrets.token_hex(8)
+
+    def acquire(self) -> bool:
+        return bool(self.redis.set(self.name, self.token, nx=True, px=max(1, int(self.expiry * 1000))))
+
+    def release(self) -> None:
+        self.redis.eval(self.RELEASE, 1, self.name, self.token)

@@ -8,7 +8,8 @@ If-None-Match / If-Modified-Since and refreshed on 304. Clients' own
 conditional requests are answered from the cache. Concurrent misses for one
 URL in a worker send one request upstream and the others wait for it when it
 turns out cacheable; with the disk store, one worker of the host sends it and
-the others wait for it too (a lock file per URL, at most collapse_timeout). A successful POST, PUT, PATCH or DELETE invalidates the
+the others wait for it too (a lock file per URL), and with Redis one worker
+of the fleet (a lock key that expires), at most collapse_timeout. A successful POST, PUT, PATCH or DELETE invalidates the
 stored entry of its URL (so does any method not known to be safe). Every response says what happened:
 X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream), STALE (answered
 from a stale entry: see httpcache/stale.py) or BYPASS; and Cache-Status (RFC
@@ -138,8 +139,8 @@ class HTTPCache:
         self.store = stores[store_key]
         self.config = config
         self.inflight: dict[str, Event] = {}
-        self.held: dict[str, object] = {}  # key -> the host-wide lock its fetch holds (disk store)
-        self.host_wide = hasattr(self.store, "lock")
+        self.held: dict[str, object] = {}  # key -> the store's lock its fetch holds (disk, Redis)
+        self.lockable = hasattr(self.store, "lock")
         self.revalidating: set[str] = set()  # keys revalidated in the background now
         self.guard = StorageGuard(f"cache:{config.name}", config.storage, config.storage_retry,
                                   "bypassing the cache")
@@ -174,7 +175,7 @@ class HTTPCache:
             if found is not None and found[1] is not None and fresh_enough(found[1], request.headers):
                 return self._serve(request, found[1], "HIT")
             entries, entry = found if found is not None else ([], None)
-        if entry is None and self.host_wide and method == "GET" and key not in self.inflight:
+        if entry is None and self.lockable and method == "GET" and key not in self.inflight:
             self.inflight[key] = Event()  # this worker's others wait for us, we for the host
             try:
                 if self._wait_for_host(key):
@@ -190,12 +191,12 @@ class HTTPCache:
         return self._fetch(request, call_next, key, entries, entry)
 
     def _wait_for_host(self, key: str) -> bool:
-        """Takes the host-wide lock of `key` (disk store), so that one worker
-        fetches it; waits while another worker holds it, at most
+        """Takes the lock of `key` in the store (a host's or a fleet's), so that
+        one worker fetches it; waits while another worker holds it, at most
         collapse_timeout. True when it waited: the entry may be there now,
         and the lock is not held (those who waited go on together, as they
         do in a worker, should the response turn out not to be storable)."""
-        lock = self.store.lock(key)
+        lock = self.store.lock(key, self.config.collapse_timeout)
         deadline = time.monotonic() + self.config.collapse_timeout
         pause, waited = 0.005, False
         try:
@@ -205,8 +206,8 @@ class HTTPCache:
                 waited = True
                 gevent.sleep(pause)  # never block the worker's other connections
                 pause = min(pause * 2, 0.05)
-        except OSError as e:
-            log.warning("cache: cannot lock %s in %s: %s; fetching without it", key, self.store.path, e)
+        except Exception as e:  # the disk or Redis failing: go on without the cache
+            self.guard.failed(e)
             return False
         if waited:  # someone else fetched it meanwhile
             lock.release()
@@ -391,7 +392,10 @@ class HTTPCache:
         if leader:
             lock = self.held.pop(key, None)
             if lock is not None:
-                lock.release()
+                try:
+                    lock.release()
+                except Exception as e:  # Redis gone: its lock expires by itself
+                    self.guard.failed(e)
             event = self.inflight.pop(key, None)
             if event is not None:
                 event.set()

@@ -9,8 +9,9 @@ conditional requests are answered from the cache. Concurrent misses for one
 URL in a worker send one request upstream and the others wait for it when it
 turns out cacheable; with the disk store, one worker of the host sends it and
 the others wait for it too (a lock file per URL), and with Redis one worker
-of the fleet (a lock key that expires), at most collapse_timeout. A successful POST, PUT, PATCH or DELETE invalidates the
-stored entry of its URL (so does any method not known to be safe). Every response says what happened:
+of the fleet (a lock key that expires), at most collapse_timeout. A
+successful POST, PUT, PATCH or DELETE invalidates the stored entry of its URL
+(so does any method not known to be safe). Every response says what happened:
 X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream), STALE (answered
 from a stale entry: see httpcache/stale.py) or BYPASS; and Cache-Status (RFC
 9211) says the same in the standard's terms. Under stale-while-revalidate, a

@@ -119,6 +119,17 @@ def cacheable(proxy, **query) -> str:
     return proxy.url + "/cacheable?" + "&".join(f"{k}={v}" for k, v in query.items())
 
 
+def stored_file(folder):
+    """The one entry in `folder`, once it is there: a response may reach the
+    client a moment before the worker has stored it."""
+    deadline = time.monotonic() + 10
+    while not (found := [p for p in folder.iterdir() if not p.name.startswith(".")]):
+        assert time.monotonic() < deadline, "the response was not stored"
+        time.sleep(0.02)
+    [path] = found
+    return path
+
+
 def test_fifty_concurrent_misses_over_four_workers_reach_the_origin_once(start_proxy, upstream, tmp_path):
     proxy = start_proxy(disk_ini(upstream.port, tmp_path / "cache"), workers=4)
     target = cacheable(proxy, cc="max-age=60", delay="1")
@@ -139,6 +150,7 @@ def test_cached_entries_survive_a_proxy_restart(start_proxy, upstream, tmp_path)
     target = cacheable(first, cc="max-age=60")
     host = {"Host": "cache.test"}  # the key holds the Host, and the new proxy has another port
     assert requests.get(target, headers=host, timeout=10).json()["n"] == 1
+    stored_file(tmp_path / "cache")
     first.stop()
     again = start_proxy(ini, workers=2)
     r = requests.get(target.replace(first.url, again.url), headers=host, timeout=10)
@@ -150,7 +162,7 @@ def test_a_torn_entry_in_the_directory_is_fetched_again_not_served(start_proxy, 
     proxy = start_proxy(disk_ini(upstream.port, folder), workers=2)
     target = cacheable(proxy, cc="max-age=60", size="5000")
     requests.get(target, timeout=10)
-    [path] = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    path = stored_file(folder)
     path.write_bytes(path.read_bytes()[:-100])
     r = requests.get(target, timeout=10)
     assert (r.headers["X-Cache"], r.json()["n"], len(r.content)) == ("MISS", 2, 5000)

@@ -9,6 +9,9 @@ connection with the result. Ours:
   `CertificateStore` that notices when certificate files change on disk, so
   a renewed certificate is served without a restart while open connections
   keep the session they have;
+- serves a pending TLS-ALPN-01 challenge's certificate to the CA's
+  validation connections only, and closes them after the handshake
+  (tls_alpn.py);
 - leaves the connections of plain-HTTP listeners (`http_bind`, the admin
   listener) unwrapped: gunicorn itself would put TLS on every listener;
 - answers a plain HTTP request sent to the TLS port with a plain 400 as
@@ -28,7 +31,7 @@ import socket
 import ssl
 import time
 
-from . import acme
+from . import acme, tls_alpn
 from .certificates import CertificateFiles, CertificateStore
 from .values import listener_key
 
@@ -108,6 +111,9 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
     if config.admin.bind:
         plain.add(listener_key(config.admin.bind))
     socket_class = _server_socket_class()
+    challenges = None
+    if "tls-alpn-01" in config.acme.challenges and config.acme.domains:
+        challenges = tls_alpn.Challenges(acme.CacheDir(config.acme).tls_alpn, configure, socket_class)
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class
@@ -115,6 +121,12 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
         def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
             if server_side and _local_key(sock) in plain:
                 return sock
+            # gevent wraps in the connection greenlet before the worker arms the
+            # head deadline: the peek for a pending challenge has its own bound.
+            if server_side and challenges is not None and (pending := challenges.pending()):
+                chosen = challenges.context_for(sock, pending)
+                if chosen is not None:
+                    return chosen.wrap_socket(sock, server_side=True, do_handshake_on_connect=False, **kwargs)
             # The worker's connection handler does the handshake, under its head deadline.
             return super().wrap_socket(sock, server_side=server_side,
                                        do_handshake_on_connect=not server_side and do_handshake_on_connect,
@@ -181,6 +193,11 @@ def _server_socket_class():
                 else:
                     log.debug("tls: handshake with %s failed: %s", peer, reason)
                 raise _HandshakeFailed(ssl.SSL_ERROR_EOF, f"TLS handshake failed: {reason}") from None
+            if self.selected_alpn_protocol() == tls_alpn.PROTOCOL:
+                # RFC 8737 §3: a validation connection ends with its handshake
+                # (only a challenge context offers this protocol).
+                log.debug("tls: answered the TLS-ALPN-01 validation from %s", peer)
+                raise _HandshakeFailed(ssl.SSL_ERROR_EOF, "TLS-ALPN-01 validation answered")
 
     _socket_classes[base] = ServerSocket
     return ServerSocket

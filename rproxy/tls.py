@@ -113,7 +113,7 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
     socket_class = _server_socket_class()
     challenges = None
     if "tls-alpn-01" in config.acme.challenges and config.acme.domains:
-        challenges = tls_alpn.Challenges(acme.CacheDir(config.acme).tls_alpn, configure, socket_class)
+        challenges = tls_alpn.Challenges(acme.CacheDir(config.acme).tls_alpn, configure)
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class
@@ -121,18 +121,13 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
         def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
             if server_side and _local_key(sock) in plain:
                 return sock
-            # gevent wraps in the connection greenlet before the worker arms the
-            # head deadline: the peek for a pending challenge has its own bound.
-            if server_side and challenges is not None and (pending := challenges.pending()):
-                chosen = challenges.context_for(sock, pending)
-                if chosen is not None:
-                    return chosen.wrap_socket(sock, server_side=True, do_handshake_on_connect=False, **kwargs)
             # The worker's connection handler does the handshake, under its head deadline.
             return super().wrap_socket(sock, server_side=server_side,
                                        do_handshake_on_connect=not server_side and do_handshake_on_connect,
                                        **kwargs)
 
     context = configure(ServerContext(ssl.PROTOCOL_TLS_SERVER))
+    context.tls_alpn_challenges = challenges  # looked at by ServerSocket.do_handshake
     default = next((s for s in by_default if s.context is not None), None)
     if default is not None:
         context.load_cert_chain(default.certfile, default.keyfile)
@@ -142,6 +137,8 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
 
     def choose_certificate(ssl_socket, server_name, current):
         # Called for every ClientHello, with server_name None when the client sent no SNI.
+        if ssl_socket.context is not current:
+            return None  # a TLS-ALPN-01 validation: its context was chosen before the handshake
         try:
             chosen = store.context_for(server_name)
             if chosen is not None and chosen is not current:
@@ -183,6 +180,13 @@ def _server_socket_class():
     class ServerSocket(base):
         def do_handshake(self, *args, **kwargs):
             peer = _peer(self)
+            challenges = getattr(self.context, "tls_alpn_challenges", None)
+            if challenges is not None and (pending := challenges.pending()):
+                # Before the TLS layer reads the ClientHello: the CA's validation
+                # gets the challenge's context (certificate and ALPN) instead.
+                chosen = challenges.context_for(self, pending)
+                if chosen is not None:
+                    self.context = chosen
             try:
                 super().do_handshake(*args, **kwargs)
             except ssl.SSLError as e:

@@ -65,10 +65,9 @@ class Challenges:
     """The TLS-ALPN-01 challenges pending in `directory` (one `DOMAIN.pem` each),
     as a worker's TLS listener sees them."""
 
-    def __init__(self, directory: str, configure, socket_class):
+    def __init__(self, directory: str, configure):
         self.directory = directory
         self.configure = configure  # applies the server's TLS versions and ciphers
-        self.socket_class = socket_class
         self._mtime = None
         self._names: frozenset[str] = frozenset()
 
@@ -100,20 +99,24 @@ class Challenges:
             log.debug("tls: no TLS-ALPN-01 certificate for %s: %s", hello.server_name, e)
             return None
         context.set_alpn_protocols([PROTOCOL])
-        context.sslsocket_class = self.socket_class
         log.debug("tls: TLS-ALPN-01 validation of %s from %s", hello.server_name, _peer(sock))
         return context
 
 
 def peek_client_hello(sock, timeout: float = PEEK_TIMEOUT) -> clienthello.ClientHello | None:
-    """The ClientHello the client on `sock` sent, left unread for the TLS layer;
-    None when it is no ClientHello or does not arrive within `timeout`."""
-    previous = sock.gettimeout()
+    """The ClientHello the client on `sock` (a TLS socket before its handshake)
+    sent, left unread for the TLS layer; None when it is no ClientHello or
+    does not arrive within `timeout`."""
+    try:
+        # The TCP socket under the TLS layer, as a (cooperative) socket of its own.
+        raw = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+    except OSError:
+        return None
     deadline = time.monotonic() + timeout
     try:
         while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            data = sock.recv(clienthello.MAX_SIZE, socket.MSG_PEEK)
+            raw.settimeout(left)
+            data = raw.recv(clienthello.MAX_SIZE, socket.MSG_PEEK)
             if not data:
                 return None
             try:
@@ -126,10 +129,7 @@ def peek_client_hello(sock, timeout: float = PEEK_TIMEOUT) -> clienthello.Client
     except OSError:  # timeouts included
         return None
     finally:
-        try:
-            sock.settimeout(previous)
-        except OSError:
-            pass
+        raw.close()  # the duplicate only: the connection stays open
     return None
 
 

@@ -392,6 +392,9 @@ def test_pending_tls_alpn_challenge_answers_only_the_validation(start_proxy, ups
     # RFC 8737 §3: the extension holds the DER OCTET STRING of the digest.
     expected = b"\x04\x20" + hashlib.sha256(key_authorization.encode()).digest()
 
+    # Clients that send nothing (or half a ClientHello) hold up no one else.
+    silent = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(4)]
+    silent[0].sendall(b"\x16\x03\x01\x02\x00\x01")
     for attempt in range(4):  # both workers, whichever gets the connection
         cert, protocol, sock = handshake(proxy.port, "a.test", ["acme-tls/1"], send_slowly=attempt == 1)
         assert protocol == "acme-tls/1"
@@ -418,6 +421,9 @@ def test_pending_tls_alpn_challenge_answers_only_the_validation(start_proxy, ups
     assert response.status_code == 200 and response.http_version == "HTTP/2"
     # Plain HTTP to the TLS port is still answered 400 while a challenge is pending.
     assert raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").startswith(b"HTTP/1.1 400")
+
+    for sock in silent:
+        sock.close()
 
     # Answered: the next validation-like client gets the ordinary certificate.
     (cache / "tls-alpn-01" / "a.test.pem").unlink()

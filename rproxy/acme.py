@@ -2,14 +2,16 @@
 
 One worker at a time manages the certificates: the one holding the lock file
 in cache_dir (a worker that dies releases it, and another takes over within
-seconds). It registers the account, orders one certificate per domain with
-the HTTP-01 challenge, and writes each certificate with its key into
-cache_dir in one atomic rename. Every worker serves what it finds there: its
+seconds). It registers the account, orders one certificate per domain, and
+writes each certificate with its key into cache_dir in one atomic rename.
+Each order answers the first of `[acme] challenges` that the CA offers and
+the listeners allow: TLS-ALPN-01 on the TLS port (tls_alpn.py), HTTP-01 on
+the plain-HTTP one (plain_http.py). Every worker serves what it finds there: its
 TLS context store notices the new file within a second (see certificates.py),
 so a renewal reaches all workers without a restart, and open connections
-keep the certificate they started with. Challenge tokens are files in
-cache_dir too, so whichever worker the CA's validation request reaches can
-answer it.
+keep the certificate they started with. Challenge answers (HTTP-01 key
+authorizations, TLS-ALPN-01 certificates) are files in cache_dir too, so
+whichever worker the CA's validation request reaches can answer it.
 
 A failed attempt is logged with the CA's own error, the certificate in place
 goes on being served, and the attempt is repeated after `retry_interval`,
@@ -27,7 +29,7 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import certificates
+from . import certificates, tls_alpn
 from .certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
@@ -55,6 +57,7 @@ class CacheDir:
         self.account_key = os.path.join(self.issuer, "account.key")
         self.certificates = os.path.join(self.issuer, "certificates")
         self.challenges = os.path.join(self.root, "challenges")
+        self.tls_alpn = os.path.join(self.root, "tls-alpn-01")
         self.lock = os.path.join(self.root, "lock")
         self.placeholder = os.path.join(self.root, "placeholder.pem")
 
@@ -65,8 +68,11 @@ class CacheDir:
     def challenge(self, token: str) -> str:
         return os.path.join(self.challenges, token)
 
+    def tls_alpn_certificate(self, domain: str) -> str:
+        return os.path.join(self.tls_alpn, f"{domain}.pem")
+
     def prepare(self) -> None:
-        for path in (self.root, self.issuer, self.certificates, self.challenges):
+        for path in (self.root, self.issuer, self.certificates, self.challenges, self.tls_alpn):
             os.makedirs(path, mode=0o700, exist_ok=True)
 
 
@@ -110,15 +116,21 @@ def _span(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def usable_challenges(config) -> tuple[str, ...]:
+    """`[acme] challenges` the listeners allow, in order of preference."""
+    return tuple(c for c in config.acme.challenges if c != "http-01" or config.server.http_bind)
+
+
 def start(config, alive: Callable[[], bool]) -> None:
     """In each worker: compete for the lock; the winner manages the certificates."""
     import gevent
-    gevent.spawn(Manager(config.acme, alive).run)
+    gevent.spawn(Manager(config.acme, alive, usable_challenges(config)).run)
 
 
 class Manager:
-    def __init__(self, config, alive: Callable[[], bool]):
+    def __init__(self, config, alive: Callable[[], bool], challenges: tuple[str, ...] = ("http-01",)):
         self.config = config
+        self.challenges = challenges
         self.cache = CacheDir(config)
         self.alive = alive
         self.client = None
@@ -210,30 +222,32 @@ class Manager:
                  _when(renewal_time(leaf, self.config.renew_before)))
 
     def _order(self, domain: str):
-        from acme import challenges, crypto_util, messages
+        from acme import crypto_util, messages
         client = self._client()
         key = certificates.new_key()
         order = client.new_order(crypto_util.make_csr(certificates.key_pem(key), [domain]))
-        tokens = []
+        answers = []  # the files that answer the challenges, removed after the order
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
                     continue  # validated recently: the CA reuses it
-                challenge = next((c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)),
-                                 None)
-                if challenge is None:
-                    raise RuntimeError(f"the CA offers no HTTP-01 challenge for {domain}")
-                response, validation = challenge.response_and_validation(client.net.key)
-                token = challenge.chall.encode("token")
-                certificates.write_private(self.cache.challenge(token), validation.encode(), mode=0o644)
-                tokens.append(token)
+                kind, challenge = self._choose(domain, authz.body.challenges)
+                name = authz.body.identifier.value
+                response, validation = challenge.response_and_validation(client.net.key, domain=name)
+                if kind == "tls-alpn-01":
+                    path = self.cache.tls_alpn_certificate(name)
+                    certificates.write_private(path, validation)
+                else:
+                    path = self.cache.challenge(challenge.chall.encode("token"))
+                    certificates.write_private(path, validation.encode(), mode=0o644)
+                answers.append(path)
                 client.answer_challenge(challenge, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
             order = client.poll_and_finalize(order, deadline)
         finally:
-            for token in tokens:
+            for path in answers:
                 try:
-                    os.unlink(self.cache.challenge(token))
+                    os.unlink(path)
                 except OSError:
                     pass
         leaf = certificates.parse_chain(order.fullchain_pem.encode(), "the CA's answer")[0]
@@ -242,6 +256,18 @@ class Manager:
                                f"not match the order for {domain}")
         return order.fullchain_pem, key
 
+    def _choose(self, domain: str, offered):
+        """The first of our challenge types that the CA offers: (its name, the challenge)."""
+        from acme import challenges
+        kinds = {"tls-alpn-01": _tls_alpn01_challenge(), "http-01": challenges.HTTP01}
+        for kind in self.challenges:
+            challenge = next((c for c in offered if isinstance(c.chall, kinds[kind])), None)
+            if challenge is not None:
+                return kind, challenge
+        names = " ".join(sorted(str(c.chall.typ) for c in offered)) or "none"
+        raise RuntimeError(f"the CA offers no challenge rproxy may answer for {domain} "
+                           f"(it offers {names}; usable here: {' '.join(self.challenges)})")
+
     def _client(self):
         """The ACME client with a registered account, made again after a failure
         (the CA may have restarted, or forgotten the account)."""
@@ -249,6 +275,7 @@ class Manager:
             return self.client
         import josepy
         from acme import client as acme_client, errors, messages
+        _tls_alpn01_challenge()  # before any authorization is parsed
         key = self._account_key()
         net = acme_client.ClientNetwork(josepy.JWKEC(key=key), alg=josepy.ES256,
                                         verify_ssl=self.config.ca_file or True,
@@ -293,6 +320,33 @@ class Manager:
                   domain, self.config.directory, detail, serving, _span(wait))
         if detail.startswith("unexpected "):
             log.debug("acme: %s: details of the unexpected error", domain, exc_info=error)
+
+
+_TLS_ALPN01 = None
+
+
+def _tls_alpn01_challenge():
+    """The TLS-ALPN-01 challenge type, registered with the acme library
+    (which no longer ships it) so that the CA's offers of it are parsed."""
+    global _TLS_ALPN01
+    if _TLS_ALPN01 is None:
+        from acme import challenges
+
+        @challenges.ChallengeResponse.register
+        class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+            typ = "tls-alpn-01"
+
+        @challenges.Challenge.register
+        class TLSALPN01(challenges.KeyAuthorizationChallenge):
+            response_cls = TLSALPN01Response
+            typ = response_cls.typ
+
+            def validation(self, account_key, domain: str = "", **kwargs) -> bytes:
+                """The challenge certificate with its key (PEM)."""
+                return tls_alpn.challenge_certificate(domain, self.key_authorization(account_key))
+
+        _TLS_ALPN01 = TLSALPN01
+    return _TLS_ALPN01
 
 
 def describe(error: Exception) -> str:

@@ -78,6 +78,8 @@ class Metrics:
         self.rate_limited = Counter("rproxy_rate_limited", "Requests refused by a rate limit", ["limit"])
         self.cache = Counter("rproxy_cache_responses", "Responses by cache outcome", ["result"])
         self.cache_bytes = Counter("rproxy_cache_hit_bytes", "Body bytes served from the cache")
+        self.cache_purges = Counter("rproxy_cache_purges", "Purge requests done, by kind", ["kind"])
+        self.cache_purged = Counter("rproxy_cache_purged_entries", "Stored URLs removed by purges")
         # Labelled by the section that uses the storage: rate_limit:NAME, cache:NAME.
         self.storage_errors = Counter("rproxy_storage_errors", "Storage (Redis) calls that failed or timed out",
                                       ["user"])

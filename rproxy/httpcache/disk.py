@@ -23,6 +23,9 @@ deleting a file twice is harmless. Between scans, what the other workers
 wrote is not counted, so the directory can exceed the bound by what they
 write in RESCAN seconds.
 
+A purge (purge.py) of one URL deletes its file; of a prefix or a tag, it
+scans the directory, reading each file's header.
+
 KeyLock is the lock by which one worker of the host fetches a missing URL
 while the others wait for it (middleware/cache.py): an flock'ed file, taken
 without blocking so that a gevent worker is never stopped; the kernel frees
@@ -38,6 +41,7 @@ import os
 import secrets
 import time
 
+from .purge import tags_of
 from .rules import Entry
 from .store import Retention
 
@@ -168,8 +172,39 @@ class DiskStore:
         if self.known > self.max_size or time.monotonic() - self.scanned > RESCAN:
             self._evict()
 
-    def delete(self, key: str) -> None:
-        self._unlink(self._file(key))
+    def delete(self, key: str) -> int:
+        return self._unlink(self._file(key))
+
+    def purge_prefix(self, prefix: str) -> int:
+        return self._purge(lambda head: head["key"].startswith(prefix))
+
+    def purge_tag(self, tag: str) -> int:
+        return self._purge(lambda head: any(tag in tags_of(m["headers"]) for m in head["entries"]))
+
+    def _purge(self, matches) -> int:
+        """Deletes the files whose header `matches`: a scan of the directory,
+        reading each file's header only (bounded by max_size; no index to
+        keep in step with renames and evictions by other workers)."""
+        purged = 0
+        with os.scandir(self.path) as found:
+            for item in found:
+                if item.name.startswith("."):
+                    continue
+                try:
+                    with open(item.path, "rb", buffering=0) as file:
+                        start = os.pread(file.fileno(), 8, 0)
+                        if start[:4] != MAGIC:
+                            continue
+                        head = json.loads(os.pread(file.fileno(), int.from_bytes(start[4:8], "big"), 8))
+                except (OSError, ValueError):
+                    continue
+                try:
+                    hit = matches(head)
+                except (KeyError, TypeError, AttributeError):  # not a header this store wrote
+                    continue
+                if hit:
+                    purged += self._unlink(item.path)
+        return purged
 
     def _evict(self) -> None:
         """Count the directory; over the bound, delete the least recently used files."""
@@ -209,11 +244,12 @@ class DiskStore:
                     self._unlink(item.path)
 
     @staticmethod
-    def _unlink(path: str) -> None:
+    def _unlink(path: str) -> int:
         try:
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            return 0
+        return 1
 
 
 def _alive(pid: int) -> bool:

@@ -65,7 +65,9 @@ class CacheConfig:
     max_entry_size: int = setting("8m", size, "Largest response stored; larger ones stream through.")
     storage: str = setting("memory://", cache_storage_uri,
                            "memory:// (per worker), file:///path/to/dir (a directory shared by the workers "
-                           "of a host) or redis://host:port/db (shared by every instance).")
+                           "of a host) or redis://host:port/db (shared by every instance; also "
+                           "rediss://, redis+sentinel://host:port/service, "
+                           "redis+cluster://host:port,host:port).")
     storage_timeout: float = setting("500ms", positive_duration, "Longest wait for Redis.")
     storage_retry: float = setting("5s", positive_duration,
                                    "After Redis fails or times out, how long the cache is bypassed "
@@ -130,13 +132,7 @@ class HTTPCache:
         stores = shared.setdefault("cache_stores", {})
         store_key = (config.storage, config.name)
         if store_key not in stores:
-            retention = Retention(config.stale_keep, every=bool(config.use_stale))
-            if config.storage == "memory://":
-                stores[store_key] = MemoryStore(config.max_size, retention)
-            elif config.storage.startswith("file://"):
-                stores[store_key] = DiskStore(config.storage[len("file://"):], config.max_size, retention)
-            else:
-                stores[store_key] = RedisStore(config.storage, config.storage_timeout, retention)
+            stores[store_key] = open_store(config)
         self.store = stores[store_key]
         self.config = config
         self.inflight: dict[str, Event] = {}
@@ -400,6 +396,16 @@ class HTTPCache:
             event = self.inflight.pop(key, None)
             if event is not None:
                 event.set()
+
+
+def open_store(config: CacheConfig):
+    """The store `config` names: memory, a directory, or Redis."""
+    retention = Retention(config.stale_keep, every=bool(config.use_stale))
+    if config.storage == "memory://":
+        return MemoryStore(config.max_size, retention)
+    if config.storage.startswith("file://"):
+        return DiskStore(config.storage[len("file://"):], config.max_size, retention)
+    return RedisStore(config.storage, config.storage_timeout, retention)
 
 
 def cache_key(request: Request) -> str:

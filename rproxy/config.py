@@ -178,11 +178,11 @@ class UpstreamConfig:
                                   "Longest wait for any byte of a response, including its head.")
     pool_size: int = setting("64", values.positive_count,
                              "Idle keep-alive connections kept per server and worker.")
-    max_connections: int = setting("256", values.count,
+    max_connections: int = setting("1024", values.count,
                                    "Cap on open connections per server and worker; requests beyond it wait, in "
                                    "order, up to connect_timeout, then get 503. Each request or response in "
-                                   "flight holds one (an event stream or long poll for its whole life). "
-                                   "0 = no cap.")
+                                   "flight holds one (an event stream or long poll for its whole life: raise "
+                                   "it for many of those). 0 = no cap.")
     max_fails: int = setting("1", values.count,
                              "Failures (connect error, timeout, fail_status) within fail_timeout that "
                              "take a server out for fail_timeout; 0 = never.")

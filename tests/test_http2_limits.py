@@ -128,7 +128,7 @@ def test_requests_beyond_max_connections_are_served_in_turn(start_proxy, start_u
 
 def test_max_connections_has_a_default():
     from rproxy import config
-    assert config.UpstreamConfig.__dataclass_fields__["max_connections"].default == 256
+    assert config.UpstreamConfig.__dataclass_fields__["max_connections"].default == 1024
 
 
 @pytest.mark.parametrize("how", ["reset", "disconnect"])

@@ -13,6 +13,11 @@ keep the certificate they started with. Challenge answers (HTTP-01 key
 authorizations, TLS-ALPN-01 certificates) are files in cache_dir too, so
 whichever worker the CA's validation request reaches can answer it.
 
+When the CA's directory offers ACME Renewal Information (RFC 9773, ari.py),
+a certificate is renewed at a random moment inside the window the CA
+suggests for it, asked again as often as the CA's Retry-After says;
+otherwise, or when asking fails, `renew_before` ahead of its expiry.
+
 A failed attempt is logged with the CA's own error, the certificate in place
 goes on being served, and the attempt is repeated after `retry_interval`,
 doubling each time up to 12 hours.
@@ -26,10 +31,11 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import certificates, tls_alpn
+from . import ari, certificates, tls_alpn
 from .certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
@@ -84,6 +90,25 @@ def prepare(config) -> None:
     certificates.write_placeholder(cache.placeholder, config.acme.domains)
 
 
+def certificate_problems(config, now: float | None = None) -> list[str]:
+    """Why a configured domain has no valid certificate (it is served the
+    placeholder): one reason per domain, for /readyz."""
+    if not config.domains:
+        return []
+    cache, now = CacheDir(config), time.time() if now is None else now
+    problems = []
+    for domain in config.domains:
+        try:
+            leaf = certificates.load_chain(cache.certificate(domain))[0]
+        except CertificateProblem:
+            leaf = None
+        if leaf is None or domain not in certificates.names_of(leaf):
+            problems.append(f"certificate {domain}: none valid")
+        elif leaf.not_valid_after_utc.timestamp() <= now:
+            problems.append(f"certificate {domain}: expired since {_when(leaf.not_valid_after_utc.timestamp())}")
+    return problems
+
+
 def challenge_answer(cache: CacheDir, path: str) -> bytes | None:
     """The key authorization for an HTTP-01 request path, if one is pending."""
     token = path[len(CHALLENGE_PREFIX):]
@@ -127,6 +152,15 @@ def start(config, alive: Callable[[], bool]) -> None:
     gevent.spawn(Manager(config.acme, alive, usable_challenges(config)).run)
 
 
+@dataclass(frozen=True)
+class RenewalPlan:
+    """The moment chosen in the window the CA suggested for one certificate;
+    chosen again only when the CA moves the window."""
+    serial: int
+    window: ari.Window
+    at: float
+
+
 class Manager:
     def __init__(self, config, alive: Callable[[], bool], challenges: tuple[str, ...] = ("http-01",)):
         self.config = config
@@ -136,6 +170,13 @@ class Manager:
         self.client = None
         self.failures = {domain: 0 for domain in config.domains}
         self.retry_at = {domain: 0.0 for domain in config.domains}
+        # Renewal information: the directory's URL ("" = none offered; None = ask
+        # the directory again), and per domain the plan for its current certificate.
+        self.renewal_info: str | None = None
+        self.directory_checked = 0.0
+        self.plans: dict[str, RenewalPlan] = {}
+        self.ask_again: dict[str, float] = {}
+        self.ari_failing: set[str] = set()
 
     # -- leadership ---------------------------------------------------------
 
@@ -177,6 +218,7 @@ class Manager:
             for domain in self.config.domains:
                 if not self.alive():
                     return
+                self.check_renewal_info(domain)
                 now = time.time()
                 due = self.due(domain)
                 if (due is None or due <= now) and self.retry_at[domain] <= now:
@@ -185,11 +227,21 @@ class Manager:
             wake = now + RECHECK
             for domain in self.config.domains:
                 due = self.due(domain)
-                wake = min(wake, max(due or now, self.retry_at[domain]))
+                wake = min(wake, max(due or now, self.retry_at[domain]), self.ask_again.get(domain, wake))
             self._sleep(max(0.5, wake - now))
 
     def due(self, domain: str, announce: bool = False) -> float | None:
         """When the cached certificate of `domain` is due for renewal (None: there is none)."""
+        leaf = self._leaf(domain, announce)
+        if leaf is None:
+            return None
+        plan = self.plans.get(domain)
+        if plan is not None and plan.serial == leaf.serial_number:
+            return plan.at
+        return renewal_time(leaf, self.config.renew_before)
+
+    def _leaf(self, domain: str, announce: bool = False):
+        """The cached certificate of `domain`, if there is one for it."""
         path = self.cache.certificate(domain)
         try:
             leaf = certificates.load_chain(path)[0]
@@ -200,7 +252,45 @@ class Manager:
             return None
         if domain not in certificates.names_of(leaf):
             return None
-        return renewal_time(leaf, self.config.renew_before)
+        return leaf
+
+    def check_renewal_info(self, domain: str) -> None:
+        """Ask the CA when it would like the certificate of `domain` renewed,
+        when the CA's last answer said to ask again."""
+        now = time.time()
+        if self.ask_again.get(domain, 0.0) > now:
+            return
+        leaf = self._leaf(domain)
+        # RFC 9773 §4.3: never about an expired certificate (it is due anyway).
+        if leaf is None or leaf.not_valid_after_utc.timestamp() <= now:
+            self.ask_again.pop(domain, None)
+            return
+        verify = self.config.ca_file or True
+        try:
+            if self.renewal_info is None or self.directory_checked + ari.DEFAULT_RETRY <= now:
+                self.renewal_info = ari.renewal_info_url(self.config.directory, verify)
+                self.directory_checked = now
+            if not self.renewal_info:
+                self.plans.pop(domain, None)
+                self.ask_again[domain] = self.directory_checked + ari.DEFAULT_RETRY
+                return
+            window, self.ask_again[domain] = ari.fetch(self.renewal_info, leaf, verify, now)
+        except Exception as e:  # noqa: BLE001 - the fixed rule stands in, whatever went wrong
+            self.renewal_info = None
+            self.plans.pop(domain, None)
+            self.ask_again[domain] = now + RECHECK
+            if domain not in self.ari_failing:  # once, not at every attempt
+                self.ari_failing.add(domain)
+                log.warning("acme: %s: no renewal information from the CA (%s); renewal due %s, %s before "
+                            "expiry", domain, describe(e), _when(renewal_time(leaf, self.config.renew_before)),
+                            _span(self.config.renew_before))
+            return
+        self.ari_failing.discard(domain)
+        plan = self.plans.get(domain)
+        if plan is None or plan.serial != leaf.serial_number or plan.window != window:
+            plan = self.plans[domain] = RenewalPlan(leaf.serial_number, window, ari.choose(window))
+            log.info("acme: %s: the CA suggests renewing between %s and %s; renewal due %s", domain,
+                     _when(window.start), _when(window.end), "now" if plan.at <= now else _when(plan.at))
 
     # -- one order ------------------------------------------------------------
 
@@ -217,6 +307,7 @@ class Manager:
             self._failed(domain, e)
             return
         self.failures[domain], self.retry_at[domain] = 0, 0.0
+        self.ask_again[domain] = 0.0  # the new certificate has renewal information of its own: ask now
         log.info("acme: %s: obtained a certificate in %.1fs, valid until %s; renewal due %s", domain,
                  time.monotonic() - started, _when(leaf.not_valid_after_utc.timestamp()),
                  _when(renewal_time(leaf, self.config.renew_before)))
@@ -371,7 +462,7 @@ def describe(error: Exception) -> str:
         return f"TLS error talking to the CA: {_innermost(error)} (is [acme] ca_file right?)"
     if isinstance(error, requests.exceptions.RequestException):
         return f"cannot reach the CA: {_innermost(error)}"
-    if isinstance(error, (errors.Error, OSError, CertificateProblem, RuntimeError)):
+    if isinstance(error, (errors.Error, OSError, CertificateProblem, ari.RenewalInfoError, RuntimeError)):
         return f"{error}"
     return f"unexpected {type(error).__name__}: {error}"
 

@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from . import metrics
+from . import acme, metrics
 from .http import Response, error_response
 from .httpcache.purge import parse_request
 from .storage_guard import redacted
@@ -64,7 +64,8 @@ class Admin:
         is loaded; the master's count of workers (their metric files, which
         it removes as it reaps them) says they are all up; each upstream
         needs a server in rotation as this worker sees it (passive and
-        active health). In memory and one directory listing: cheap."""
+        active health); each [acme] domain needs a valid certificate. In
+        memory, one directory listing and one small file per ACME domain: cheap."""
         reasons = []
         now = time.monotonic()
         upstreams = {}
@@ -73,6 +74,8 @@ class Admin:
             upstreams[name] = {"servers": len(upstream.servers), "in_rotation": in_rotation}
             if not in_rotation:
                 reasons.append(f"upstream {name}: no server in rotation")
+        # A configured ACME domain still on the placeholder is not served properly.
+        reasons.extend(acme.certificate_problems(self.config.acme))
         expected = self.config.server.workers
         up = metrics.live_workers()
         if up is not None and up < expected:

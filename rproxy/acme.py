@@ -2,14 +2,21 @@
 
 One worker at a time manages the certificates: the one holding the lock file
 in cache_dir (a worker that dies releases it, and another takes over within
-seconds). It registers the account, orders one certificate per domain with
-the HTTP-01 challenge, and writes each certificate with its key into
-cache_dir in one atomic rename. Every worker serves what it finds there: its
+seconds). It registers the account, orders one certificate per domain, and
+writes each certificate with its key into cache_dir in one atomic rename.
+Each order answers the first of `[acme] challenges` that the CA offers and
+the listeners allow: TLS-ALPN-01 on the TLS port (tls_alpn.py), HTTP-01 on
+the plain-HTTP one (plain_http.py). Every worker serves what it finds there: its
 TLS context store notices the new file within a second (see certificates.py),
 so a renewal reaches all workers without a restart, and open connections
-keep the certificate they started with. Challenge tokens are files in
-cache_dir too, so whichever worker the CA's validation request reaches can
-answer it.
+keep the certificate they started with. Challenge answers (HTTP-01 key
+authorizations, TLS-ALPN-01 certificates) are files in cache_dir too, so
+whichever worker the CA's validation request reaches can answer it.
+
+When the CA's directory offers ACME Renewal Information (RFC 9773, ari.py),
+a certificate is renewed at a random moment inside the window the CA
+suggests for it, asked again as often as the CA's Retry-After says;
+otherwise, or when asking fails, `renew_before` ahead of its expiry.
 
 A failed attempt is logged with the CA's own error, the certificate in place
 goes on being served, and the attempt is repeated after `retry_interval`,
@@ -24,10 +31,11 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import certificates
+from . import ari, certificates, tls_alpn
 from .certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
@@ -55,6 +63,7 @@ class CacheDir:
         self.account_key = os.path.join(self.issuer, "account.key")
         self.certificates = os.path.join(self.issuer, "certificates")
         self.challenges = os.path.join(self.root, "challenges")
+        self.tls_alpn = os.path.join(self.root, "tls-alpn-01")
         self.lock = os.path.join(self.root, "lock")
         self.placeholder = os.path.join(self.root, "placeholder.pem")
 
@@ -65,8 +74,11 @@ class CacheDir:
     def challenge(self, token: str) -> str:
         return os.path.join(self.challenges, token)
 
+    def tls_alpn_certificate(self, domain: str) -> str:
+        return os.path.join(self.tls_alpn, f"{domain}.pem")
+
     def prepare(self) -> None:
-        for path in (self.root, self.issuer, self.certificates, self.challenges):
+        for path in (self.root, self.issuer, self.certificates, self.challenges, self.tls_alpn):
             os.makedirs(path, mode=0o700, exist_ok=True)
 
 
@@ -76,6 +88,25 @@ def prepare(config) -> None:
     cache = CacheDir(config.acme)
     cache.prepare()
     certificates.write_placeholder(cache.placeholder, config.acme.domains)
+
+
+def certificate_problems(config, now: float | None = None) -> list[str]:
+    """Why a configured domain has no valid certificate (it is served the
+    placeholder): one reason per domain, for /readyz."""
+    if not config.domains:
+        return []
+    cache, now = CacheDir(config), time.time() if now is None else now
+    problems = []
+    for domain in config.domains:
+        try:
+            leaf = certificates.load_chain(cache.certificate(domain))[0]
+        except CertificateProblem:
+            leaf = None
+        if leaf is None or domain not in certificates.names_of(leaf):
+            problems.append(f"certificate {domain}: none valid")
+        elif leaf.not_valid_after_utc.timestamp() <= now:
+            problems.append(f"certificate {domain}: expired since {_when(leaf.not_valid_after_utc.timestamp())}")
+    return problems
 
 
 def challenge_answer(cache: CacheDir, path: str) -> bytes | None:
@@ -110,20 +141,42 @@ def _span(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def usable_challenges(config) -> tuple[str, ...]:
+    """`[acme] challenges` the listeners allow, in order of preference."""
+    return tuple(c for c in config.acme.challenges if c != "http-01" or config.server.http_bind)
+
+
 def start(config, alive: Callable[[], bool]) -> None:
     """In each worker: compete for the lock; the winner manages the certificates."""
     import gevent
-    gevent.spawn(Manager(config.acme, alive).run)
+    gevent.spawn(Manager(config.acme, alive, usable_challenges(config)).run)
+
+
+@dataclass(frozen=True)
+class RenewalPlan:
+    """The moment chosen in the window the CA suggested for one certificate;
+    chosen again only when the CA moves the window."""
+    serial: int
+    window: ari.Window
+    at: float
 
 
 class Manager:
-    def __init__(self, config, alive: Callable[[], bool]):
+    def __init__(self, config, alive: Callable[[], bool], challenges: tuple[str, ...] = ("http-01",)):
         self.config = config
+        self.challenges = challenges
         self.cache = CacheDir(config)
         self.alive = alive
         self.client = None
         self.failures = {domain: 0 for domain in config.domains}
         self.retry_at = {domain: 0.0 for domain in config.domains}
+        # Renewal information: the directory's URL ("" = none offered; None = ask
+        # the directory again), and per domain the plan for its current certificate.
+        self.renewal_info: str | None = None
+        self.directory_checked = 0.0
+        self.plans: dict[str, RenewalPlan] = {}
+        self.ask_again: dict[str, float] = {}
+        self.ari_failing: set[str] = set()
 
     # -- leadership ---------------------------------------------------------
 
@@ -165,6 +218,7 @@ class Manager:
             for domain in self.config.domains:
                 if not self.alive():
                     return
+                self.check_renewal_info(domain)
                 now = time.time()
                 due = self.due(domain)
                 if (due is None or due <= now) and self.retry_at[domain] <= now:
@@ -173,11 +227,21 @@ class Manager:
             wake = now + RECHECK
             for domain in self.config.domains:
                 due = self.due(domain)
-                wake = min(wake, max(due or now, self.retry_at[domain]))
+                wake = min(wake, max(due or now, self.retry_at[domain]), self.ask_again.get(domain, wake))
             self._sleep(max(0.5, wake - now))
 
     def due(self, domain: str, announce: bool = False) -> float | None:
         """When the cached certificate of `domain` is due for renewal (None: there is none)."""
+        leaf = self._leaf(domain, announce)
+        if leaf is None:
+            return None
+        plan = self.plans.get(domain)
+        if plan is not None and plan.serial == leaf.serial_number:
+            return plan.at
+        return renewal_time(leaf, self.config.renew_before)
+
+    def _leaf(self, domain: str, announce: bool = False):
+        """The cached certificate of `domain`, if there is one for it."""
         path = self.cache.certificate(domain)
         try:
             leaf = certificates.load_chain(path)[0]
@@ -188,7 +252,45 @@ class Manager:
             return None
         if domain not in certificates.names_of(leaf):
             return None
-        return renewal_time(leaf, self.config.renew_before)
+        return leaf
+
+    def check_renewal_info(self, domain: str) -> None:
+        """Ask the CA when it would like the certificate of `domain` renewed,
+        when the CA's last answer said to ask again."""
+        now = time.time()
+        if self.ask_again.get(domain, 0.0) > now:
+            return
+        leaf = self._leaf(domain)
+        # RFC 9773 §4.3: never about an expired certificate (it is due anyway).
+        if leaf is None or leaf.not_valid_after_utc.timestamp() <= now:
+            self.ask_again.pop(domain, None)
+            return
+        verify = self.config.ca_file or True
+        try:
+            if self.renewal_info is None or self.directory_checked + ari.DEFAULT_RETRY <= now:
+                self.renewal_info = ari.renewal_info_url(self.config.directory, verify)
+                self.directory_checked = now
+            if not self.renewal_info:
+                self.plans.pop(domain, None)
+                self.ask_again[domain] = self.directory_checked + ari.DEFAULT_RETRY
+                return
+            window, self.ask_again[domain] = ari.fetch(self.renewal_info, leaf, verify, now)
+        except Exception as e:  # noqa: BLE001 - the fixed rule stands in, whatever went wrong
+            self.renewal_info = None
+            self.plans.pop(domain, None)
+            self.ask_again[domain] = now + RECHECK
+            if domain not in self.ari_failing:  # once, not at every attempt
+                self.ari_failing.add(domain)
+                log.warning("acme: %s: no renewal information from the CA (%s); renewal due %s, %s before "
+                            "expiry", domain, describe(e), _when(renewal_time(leaf, self.config.renew_before)),
+                            _span(self.config.renew_before))
+            return
+        self.ari_failing.discard(domain)
+        plan = self.plans.get(domain)
+        if plan is None or plan.serial != leaf.serial_number or plan.window != window:
+            plan = self.plans[domain] = RenewalPlan(leaf.serial_number, window, ari.choose(window))
+            log.info("acme: %s: the CA suggests renewing between %s and %s; renewal due %s", domain,
+                     _when(window.start), _when(window.end), "now" if plan.at <= now else _when(plan.at))
 
     # -- one order ------------------------------------------------------------
 
@@ -205,35 +307,38 @@ class Manager:
             self._failed(domain, e)
             return
         self.failures[domain], self.retry_at[domain] = 0, 0.0
+        self.ask_again[domain] = 0.0  # the new certificate has renewal information of its own: ask now
         log.info("acme: %s: obtained a certificate in %.1fs, valid until %s; renewal due %s", domain,
                  time.monotonic() - started, _when(leaf.not_valid_after_utc.timestamp()),
                  _when(renewal_time(leaf, self.config.renew_before)))
 
     def _order(self, domain: str):
-        from acme import challenges, crypto_util, messages
+        from acme import crypto_util, messages
         client = self._client()
         key = certificates.new_key()
         order = client.new_order(crypto_util.make_csr(certificates.key_pem(key), [domain]))
-        tokens = []
+        answers = []  # the files that answer the challenges, removed after the order
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
                     continue  # validated recently: the CA reuses it
-                challenge = next((c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)),
-                                 None)
-                if challenge is None:
-                    raise RuntimeError(f"the CA offers no HTTP-01 challenge for {domain}")
-                response, validation = challenge.response_and_validation(client.net.key)
-                token = challenge.chall.encode("token")
-                certificates.write_private(self.cache.challenge(token), validation.encode(), mode=0o644)
-                tokens.append(token)
+                kind, challenge = self._choose(domain, authz.body.challenges)
+                name = authz.body.identifier.value
+                response, validation = challenge.response_and_validation(client.net.key, domain=name)
+                if kind == "tls-alpn-01":
+                    path = self.cache.tls_alpn_certificate(name)
+                    certificates.write_private(path, validation)
+                else:
+                    path = self.cache.challenge(challenge.chall.encode("token"))
+                    certificates.write_private(path, validation.encode(), mode=0o644)
+                answers.append(path)
                 client.answer_challenge(challenge, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
             order = client.poll_and_finalize(order, deadline)
         finally:
-            for token in tokens:
+            for path in answers:
                 try:
-                    os.unlink(self.cache.challenge(token))
+                    os.unlink(path)
                 except OSError:
                     pass
         leaf = certificates.parse_chain(order.fullchain_pem.encode(), "the CA's answer")[0]
@@ -242,6 +347,18 @@ class Manager:
                                f"not match the order for {domain}")
         return order.fullchain_pem, key
 
+    def _choose(self, domain: str, offered):
+        """The first of our challenge types that the CA offers: (its name, the challenge)."""
+        from acme import challenges
+        kinds = {"tls-alpn-01": _tls_alpn01_challenge(), "http-01": challenges.HTTP01}
+        for kind in self.challenges:
+            challenge = next((c for c in offered if isinstance(c.chall, kinds[kind])), None)
+            if challenge is not None:
+                return kind, challenge
+        names = " ".join(sorted(str(c.chall.typ) for c in offered)) or "none"
+        raise RuntimeError(f"the CA offers no challenge rproxy may answer for {domain} "
+                           f"(it offers {names}; usable here: {' '.join(self.challenges)})")
+
     def _client(self):
         """The ACME client with a registered account, made again after a failure
         (the CA may have restarted, or forgotten the account)."""
@@ -249,6 +366,7 @@ class Manager:
             return self.client
         import josepy
         from acme import client as acme_client, errors, messages
+        _tls_alpn01_challenge()  # before any authorization is parsed
         key = self._account_key()
         net = acme_client.ClientNetwork(josepy.JWKEC(key=key), alg=josepy.ES256,
                                         verify_ssl=self.config.ca_file or True,
@@ -295,6 +413,33 @@ class Manager:
             log.debug("acme: %s: details of the unexpected error", domain, exc_info=error)
 
 
+_TLS_ALPN01 = None
+
+
+def _tls_alpn01_challenge():
+    """The TLS-ALPN-01 challenge type, registered with the acme library
+    (which no longer ships it) so that the CA's offers of it are parsed."""
+    global _TLS_ALPN01
+    if _TLS_ALPN01 is None:
+        from acme import challenges
+
+        @challenges.ChallengeResponse.register
+        class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+            typ = "tls-alpn-01"
+
+        @challenges.Challenge.register
+        class TLSALPN01(challenges.KeyAuthorizationChallenge):
+            response_cls = TLSALPN01Response
+            typ = response_cls.typ
+
+            def validation(self, account_key, domain: str = "", **kwargs) -> bytes:
+                """The challenge certificate with its key (PEM)."""
+                return tls_alpn.challenge_certificate(domain, self.key_authorization(account_key))
+
+        _TLS_ALPN01 = TLSALPN01
+    return _TLS_ALPN01
+
+
 def describe(error: Exception) -> str:
     """One line saying what went wrong, in the CA's own words when it gave any."""
     import requests
@@ -317,7 +462,7 @@ def describe(error: Exception) -> str:
         return f"TLS error talking to the CA: {_innermost(error)} (is [acme] ca_file right?)"
     if isinstance(error, requests.exceptions.RequestException):
         return f"cannot reach the CA: {_innermost(error)}"
-    if isinstance(error, (errors.Error, OSError, CertificateProblem, RuntimeError)):
+    if isinstance(error, (errors.Error, OSError, CertificateProblem, ari.RenewalInfoError, RuntimeError)):
         return f"{error}"
     return f"unexpected {type(error).__name__}: {error}"
 

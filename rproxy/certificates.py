@@ -257,6 +257,18 @@ class CertificateStore:
         self.check_interval = check_interval
         self._next_check = time.monotonic() + check_interval
         self._index()
+        from . import metrics
+        metrics.serve_certificates(self)
+
+    def expiries(self) -> dict[str, float]:
+        """Each name served, with the expiry (timestamp) of its certificate,
+        the placeholder left out (it stands for a missing certificate)."""
+        out: dict[str, float] = {}
+        for source in self.by_name:
+            if source.context is not None and not source.fallback and source.not_after is not None:
+                for name in source.names:
+                    out.setdefault(name, source.not_after.timestamp())
+        return out
 
     def _index(self) -> None:
         exact, wildcards, fallbacks = {}, [], {}

@@ -268,14 +268,36 @@ class CertificateConfig:
     keyfile: str = setting(None, values.readable_file, "Its private key (PEM).", required=True)
 
 
+ACME_CHALLENGES = ("tls-alpn-01", "http-01")
+
+
+def _acme_challenges(raw: str) -> tuple[str, ...]:
+    """ACME challenge types, in order of preference, each once."""
+    names = values.lower_words(raw)
+    for name in names:
+        if name == "dns-01":
+            raise ValueError("dns-01 is not supported: use tls-alpn-01 or http-01")
+        if name not in ACME_CHALLENGES:
+            raise ValueError(f"{name!r} is not one of: {', '.join(ACME_CHALLENGES)}")
+    if len(set(names)) != len(names):
+        raise ValueError("names a challenge type twice")
+    if not names:
+        raise ValueError("names no challenge type")
+    return names
+
+
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 @dataclass(frozen=True)
 class AcmeConfig:
     domains: tuple[str, ...] = setting(None, values.domain_names,
-                                       "Domains to obtain certificates for (one each, HTTP-01 "
-                                       "validation on http_bind).", required=True)
+                                       "Domains to obtain certificates for (one each).", required=True)
+    challenges: tuple[str, ...] = setting("tls-alpn-01 http-01", _acme_challenges,
+                                          "Challenge types in order of preference: the first one the CA "
+                                          "offers that the listeners allow is used. tls-alpn-01: on the "
+                                          "TLS port (bind, 443 as the CA sees it); http-01: on http_bind "
+                                          "(port 80 as the CA sees it).")
     email: str = setting("", values.text, "Contact address given to the CA (expiry notices); empty = none.")
     directory: str = setting(LETS_ENCRYPT, values.url,
                              "The CA's ACME directory URL; Let's Encrypt's staging one is "
@@ -425,9 +447,10 @@ def _check_tls(config: Config) -> None:
         if values.listener_key(bind) in tls_keys:
             raise ConfigError(path, "server", "http_bind", f"{bind!r} has the port or path of a bind address")
     if config.acme.domains:
-        if not server.http_bind:
-            raise ConfigError(path, "acme", "domains", "HTTP-01 validation needs a plain-HTTP listener: "
-                                                       "set [server] http_bind (port 80 as the CA sees it)")
+        if config.acme.challenges == ("http-01",) and not server.http_bind:
+            raise ConfigError(path, "acme", "challenges", "http-01 validation needs a plain-HTTP listener: "
+                                                          "set [server] http_bind (port 80 as the CA sees it), "
+                                                          "or add tls-alpn-01")
         problem = _not_writable(config.acme.cache_dir)
         if problem:
             raise ConfigError(path, "acme", "cache_dir", problem)

@@ -5,7 +5,8 @@ files in a directory the master prepares ($PROMETHEUS_MULTIPROC_DIR, emptied
 at start) and the admin listener adds them up. A dead worker's live gauges
 are dropped by the master (gunicorn's child_exit hook). Counting happens at
 the end of each request, from what the access log sees, so the hot path
-pays a few label lookups at most.
+pays a few label lookups at most. Certificate expiry is the exception:
+worked out at each scrape, so that it counts down.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
+import weakref
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Latency buckets, seconds: fine below 100 ms where a proxy lives.
@@ -78,6 +81,8 @@ class Metrics:
         self.rate_limited = Counter("rproxy_rate_limited", "Requests refused by a rate limit", ["limit"])
         self.cache = Counter("rproxy_cache_responses", "Responses by cache outcome", ["result"])
         self.cache_bytes = Counter("rproxy_cache_hit_bytes", "Body bytes served from the cache")
+        self.cache_purges = Counter("rproxy_cache_purges", "Purge requests done, by kind", ["kind"])
+        self.cache_purged = Counter("rproxy_cache_purged_entries", "Stored URLs removed by purges")
         # Labelled by the section that uses the storage: rate_limit:NAME, cache:NAME.
         self.storage_errors = Counter("rproxy_storage_errors", "Storage (Redis) calls that failed or timed out",
                                       ["user"])
@@ -142,11 +147,44 @@ def observe_request(environ: dict, status, seconds: float) -> None:
         metrics.in_flight.dec()
 
 
+_certificate_stores: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def serve_certificates(store) -> None:
+    """In a worker: `store` (a CertificateStore) is what its handshakes are
+    served from; /metrics tells how long each of its certificates has left."""
+    _certificate_stores.add(store)
+
+
+class _CertificateExpiry:
+    """rproxy_certificate_expiry_seconds, worked out when scraped (a value
+    stored once would stop counting down), from the certificates the
+    answering worker serves: every worker serves the same files, and looks
+    at them again now."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        family = GaugeMetricFamily("rproxy_certificate_expiry_seconds",
+                                   "Seconds until the certificate served for a name expires (negative: expired)",
+                                   labels=["name"])
+        now = time.time()
+        expiries: dict[str, float] = {}
+        for store in list(_certificate_stores):
+            store.refresh()
+            for name, not_after in store.expiries().items():
+                expiries.setdefault(name, not_after)
+        for name, not_after in sorted(expiries.items()):
+            family.add_metric([name], not_after - now)
+        yield family
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text of every worker's values."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    if _certificate_stores:
+        registry.register(_CertificateExpiry())
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

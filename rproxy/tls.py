@@ -9,6 +9,9 @@ connection with the result. Ours:
   `CertificateStore` that notices when certificate files change on disk, so
   a renewed certificate is served without a restart while open connections
   keep the session they have;
+- serves a pending TLS-ALPN-01 challenge's certificate to the CA's
+  validation connections only, and closes them after the handshake
+  (tls_alpn.py);
 - leaves the connections of plain-HTTP listeners (`http_bind`, the admin
   listener) unwrapped: gunicorn itself would put TLS on every listener;
 - answers a plain HTTP request sent to the TLS port with a plain 400 as
@@ -28,7 +31,7 @@ import socket
 import ssl
 import time
 
-from . import acme
+from . import acme, tls_alpn
 from .certificates import CertificateFiles, CertificateStore
 from .values import listener_key
 
@@ -108,6 +111,9 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
     if config.admin.bind:
         plain.add(listener_key(config.admin.bind))
     socket_class = _server_socket_class()
+    challenges = None
+    if "tls-alpn-01" in config.acme.challenges and config.acme.domains:
+        challenges = tls_alpn.Challenges(acme.CacheDir(config.acme).tls_alpn, configure)
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class
@@ -121,6 +127,7 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
                                        **kwargs)
 
     context = configure(ServerContext(ssl.PROTOCOL_TLS_SERVER))
+    context.tls_alpn_challenges = challenges  # looked at by ServerSocket.do_handshake
     default = next((s for s in by_default if s.context is not None), None)
     if default is not None:
         context.load_cert_chain(default.certfile, default.keyfile)
@@ -130,6 +137,8 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
 
     def choose_certificate(ssl_socket, server_name, current):
         # Called for every ClientHello, with server_name None when the client sent no SNI.
+        if ssl_socket.context is not current:
+            return None  # a TLS-ALPN-01 validation: its context was chosen before the handshake
         try:
             chosen = store.context_for(server_name)
             if chosen is not None and chosen is not current:
@@ -171,6 +180,13 @@ def _server_socket_class():
     class ServerSocket(base):
         def do_handshake(self, *args, **kwargs):
             peer = _peer(self)
+            challenges = getattr(self.context, "tls_alpn_challenges", None)
+            if challenges is not None and (pending := challenges.pending()):
+                # Before the TLS layer reads the ClientHello: the CA's validation
+                # gets the challenge's context (certificate and ALPN) instead.
+                chosen = challenges.context_for(self, pending)
+                if chosen is not None:
+                    self.context = chosen
             try:
                 super().do_handshake(*args, **kwargs)
             except ssl.SSLError as e:
@@ -181,6 +197,11 @@ def _server_socket_class():
                 else:
                     log.debug("tls: handshake with %s failed: %s", peer, reason)
                 raise _HandshakeFailed(ssl.SSL_ERROR_EOF, f"TLS handshake failed: {reason}") from None
+            if self.selected_alpn_protocol() == tls_alpn.PROTOCOL:
+                # RFC 8737 §3: a validation connection ends with its handshake
+                # (only a challenge context offers this protocol).
+                log.debug("tls: answered the TLS-ALPN-01 validation from %s", peer)
+                raise _HandshakeFailed(ssl.SSL_ERROR_EOF, "TLS-ALPN-01 validation answered")
 
     _socket_classes[base] = ServerSocket
     return ServerSocket

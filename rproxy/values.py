@@ -331,10 +331,31 @@ def path_patterns(raw: str) -> tuple[str, ...]:
 
 
 def storage_uri(raw: str) -> str:
+    """memory://, or Redis: redis://, rediss:// (TLS), redis+sentinel://,
+    redis+cluster:// (httpcache/redis_uri.py)."""
+    from .httpcache.redis_uri import parse
     value = raw.strip()
-    if not re.fullmatch(r"(memory://|redis://\S*|rediss://\S*)", value):
-        raise ValueError(f"{raw!r} is not memory:// or redis://host:port/db")
+    if value == "memory://":
+        return value
+    if not value.startswith(("redis://", "rediss://", "redis+sentinel://", "redis+cluster://")):
+        raise ValueError(f"{raw!r} is not memory://, redis://host:port/db, rediss://, "
+                         "redis+sentinel://host:port/service or redis+cluster://host:port,host:port")
+    parse(value)
     return value
+
+
+def cache_storage_uri(raw: str) -> str:
+    """A storage_uri, or file:///absolute/dir for the cache's disk store."""
+    value = raw.strip()
+    if value.startswith("file://"):
+        path = value[len("file://"):]
+        if not path.startswith("/") or any(ch in path for ch in "\x00\r\n"):
+            raise ValueError(f"{raw!r}: a file:// storage names an absolute directory: file:///var/cache/rproxy")
+        return value
+    if value == "memory://" or value.startswith(("redis://", "rediss://", "redis+")):
+        return storage_uri(value)
+    raise ValueError(f"{raw!r} is not memory://, file:///path/to/dir or redis://host:port/db "
+                     "(or rediss://, redis+sentinel://, redis+cluster://)")
 
 
 def limit_key(raw: str) -> str:

@@ -6,6 +6,7 @@ name to 127.0.0.1 (or fails one on purpose). Nothing is mocked: rproxy runs
 under gunicorn, pebble issues real certificates, clients verify them against
 pebble's root."""
 
+import hashlib
 import json
 import os
 import re
@@ -16,10 +17,13 @@ import ssl
 import stat
 import time
 
+import httpx
 import pytest
 import requests
 import trustme
+from cryptography import x509
 
+from rproxy import certificates, tls_alpn
 from conftest import HttpsConnection, Process, Started, free_port, raw_exchange, served_certificate, \
     single_route, wait_for_port
 
@@ -45,8 +49,10 @@ def program(name: str) -> str:
 class Pebble:
     """pebble and its mock DNS, each a process on free loopback ports."""
 
-    def __init__(self, tmp_dir, http_port: int, validity: int | None = None):
+    def __init__(self, tmp_dir, http_port: int, validity: int | None = None, tls_port: int | None = None,
+                 start: bool = True):
         self.tmp_dir, self.http_port, self.validity = tmp_dir, http_port, validity
+        self.tls_port = tls_port or free_port()
         self.port, self.management = free_port(), free_port()
         self.dns, self.dns_management = free_udp_and_tcp_port(), free_port()
         ca = trustme.CA()
@@ -63,14 +69,15 @@ class Pebble:
                                   tmp_dir / f"challtestsrv-{self.dns}.log")
         wait_for_port(self.dns_management, self.dns_server.proc)
         self.ca = None
-        self.start()
+        if start:
+            self.start()
 
     def start(self) -> None:
         """Start pebble (again): same ports, but a new CA, knowing no accounts."""
         settings = {"listenAddress": f"127.0.0.1:{self.port}",
                     "managementListenAddress": f"127.0.0.1:{self.management}",
                     "certificate": self.certfile, "privateKey": self.keyfile,
-                    "httpPort": self.http_port, "tlsPort": free_port(),
+                    "httpPort": self.http_port, "tlsPort": self.tls_port,
                     "ocspResponderURL": "", "externalAccountBindingRequired": False}
         if self.validity:
             settings["certificateValidityPeriod"] = self.validity
@@ -98,20 +105,21 @@ class Pebble:
                       timeout=10).raise_for_status()
 
     def stop(self) -> None:
-        self.ca.stop()
+        if self.ca is not None:
+            self.ca.stop()
         self.dns_server.stop()
 
 
 @pytest.fixture
 def pebble(tmp_path):
-    started = Started(lambda http_port, validity=None: Pebble(tmp_path, http_port, validity))
+    started = Started(lambda http_port, **kwargs: Pebble(tmp_path, http_port, **kwargs))
     yield started.start
     started.stop_all()
 
 
 def acme_proxy(start_proxy, upstream, ca: Pebble, cache_dir, domains="a.test b.test", workers=1, **acme):
     keys = {"domains": domains, "email": "ops@a.test", "directory": ca.directory, "cache_dir": cache_dir,
-            "ca_file": ca.ca_file, "retry_interval": "1s", **acme}
+            "ca_file": ca.ca_file, "retry_interval": "1s", "challenges": "http-01", **acme}
     section = "[acme]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
     return start_proxy(single_route(upstream.port) + section,
                        server={"http_bind": f"127.0.0.1:{ca.http_port}"}, workers=workers)
@@ -155,7 +163,7 @@ def test_first_issuance_serves_certificates_from_the_ca(start_proxy, upstream, p
     issued = proxy.log_lines(r"acme: (a|b).test: obtained a certificate in [\d.]+s, valid until")
     assert len(issued) == 2, proxy.log()
     # Private keys are readable by rproxy's user only.
-    issuer_dir = next(p for p in cache.iterdir() if p.is_dir() and p.name != "challenges")
+    issuer_dir = next(p for p in cache.iterdir() if p.is_dir() and p.name not in ("challenges", "tls-alpn-01"))
     for path in [issuer_dir / "account.key", *(issuer_dir / "certificates").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
@@ -273,10 +281,165 @@ def test_hup_reload_with_a_new_domain_orders_it_and_keeps_the_others(start_proxy
     trusted = ca.trusting_context()
     serial = wait_for_certificate(proxy.port, "a.test", trusted).serial_number
     proxy.rewrite(single_route(upstream.port) + f"[acme]\ndomains = a.test c.test\ndirectory = {ca.directory}\n"
-                                                f"cache_dir = {cache}\nca_file = {ca.ca_file}\nretry_interval = 1s\n")
+                                                f"cache_dir = {cache}\nca_file = {ca.ca_file}\nretry_interval = 1s\n"
+                                                f"challenges = http-01\n")
     os.kill(proxy.pid, signal.SIGHUP)
     wait_for_certificate(proxy.port, "c.test", trusted)
     settle()
     assert served_certificate(proxy.port, "a.test", trusted).serial_number == serial
     assert len(proxy.log_lines(r"acme: a.test: obtained")) == 1
     assert len(proxy.log_lines(r"acme: worker \d+ manages the certificates of a.test c.test")) == 1
+
+
+def tls_alpn_proxy(start_proxy, upstream, directory, cache_dir, ca_file, domains="a.test", workers=1, **acme):
+    """rproxy with [acme], HTTP/2, and no plain-HTTP listener at all."""
+    keys = {"domains": domains, "directory": directory, "cache_dir": cache_dir, "retry_interval": "1s",
+            "challenges": "tls-alpn-01 http-01", **({"ca_file": ca_file} if ca_file else {}), **acme}
+    section = "[acme]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    return start_proxy(single_route(upstream.port) + section, server={"http2": "yes"}, workers=workers)
+
+
+def test_tls_alpn_01_obtains_certificates_on_the_tls_port_alone(start_proxy, upstream, pebble, tmp_path):
+    # Nothing listens on the HTTP port pebble knows: only TLS-ALPN-01 can succeed.
+    ca = pebble(free_port(), start=False)
+    cache = tmp_path / "acme"
+    proxy = tls_alpn_proxy(start_proxy, upstream, ca.directory, cache, ca.ca_file, domains="a.test b.test",
+                           workers=2)
+    # pebble validates on rproxy's TLS port, known only now; rproxy retries until the CA is up.
+    ca.tls_port = proxy.port
+    ca.start()
+    trusted = ca.trusting_context()
+    for name in ("a.test", "b.test"):
+        cert = wait_for_certificate(proxy.port, name, trusted)
+        assert "Pebble Intermediate CA" in cert.issuer.rfc4514_string()
+    settle()
+    for alpn in (None, ["http/1.1"]):
+        context = ca.trusting_context()
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        assert HttpsConnection(proxy.port, "b.test", context).get("/echo/x").status == 200
+    assert len(proxy.log_lines(r"tls: answered the TLS-ALPN-01 validation from 127.0.0.1")) >= 2
+    assert not proxy.log_lines(r"acme-challenge")
+    assert len(proxy.log_lines(r"acme: (a|b).test: obtained a certificate")) == 2
+    assert list((cache / "tls-alpn-01").iterdir()) == []  # challenge certificates are removed after the order
+
+
+def challenge_digest(cert) -> bytes:
+    extension = cert.extensions.get_extension_for_oid(tls_alpn.ACME_IDENTIFIER)
+    assert extension.critical
+    return extension.value.value
+
+
+def handshake(port, server_name, alpn, send_slowly=False):
+    """(certificate, negotiated protocol, the TLS socket) of a fresh connection offering `alpn`."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if send_slowly:
+        # The ClientHello in two TCP segments, 0.3 s apart.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.sendall(hello[:40])
+        time.sleep(0.3)
+        raw.sendall(hello[40:])
+        while True:
+            incoming.write(raw.recv(65536))
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+        if data := outgoing.read():
+            raw.sendall(data)
+        cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        return cert, tls.selected_alpn_protocol(), raw
+    sock = context.wrap_socket(raw, server_hostname=server_name)
+    return x509.load_der_x509_certificate(sock.getpeercert(binary_form=True)), sock.selected_alpn_protocol(), sock
+
+
+def closed_by_server(sock, timeout=10.0) -> bool:
+    """Whether the server closes `sock` within `timeout` (what it sends before is read and dropped)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        return True
+    except socket.timeout:
+        pass
+    return False
+
+
+def test_pending_tls_alpn_challenge_answers_only_the_validation(start_proxy, upstream, tmp_path):
+    """While a challenge for a.test is pending, only a client offering exactly
+    acme-tls/1 for a.test gets the challenge certificate (and the connection
+    closes after the handshake); every other client is served as usual."""
+    cache = tmp_path / "acme"
+    # A CA that is not there: the challenge file below is the only one, and stays.
+    proxy = tls_alpn_proxy(start_proxy, upstream, f"https://127.0.0.1:{free_port()}/dir", cache, None,
+                           domains="a.test b.test", workers=2)
+    proxy.wait_for_log(r"acme: a.test: could not obtain a certificate", timeout=30)
+    key_authorization = "token-abc.thumbprint-xyz"
+    (cache / "tls-alpn-01" / "a.test.pem").write_bytes(tls_alpn.challenge_certificate("a.test", key_authorization))
+    # RFC 8737 §3: the extension holds the DER OCTET STRING of the digest.
+    expected = b"\x04\x20" + hashlib.sha256(key_authorization.encode()).digest()
+
+    # Clients that send nothing (or half a ClientHello) hold up no one else.
+    silent = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(4)]
+    silent[0].sendall(b"\x16\x03\x01\x02\x00\x01")
+    for attempt in range(4):  # both workers, whichever gets the connection
+        cert, protocol, sock = handshake(proxy.port, "a.test", ["acme-tls/1"], send_slowly=attempt == 1)
+        assert protocol == "acme-tls/1"
+        assert challenge_digest(cert) == expected
+        assert certificates.names_of(cert) == ("a.test",)
+        assert closed_by_server(sock)  # after the handshake, without waiting for a request
+        sock.close()
+
+    # Everyone else: the placeholder, and answers.
+    for name, alpn in [("a.test", None), ("a.test", ["h2", "http/1.1"]), ("a.test", ["http/1.1"]),
+                       ("a.test", ["h2", "acme-tls/1"]), ("b.test", ["acme-tls/1"]), (None, ["acme-tls/1"])]:
+        cert, protocol, sock = handshake(proxy.port, name, alpn)
+        assert "rproxy placeholder certificate" in cert.subject.rfc4514_string(), (name, alpn)
+        assert protocol != "acme-tls/1"
+        sock.close()
+    for alpn in (None, ["http/1.1"]):
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        assert HttpsConnection(proxy.port, "a.test", context).get("/echo/during").status == 200
+    with httpx.Client(http2=True, verify=False, timeout=10) as client:
+        response = client.get(f"https://127.0.0.1:{proxy.port}/echo/h2", headers={"Host": "a.test"})
+    assert response.status_code == 200 and response.http_version == "HTTP/2"
+    # Plain HTTP to the TLS port is still answered 400 while a challenge is pending.
+    assert raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").startswith(b"HTTP/1.1 400")
+
+    for sock in silent:
+        sock.close()
+
+    # Answered: the next validation-like client gets the ordinary certificate.
+    (cache / "tls-alpn-01" / "a.test.pem").unlink()
+    cert, protocol, sock = handshake(proxy.port, "a.test", ["acme-tls/1"])
+    sock.close()
+    assert "rproxy placeholder certificate" in cert.subject.rfc4514_string() and protocol is None
+
+
+def test_challenges_default_to_tls_alpn_first_and_skip_http_01_without_a_plain_listener(tmp_path):
+    from rproxy import acme, config
+    ini = tmp_path / "rproxy.ini"
+    base = f"{single_route(1)}[acme]\ndomains = a.test\ncache_dir = {tmp_path / 'acme'}\n"
+    ini.write_text("[server]\nbind = 127.0.0.1:8443\n" + base)
+    loaded = config.load(str(ini))
+    assert loaded.acme.challenges == ("tls-alpn-01", "http-01")
+    assert acme.usable_challenges(loaded) == ("tls-alpn-01",)
+    ini.write_text("[server]\nbind = 127.0.0.1:8443\nhttp_bind = 127.0.0.1:8080\n" + base
+                   + "challenges = http-01 tls-alpn-01\n")
+    assert acme.usable_challenges(config.load(str(ini))) == ("http-01", "tls-alpn-01")

@@ -211,6 +211,35 @@ def test_redis_cache_is_shared_and_survives_an_outage(start_proxy, upstream, red
     assert "is back" in first.log()
 
 
+def test_concurrent_misses_over_two_instances_reach_the_origin_once_with_redis(start_proxy, upstream,
+                                                                               redis_server):
+    section = f"\n[cache]\nstorage = {redis_server.url}\n"
+    proxies = [start_proxy(single_route(upstream.port) + section, workers=2) for _ in range(2)]
+    path = f"/cacheable?cc=max-age=60&delay=1&id=redis-{next(_unique)}"
+
+    def fetch(i):
+        r = requests.get(proxies[i % 2].url + path, headers=SITE, timeout=20)
+        return r.json()["n"], r.headers["X-Cache"]
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(fetch, range(40)))
+    assert {n for n, _ in answers} == {1}  # one request of the fleet went to the origin
+    assert [label for _, label in answers].count("MISS") == 1
+
+
+def test_the_redis_lock_is_held_by_one_at_a_time_and_expires(redis_server):
+    from rproxy.httpcache.store import RedisStore
+    store = RedisStore(redis_server.url, timeout=2)
+    first, second = store.lock("k", 0.3), store.lock("k", 0.3)
+    assert first.acquire() and not second.acquire()
+    first.release()
+    assert second.acquire()
+    time.sleep(0.4)  # its holder died: the lock goes by itself
+    assert first.acquire()
+    second.release()  # expired: no longer second's to release
+    assert not second.acquire()
+
+
 class Origin:
     """Answers each path with the header lines a test set for it (any bytes,
     invalid ones too); the body counts the answers for that path."""

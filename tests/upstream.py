@@ -237,7 +237,8 @@ def app(environ, start_response):
 
 def cacheable(environ, start_response, query):
     """Answers as the query says (cc, etag, lm, expires, age, vary, cookie,
-    status, size, delay); the body counts how often the upstream answered.
+    status, size, delay, tags: Surrogate-Key, cachetag: Cache-Tag); the
+    body counts how often the upstream answered.
     An id set failing with /_fail sleeps first, and/or answers that error
     status instead, uncacheable."""
     key = environ["PATH_INFO"] + "?" + environ.get("QUERY_STRING", "")
@@ -264,6 +265,10 @@ def cacheable(environ, start_response, query):
         headers.append(("Surrogate-Control", query["sc"]))
     if query.get("vary"):
         headers.append(("Vary", query["vary"]))
+    if query.get("tags"):
+        headers.append(("Surrogate-Key", query["tags"]))
+    if query.get("cachetag"):
+        headers.append(("Cache-Tag", query["cachetag"]))
     if query.get("cookie"):
         headers.append(("Set-Cookie", "session=1"))
     if etag and environ.get("HTTP_IF_NONE_MATCH") == f'"{etag}"':

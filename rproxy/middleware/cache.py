@@ -1,13 +1,17 @@
 """HTTP cache (RFC 9111, shared cache), between the filter and the upstream.
 
-GET responses that may be stored are kept in memory (an LRU per worker) or in
-Redis (shared by every worker and instance); HEAD is answered from them too.
+GET responses that may be stored are kept in memory (an LRU per worker), on
+disk (httpcache/disk.py: shared by the workers of a host) or in Redis (shared
+by every worker and instance); HEAD is answered from them too.
 Fresh entries are served with an Age header; stale ones are revalidated with
 If-None-Match / If-Modified-Since and refreshed on 304. Clients' own
 conditional requests are answered from the cache. Concurrent misses for one
 URL in a worker send one request upstream and the others wait for it when it
-turns out cacheable. A successful POST, PUT, PATCH or DELETE invalidates the
-stored entry of its URL (so does any method not known to be safe). Every response says what happened:
+turns out cacheable; with the disk store, one worker of the host sends it and
+the others wait for it too (a lock file per URL), and with Redis one worker
+of the fleet (a lock key that expires), at most collapse_timeout. A
+successful POST, PUT, PATCH or DELETE invalidates the stored entry of its URL
+(so does any method not known to be safe). Every response says what happened:
 X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream), STALE (answered
 from a stale entry: see httpcache/stale.py) or BYPASS; and Cache-Status (RFC
 9211) says the same in the standard's terms. Under stale-while-revalidate, a
@@ -35,9 +39,10 @@ from .. import metrics
 from ..http import Request, Response
 from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
 from ..httpcache import stale
+from ..httpcache.disk import DiskStore, body_chunks
 from ..httpcache.store import MemoryStore, RedisStore, Retention
 from ..storage_guard import StorageGuard
-from ..values import header_names, positive_duration, setting, size, storage_uri
+from ..values import cache_storage_uri, header_names, positive_duration, setting, size
 
 log = logging.getLogger("rproxy.cache")
 CACHE_STATUS = "rproxy"  # this cache's name in Cache-Status
@@ -56,9 +61,13 @@ NOT_UPDATED = frozenset({"content-length", "content-encoding", "transfer-encodin
 @dataclass(frozen=True)
 class CacheConfig:
     name: str
-    max_size: int = setting("256m", size, "Total size of the memory cache, per worker.")
+    max_size: int = setting("256m", size, "Total size of the cache: per worker in memory, per host on disk.")
     max_entry_size: int = setting("8m", size, "Largest response stored; larger ones stream through.")
-    storage: str = setting("memory://", storage_uri, "memory:// (per worker) or redis://host:port/db (shared).")
+    storage: str = setting("memory://", cache_storage_uri,
+                           "memory:// (per worker), file:///path/to/dir (a directory shared by the workers "
+                           "of a host) or redis://host:port/db (shared by every instance; also "
+                           "rediss://, redis+sentinel://host:port/service, "
+                           "redis+cluster://host:port,host:port).")
     storage_timeout: float = setting("500ms", positive_duration, "Longest wait for Redis.")
     storage_retry: float = setting("5s", positive_duration,
                                    "After Redis fails or times out, how long the cache is bypassed "
@@ -123,12 +132,12 @@ class HTTPCache:
         stores = shared.setdefault("cache_stores", {})
         store_key = (config.storage, config.name)
         if store_key not in stores:
-            retention = Retention(config.stale_keep, every=bool(config.use_stale))
-            stores[store_key] = (MemoryStore(config.max_size, retention) if config.storage == "memory://"
-                                 else RedisStore(config.storage, config.storage_timeout, retention))
+            stores[store_key] = open_store(config)
         self.store = stores[store_key]
         self.config = config
         self.inflight: dict[str, Event] = {}
+        self.held: dict[str, object] = {}  # key -> the store's lock its fetch holds (disk, Redis)
+        self.lockable = hasattr(self.store, "lock")
         self.revalidating: set[str] = set()  # keys revalidated in the background now
         self.guard = StorageGuard(f"cache:{config.name}", config.storage, config.storage_retry,
                                   "bypassing the cache")
@@ -163,16 +172,55 @@ class HTTPCache:
             if found is not None and found[1] is not None and fresh_enough(found[1], request.headers):
                 return self._serve(request, found[1], "HIT")
             entries, entry = found if found is not None else ([], None)
+        if entry is None and self.lockable and method == "GET" and key not in self.inflight:
+            self.inflight[key] = Event()  # this worker's others wait for us, we for the host
+            try:
+                if self._wait_for_host(key):
+                    found = self._lookup(key, request)
+                    if found is not None and found[1] is not None and fresh_enough(found[1], request.headers):
+                        self._finish(key, True)
+                        return self._serve(request, found[1], "HIT")
+                    entries, entry = found if found is not None else ([], None)
+            except BaseException:
+                self._finish(key, True)
+                raise
+            return self._fetch(request, call_next, key, entries, entry, leader=True)
         return self._fetch(request, call_next, key, entries, entry)
 
-    def _fetch(self, request: Request, call_next, key: str, entries: list[Entry], entry: Entry | None) -> Response:
+    def _wait_for_host(self, key: str) -> bool:
+        """Takes the lock of `key` in the store (a host's or a fleet's), so that
+        one worker fetches it; waits while another worker holds it, at most
+        collapse_timeout. True when it waited: the entry may be there now,
+        and the lock is not held (those who waited go on together, as they
+        do in a worker, should the response turn out not to be storable)."""
+        lock = self.store.lock(key, self.config.collapse_timeout)
+        deadline = time.monotonic() + self.config.collapse_timeout
+        pause, waited = 0.005, False
+        try:
+            while not lock.acquire():
+                if time.monotonic() >= deadline:
+                    return True
+                waited = True
+                gevent.sleep(pause)  # never block the worker's other connections
+                pause = min(pause * 2, 0.05)
+        except Exception as e:  # the disk or Redis failing: go on without the cache
+            self.guard.failed(e)
+            return False
+        if waited:  # someone else fetched it meanwhile
+            lock.release()
+            return True
+        self.held[key] = lock
+        return False
+
+    def _fetch(self, request: Request, call_next, key: str, entries: list[Entry], entry: Entry | None,
+               leader: bool = False) -> Response:
         headers = request.headers
         # The client's own conditions are answered here, from what we store.
         theirs = {name: headers.pop(name) for name in CONDITIONALS if name in headers}
         if entry is not None:
             headers.update(entry.validators())
-        leader = entry is None and request.method == "GET" and key not in self.inflight
-        if leader:
+        if not leader and entry is None and request.method == "GET" and key not in self.inflight:
+            leader = True
             self.inflight[key] = Event()
         request_time = time.time()
         try:
@@ -289,7 +337,7 @@ class HTTPCache:
         headers += [("Age", str(int(age))), ("X-Cache", label), ("Cache-Status", f"{CACHE_STATUS}; {status}")]
         if not_modified(entry, request.headers):
             return Response(304, [(k, v) for k, v in headers if k.lower() in NOT_MODIFIED_HEADERS], [b""])
-        return Response(entry.status, headers, [entry.body] if request.method == "GET" else [b""],
+        return Response(entry.status, headers, body_chunks(entry.body) if request.method == "GET" else [b""],
                         entry.reason)
 
     def _key(self, request: Request) -> str:
@@ -339,9 +387,25 @@ class HTTPCache:
 
     def _finish(self, key: str, leader: bool) -> None:
         if leader:
+            lock = self.held.pop(key, None)
+            if lock is not None:
+                try:
+                    lock.release()
+                except Exception as e:  # Redis gone: its lock expires by itself
+                    self.guard.failed(e)
             event = self.inflight.pop(key, None)
             if event is not None:
                 event.set()
+
+
+def open_store(config: CacheConfig):
+    """The store `config` names: memory, a directory, or Redis."""
+    retention = Retention(config.stale_keep, every=bool(config.use_stale))
+    if config.storage == "memory://":
+        return MemoryStore(config.max_size, retention)
+    if config.storage.startswith("file://"):
+        return DiskStore(config.storage[len("file://"):], config.max_size, retention)
+    return RedisStore(config.storage, config.storage_timeout, retention)
 
 
 def cache_key(request: Request) -> str:

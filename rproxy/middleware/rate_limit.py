@@ -42,7 +42,8 @@ class RateLimitConfig:
     strategy: str = setting("moving-window", one_of(*STRATEGIES),
                             "moving-window, fixed-window or sliding-window-counter.")
     storage: str = setting("memory://", storage_uri,
-                           "memory:// (per worker) or redis://host:port/db (shared).")
+                           "memory:// (per worker) or redis://host:port/db (shared); also "
+                           "rediss://, redis+sentinel://host:port/service, redis+cluster://host:port,host:port.")
     storage_timeout: float = setting("500ms", positive_duration, "Longest wait for the storage.")
     on_storage_error: str = setting("allow", one_of("allow", "deny"),
                                     "When the storage fails: allow requests, or deny them (503).")

@@ -1,0 +1,202 @@
+"""The disk cache (storage = file:///dir): one store for every worker of a
+host, surviving restarts, never serving a torn entry, bounded in size with
+LRU eviction, streaming large bodies; concurrent misses reach the origin once
+per host. The store in-process first, then through a real multi-worker proxy."""
+
+import concurrent.futures
+import itertools
+import os
+import time
+
+import psutil
+import pytest
+import requests
+
+from conftest import single_route
+from rproxy.httpcache.disk import INLINE, TEMP_PREFIX, DiskStore, FileBody
+from rproxy.httpcache.rules import Entry
+
+_unique = itertools.count()
+
+
+def entry(body: bytes, max_age: int = 60) -> Entry:
+    now = time.time()
+    return Entry(200, "OK", [("Cache-Control", f"max-age={max_age}"), ("Content-Length", str(len(body)))],
+                 body, now, now)
+
+
+def body_of(stored: Entry) -> bytes:
+    return b"".join(stored.body) if isinstance(stored.body, FileBody) else stored.body
+
+
+# -- the store, in-process ---------------------------------------------------
+
+def test_an_entry_written_by_one_worker_is_read_by_another(tmp_path):
+    one, other = DiskStore(str(tmp_path), 1 << 20), DiskStore(str(tmp_path), 1 << 20)
+    one.put("http://a/x", [entry(b"hello")])
+    [got] = other.get("http://a/x")
+    assert (got.status, body_of(got), got.headers[0]) == (200, b"hello", ("Cache-Control", "max-age=60"))
+    other.delete("http://a/x")
+    assert one.get("http://a/x") == []
+
+
+def test_a_large_body_is_streamed_from_the_file_not_read(tmp_path):
+    store = DiskStore(str(tmp_path), 16 << 20)
+    big = os.urandom(3 * INLINE + 5)
+    store.put("k", [entry(big)])
+    [got] = store.get("k")
+    assert isinstance(got.body, FileBody) and len(got.body) == len(big)
+    store.put("k", [entry(b"new")])  # replaced meanwhile: the open file still reads the old one
+    chunks = list(got.body)
+    assert b"".join(chunks) == big and max(map(len, chunks)) <= INLINE
+
+
+def test_a_truncated_entry_is_never_served_and_is_removed(tmp_path):
+    store = DiskStore(str(tmp_path), 1 << 20)
+    store.put("k", [entry(b"x" * 1000)])
+    [path] = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    path.write_bytes(path.read_bytes()[:-10])  # a machine crash before the data reached the disk
+    assert store.get("k") == [] and not path.exists()
+    path.write_bytes(b"garbage")
+    assert store.get("k") == []
+
+
+def test_temporary_files_of_dead_writers_are_removed_at_start(tmp_path):
+    dead = psutil.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"{TEMP_PREFIX}{dead.pid}.abc"
+    left.write_bytes(b"RPC1 half written")
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}.abc"  # a running worker's write in progress
+    live.write_bytes(b"RPC1 being written")
+    DiskStore(str(tmp_path), 1 << 20)
+    assert not left.exists() and live.exists()
+
+
+def test_over_the_size_bound_the_least_recently_used_entries_go(tmp_path):
+    store = DiskStore(str(tmp_path), 10_000)
+    for name in "abc":
+        store.put(name, [entry(b"x" * 2500)])
+        past = time.time() - 100 + ord(name)  # mtime has a coarse resolution on some file systems
+        os.utime(store._file(name), (past, past))
+    store.get("a")  # used: now the most recent
+    store.put("d", [entry(b"x" * 2500)])
+    assert [bool(store.get(k)) for k in "abcd"] == [True, False, True, True]
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 10_000
+
+
+def test_an_entry_larger_than_the_bound_is_not_stored(tmp_path):
+    store = DiskStore(str(tmp_path), 1000)
+    store.put("k", [entry(b"x" * 2000)])
+    assert store.get("k") == [] and list(tmp_path.iterdir()) == []
+
+
+def test_an_expired_entry_without_validators_is_dropped(tmp_path):
+    store = DiskStore(str(tmp_path), 1 << 20)
+    old = entry(b"x", max_age=1)
+    old.request_time = old.response_time = time.time() - 10
+    store.put("k", [old])
+    assert store.get("k") == []
+
+
+def test_the_key_lock_is_held_by_one_at_a_time_and_freed(tmp_path):
+    store = DiskStore(str(tmp_path), 1 << 20)
+    first, second = store.lock("k"), store.lock("k")
+    assert first.acquire() and not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()
+    assert [p for p in tmp_path.iterdir()] == []  # no lock file left behind
+
+
+# -- through the proxy --------------------------------------------------------
+
+def disk_ini(upstream_port: int, folder, extra: str = "") -> str:
+    return single_route(upstream_port) + f"\n[cache]\nstorage = file://{folder}\n{extra}"
+
+
+def cacheable(proxy, **query) -> str:
+    query.setdefault("id", f"disk{next(_unique)}")
+    return proxy.url + "/cacheable?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+def stored_file(folder):
+    """The one entry in `folder`, once it is there: a response may reach the
+    client a moment before the worker has stored it."""
+    deadline = time.monotonic() + 10
+    while not (found := [p for p in folder.iterdir() if not p.name.startswith(".")]):
+        assert time.monotonic() < deadline, "the response was not stored"
+        time.sleep(0.02)
+    [path] = found
+    return path
+
+
+def test_fifty_concurrent_misses_over_four_workers_reach_the_origin_once(start_proxy, upstream, tmp_path):
+    proxy = start_proxy(disk_ini(upstream.port, tmp_path / "cache"), workers=4)
+    target = cacheable(proxy, cc="max-age=60", delay="1")
+
+    def fetch(_):
+        r = requests.get(target, timeout=20)
+        return r.status_code, r.json()["n"], r.headers["X-Cache"]
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(fetch, range(50)))
+    assert {(status, n) for status, n, _ in answers} == {(200, 1)}  # the origin answered once
+    assert sorted(label for _, _, label in answers).count("MISS") == 1
+
+
+def test_cached_entries_survive_a_proxy_restart(start_proxy, upstream, tmp_path):
+    ini = disk_ini(upstream.port, tmp_path / "cache")
+    first = start_proxy(ini, workers=2)
+    target = cacheable(first, cc="max-age=60")
+    host = {"Host": "cache.test"}  # the key holds the Host, and the new proxy has another port
+    assert requests.get(target, headers=host, timeout=10).json()["n"] == 1
+    stored_file(tmp_path / "cache")
+    first.stop()
+    again = start_proxy(ini, workers=2)
+    r = requests.get(target.replace(first.url, again.url), headers=host, timeout=10)
+    assert (r.headers["X-Cache"], r.json()["n"]) == ("HIT", 1)
+
+
+def test_a_torn_entry_in_the_directory_is_fetched_again_not_served(start_proxy, upstream, tmp_path):
+    folder = tmp_path / "cache"
+    proxy = start_proxy(disk_ini(upstream.port, folder), workers=2)
+    target = cacheable(proxy, cc="max-age=60", size="5000")
+    requests.get(target, timeout=10)
+    path = stored_file(folder)
+    path.write_bytes(path.read_bytes()[:-100])
+    r = requests.get(target, timeout=10)
+    assert (r.headers["X-Cache"], r.json()["n"], len(r.content)) == ("MISS", 2, 5000)
+
+
+def test_a_large_cached_body_streams_from_disk_without_a_copy_per_response(start_proxy, upstream, tmp_path):
+    size = 4 << 20
+    proxy = start_proxy(disk_ini(upstream.port, tmp_path / "cache", "max_entry_size = 8m\n"))
+    target = cacheable(proxy, cc="max-age=60", size=str(size))
+    for _ in range(2):  # stored, then served once from the disk
+        assert len(requests.get(target, timeout=20).content) == size
+    [worker] = proxy.workers()
+    before = worker.memory_info().rss
+    held = []
+    try:
+        for _ in range(10):  # ten slow readers, each with a response in progress
+            r = requests.get(target, timeout=20, stream=True)
+            assert r.headers["X-Cache"] == "HIT"
+            next(r.iter_content(1024))
+            held.append(r)
+        time.sleep(0.5)
+        grown = worker.memory_info().rss - before
+    finally:
+        for r in held:
+            r.close()
+    # A body read into memory per response would add 10 x 4 MiB.
+    assert grown < 16 << 20, f"worker RSS grew by {grown >> 20} MiB"
+
+
+def test_a_relative_file_storage_is_a_config_error_naming_the_key(tmp_path):
+    from rproxy import config
+    ini = tmp_path / "rproxy.ini"
+    ini.write_text(single_route(9) + "\n[cache]\nstorage = file://var/cache\n")
+    with pytest.raises(Exception) as error:
+        config.load(str(ini))
+    message = str(error.value)
+    assert "[cache]" in message and "storage" in message and "file:///var/cache/rproxy" in message

@@ -239,6 +239,24 @@ def certs(tmp_path_factory) -> Certificates:
     return made
 
 
+def wait_until(predicate, timeout: float = 20.0) -> bool:
+    """Poll `predicate` every 0.1 s: True as soon as it holds, False after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def status_of(url: str) -> int | None:
+    """The status of a GET, or None when nothing answers."""
+    try:
+        return requests.get(url, timeout=5).status_code
+    except requests.RequestException:
+        return None
+
+
 def raw_exchange(port: int, request: bytes) -> bytes:
     """Send bytes exactly as given; return all that comes back until the
     proxy closes (or resets, or stops talking for 10 s)."""

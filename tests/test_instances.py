@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from conftest import BIN, GUNICORN, Process, free_port, single_route, wait_for_port
+from conftest import BIN, GUNICORN, Process, free_port, single_route, status_of, wait_for_port, wait_until
 
 RPROXY = str(BIN / "rproxy")
 
@@ -59,22 +59,6 @@ class Instance(Process):
         return {w.pid for w in self.children()}
 
 
-def wait_until(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def status(url):
-    try:
-        return requests.get(url, timeout=5).status_code
-    except requests.RequestException:
-        return None
-
-
 def test_two_instances_reload_and_stop_apart(tmp_path, upstream):
     a = Instance(tmp_path / "a", upstream.port)
     b = Instance(tmp_path / "b", upstream.port)
@@ -106,7 +90,7 @@ def test_two_instances_reload_and_stop_apart(tmp_path, upstream):
         assert out.returncode == 0, out.stderr
         assert a.proc.wait(10) == 0
         assert not os.path.exists(files_a["pidfile"]) and not os.path.exists(files_a["control socket"])
-        assert status(b.url + "/echo") == 200
+        assert status_of(b.url + "/echo") == 200
         assert b.control("show all")["arbiter"]["pid"] == b.pid
         assert "Handling signal" not in b.log()
         assert "Traceback" not in a.log() + b.log()
@@ -129,7 +113,7 @@ def test_second_start_of_one_config_is_refused_and_leaves_the_first_alone(tmp_pa
         assert "Traceback" not in second.stderr
         assert open(files["pidfile"]).read().strip() == str(first.pid)
         assert first.control("show all")["arbiter"]["pid"] == first.pid
-        assert status(first.url + "/echo") == 200
+        assert status_of(first.url + "/echo") == 200
     finally:
         first.stop()
 
@@ -146,7 +130,7 @@ def test_reload_of_a_broken_config_is_refused_before_signalling(tmp_path, upstre
             f"rproxy: {instance.ini}: [route:bad] upstream: no [upstream:nowhere] section",
             "rproxy: not reloaded; the running instance keeps the config it has"]
         assert "Handling signal: hup" not in instance.log()
-        assert instance.worker_pids() == workers and status(instance.url + "/echo") == 200
+        assert instance.worker_pids() == workers and status_of(instance.url + "/echo") == 200
     finally:
         instance.stop()
 

@@ -13,24 +13,9 @@ import psutil
 import pytest
 import requests
 
-from conftest import BIN, GUNICORN, REPO, Process, Proxy, Started, free_port, single_route, wait_for_port
+from conftest import (BIN, GUNICORN, REPO, Process, Proxy, Started, free_port, single_route, status_of,
+                      wait_for_port, wait_until)
 from upstream import pattern_bytes
-
-
-def wait_until(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def status_of(url):
-    try:
-        return requests.get(url, timeout=5).status_code
-    except requests.RequestException:
-        return None
 
 
 def versioned_ini(port, version):

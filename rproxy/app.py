@@ -14,22 +14,23 @@ import time
 
 from gevent import monkey
 
-from . import config as config_module
-from .config import Config
-from .connection import LingeringClose
-from .forward import Forwarder
-from .forwarded import Forwarding
-from .http import BadRequest, Request, Response, error_response
-from . import metrics, middleware
-from .admin import Admin
-from .middleware import compose
-from .middleware.security_headers import SecurityHeaders
-from .plain_http import PlainHttp
-from .routing import Router
-from .serving import serving_config
-from .tunnel import TAKEN_OVER, Tunnels
-from .upstream import Upstream
-from .values import host_port
+from rproxy import config as config_module
+from rproxy import middleware
+from rproxy.client_address import Forwarding
+from rproxy.config import Config
+from rproxy.forwarding.forwarder import Forwarder
+from rproxy.forwarding.tunnel import TAKEN_OVER, Tunnels
+from rproxy.messages import BadRequest, Request, Response, error_response
+from rproxy.middleware import compose
+from rproxy.middleware.security_headers import SecurityHeaders
+from rproxy.observability import metrics
+from rproxy.observability.admin import Admin
+from rproxy.routing import Router
+from rproxy.server.lingering_close import LingeringClose
+from rproxy.server.plain_http import PlainHttp
+from rproxy.server.settings import serving_config
+from rproxy.upstreams.servers import Upstream
+from rproxy.values import host_port
 
 log = logging.getLogger("rproxy")
 

@@ -20,9 +20,8 @@ import signal
 import sys
 from importlib import resources
 
-from . import __version__
-from . import config as config_module
-from . import instance
+from rproxy import __version__, instance
+from rproxy import config as config_module
 
 
 def check(path: str) -> int:
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def explain_command(args) -> int:
-    from .explain import explain
+    from rproxy.explain import explain
     try:
         config = config_module.load(args.config)
     except config_module.ConfigError as e:

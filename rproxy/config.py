@@ -16,9 +16,10 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from . import certificates, values
-from .middleware import MIDDLEWARE
-from .values import setting
+from rproxy import values
+from rproxy.middleware import MIDDLEWARE
+from rproxy.tls import certificates
+from rproxy.values import setting
 
 DEFAULT_PATH = "conf/rproxy.ini"
 

@@ -7,14 +7,14 @@ matched, what the route does with the request, and which server it would go to.
 
 from __future__ import annotations
 
-from . import config as config_module
-from .forwarded import Forwarding
-from .http import BadRequest, Request
-from .middleware.cache import cache_key
-from .middleware.filter import PathFilter, canonical
-from .routing import Router, host_matches, prefix_matches
-from .target import without_prefix
-from .upstream import Upstream
+from rproxy import config as config_module
+from rproxy.client_address import Forwarding
+from rproxy.messages import BadRequest, Request
+from rproxy.middleware.cache import cache_key
+from rproxy.middleware.filter import PathFilter, canonical
+from rproxy.routing import Router, host_matches, prefix_matches
+from rproxy.target import without_prefix
+from rproxy.upstreams.servers import Upstream
 
 
 def _environ(url: str, method: str, headers: list[tuple[str, str]], client: str) -> dict:

@@ -10,7 +10,7 @@ still override). A checkout's gunicorn.conf.py is a shim over this module.
 import os
 import sys
 
-from rproxy import serving
+from rproxy.server import settings as server_settings
 
 
 def _forget_module(arbiter) -> None:
@@ -31,13 +31,13 @@ def _after(hook, then):
 
 
 def settings(cwd: str, argv: list[str]) -> dict:
-    found = serving.ini_path(cwd, argv)
+    found = server_settings.ini_path(cwd, argv)
     if not os.environ.get("RPROXY_CONFIG") and not os.path.exists(found):
         print(f"rproxy: no config: {found} does not exist; name yours with RPROXY_CONFIG=/path/to/rproxy.ini "
               "(`rproxy sample-config` prints a commented one to start from)", file=sys.stderr, flush=True)
         raise SystemExit(2)
     # As gunicorn.conf.py in the current directory would: conf/rproxy.ini is beside it.
-    result = dict(serving.gunicorn_settings(os.path.join(cwd, "gunicorn.conf.py"), argv))
+    result = dict(server_settings.gunicorn_settings(os.path.join(cwd, "gunicorn.conf.py"), argv))
     for hook in ("on_starting", "on_reload"):
         result[hook] = _after(result.get(hook), _forget_module)
     return result

@@ -18,7 +18,7 @@ import signal
 import stat
 import time
 
-from .config import Config, ConfigError
+from rproxy.config import Config, ConfigError
 
 ROOT_RUN_DIR = "/run/rproxy"
 

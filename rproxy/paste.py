@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from . import serving
+from rproxy.server import settings as server_settings
 
 # The command that serves an INI with rproxy's settings, from any directory.
 SETTINGS_MODULE = "python:rproxy.gunicorn_conf"
@@ -26,7 +26,7 @@ SETTINGS_MODULE = "python:rproxy.gunicorn_conf"
 def app_factory(global_conf, **local_conf):
     """`[app:main] use = egg:rproxy`; `config = FILE` names another INI."""
     path = os.path.abspath(local_conf.get("config") or global_conf["__file__"])
-    if serving.serving_config() is None:
+    if server_settings.serving_config() is None:
         if "gunicorn.workers.base" in sys.modules:
             # In a gunicorn worker whose master never read rproxy's settings.
             from gunicorn.errors import AppImportError
@@ -35,7 +35,7 @@ def app_factory(global_conf, **local_conf):
         # Outside gunicorn (pserve and the like load the app in the process
         # that will fork the workers): build it where it serves.
         return Deferred(path)
-    from .app import build
+    from rproxy.app import build
     return build(path)
 
 
@@ -57,7 +57,7 @@ class Deferred:
     """The proxy for `path`, built on its first request, in the process that serves it."""
 
     def __init__(self, path: str):
-        from . import config
+        from rproxy import config
         try:
             config.load(path)  # a bad config fails now, in the launcher
         except config.ConfigError as e:
@@ -68,7 +68,7 @@ class Deferred:
 
     def __call__(self, environ, start_response):
         if self.app is None:
-            from .app import build
+            from rproxy.app import build
             self.app = build(self.path)
         return self.app(environ, start_response)
 
@@ -95,12 +95,12 @@ def serve(app, global_conf, **local_conf):
     class Runner(BaseApplication):
         def load_config(self):
             # Again at each reload (HUP): the INI is read anew.
-            settings = serving.gunicorn_settings(path, argv=[])
+            settings = server_settings.gunicorn_settings(path, argv=[])
             for key, value in {**settings, **overrides}.items():
                 self.cfg.set(key, value)
 
         def load(self):
-            from .app import build
+            from rproxy.app import build
             return build(path)
 
     Runner().run()

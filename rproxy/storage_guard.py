@@ -17,8 +17,8 @@ import math
 import time
 from urllib.parse import urlsplit
 
-from . import metrics
-from .breaker import Breaker
+from rproxy.observability import metrics
+from rproxy.upstreams.breaker import Breaker
 
 log = logging.getLogger("rproxy.storage")
 

@@ -333,7 +333,7 @@ def path_patterns(raw: str) -> tuple[str, ...]:
 def storage_uri(raw: str) -> str:
     """memory://, or Redis: redis://, rediss:// (TLS), redis+sentinel://,
     redis+cluster:// (httpcache/redis_uri.py)."""
-    from .httpcache.redis_uri import parse
+    from rproxy.httpcache.redis_uri import parse
     value = raw.strip()
     if value == "memory://":
         return value

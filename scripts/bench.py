@@ -42,10 +42,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import (GUNICORN, Stack, free_port, interleave, median, raise_fd_limit, say,
-                          source_tree, start_bench_upstream, start_nginx_proxy, start_rproxy, start_upstream,
-                          worker_pid, wrk)
 import bench_peers
+from bench_common import (
+    GUNICORN,
+    Stack,
+    free_port,
+    interleave,
+    median,
+    raise_fd_limit,
+    say,
+    source_tree,
+    start_bench_upstream,
+    start_nginx_proxy,
+    start_rproxy,
+    start_upstream,
+    worker_pid,
+    wrk,
+)
 from bench_memory import many_clients, per_connection_kib
 
 SECTIONS = ("table", "middleware", "observability", "tunnels", "tls")

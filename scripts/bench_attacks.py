@@ -17,8 +17,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_common import (PYTHON, ROOT, Service, Stack, cpus, free_port, open_fds, rss_kib, say, start_rproxy,
-                          wait_port, worker_pid)
+from bench_common import (
+    PYTHON,
+    ROOT,
+    Service,
+    Stack,
+    cpus,
+    free_port,
+    open_fds,
+    rss_kib,
+    say,
+    start_rproxy,
+    wait_port,
+    worker_pid,
+)
 
 HOSTILE = ROOT / "tests" / "hostile.py"
 

@@ -16,9 +16,21 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_common import (Service, free_port, interleave, median, nginx, raise_fd_limit, rss_kib,
-                          start_bench_upstream, start_rproxy, start_upstream, switch_protocols, wait_port,
-                          worker_pid)
+from bench_common import (
+    Service,
+    free_port,
+    interleave,
+    median,
+    nginx,
+    raise_fd_limit,
+    rss_kib,
+    start_bench_upstream,
+    start_rproxy,
+    start_upstream,
+    switch_protocols,
+    wait_port,
+    worker_pid,
+)
 
 # Every middleware on, none of them refusing anything in the benchmark.
 ALL_MIDDLEWARE = """

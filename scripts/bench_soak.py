@@ -15,8 +15,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_common import (PYTHON, SCRIPTS, Stack, cpus, free_port, open_fds, rss_kib, say, start_bench_upstream,
-                          start_rproxy, start_upstream, worker_pid)
+from bench_common import (
+    PYTHON,
+    SCRIPTS,
+    Stack,
+    cpus,
+    free_port,
+    open_fds,
+    rss_kib,
+    say,
+    start_bench_upstream,
+    start_rproxy,
+    start_upstream,
+    worker_pid,
+)
 
 SAMPLE_EVERY = 10.0
 WARM_UP = 60.0

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 import websocket
-
 from conftest import free_port
 
 

@@ -5,7 +5,6 @@ every line it received."""
 from __future__ import annotations
 
 import pytest
-
 from scripted_upstream import ScriptedUpstream
 
 

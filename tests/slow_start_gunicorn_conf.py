@@ -10,7 +10,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rproxy.serving import gunicorn_settings  # noqa: E402
+from rproxy.server.settings import gunicorn_settings  # noqa: E402
 
 globals().update(gunicorn_settings(os.path.join(REPO, "gunicorn.conf.py")))
 

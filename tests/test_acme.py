@@ -21,11 +21,19 @@ import httpx
 import pytest
 import requests
 import trustme
+from conftest import (
+    HttpsConnection,
+    Process,
+    Started,
+    free_port,
+    raw_exchange,
+    served_certificate,
+    single_route,
+    wait_for_port,
+)
 from cryptography import x509
 
-from rproxy import certificates, tls_alpn
-from conftest import HttpsConnection, Process, Started, free_port, raw_exchange, served_certificate, \
-    single_route, wait_for_port
+from rproxy.tls import alpn_challenge, certificates
 
 
 def free_udp_and_tcp_port() -> int:
@@ -325,7 +333,7 @@ def test_tls_alpn_01_obtains_certificates_on_the_tls_port_alone(start_proxy, ups
 
 
 def challenge_digest(cert) -> bytes:
-    extension = cert.extensions.get_extension_for_oid(tls_alpn.ACME_IDENTIFIER)
+    extension = cert.extensions.get_extension_for_oid(alpn_challenge.ACME_IDENTIFIER)
     assert extension.critical
     return extension.value.value
 
@@ -388,7 +396,7 @@ def test_pending_tls_alpn_challenge_answers_only_the_validation(start_proxy, ups
                            domains="a.test b.test", workers=2)
     proxy.wait_for_log(r"acme: a.test: could not obtain a certificate", timeout=30)
     key_authorization = "token-abc.thumbprint-xyz"
-    (cache / "tls-alpn-01" / "a.test.pem").write_bytes(tls_alpn.challenge_certificate("a.test", key_authorization))
+    (cache / "tls-alpn-01" / "a.test.pem").write_bytes(alpn_challenge.challenge_certificate("a.test", key_authorization))
     # RFC 8737 §3: the extension holds the DER OCTET STRING of the digest.
     expected = b"\x04\x20" + hashlib.sha256(key_authorization.encode()).digest()
 
@@ -433,7 +441,8 @@ def test_pending_tls_alpn_challenge_answers_only_the_validation(start_proxy, ups
 
 
 def test_challenges_default_to_tls_alpn_first_and_skip_http_01_without_a_plain_listener(tmp_path):
-    from rproxy import acme, config
+    from rproxy import config
+    from rproxy.tls import acme
     ini = tmp_path / "rproxy.ini"
     base = f"{single_route(1)}[acme]\ndomains = a.test\ncache_dir = {tmp_path / 'acme'}\n"
     ini.write_text("[server]\nbind = 127.0.0.1:8443\n" + base)

@@ -17,13 +17,13 @@ import time
 import pytest
 import requests
 from acme.client import _renewal_info_path_component
+from conftest import free_port, served_certificate, single_route
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-
-from rproxy import ari, certificates
-from conftest import free_port, served_certificate, single_route
 from test_acme import pebble, wait_for_certificate  # noqa: F401 - pebble is a fixture
+
+from rproxy.tls import ari, certificates
 
 UTC = datetime.timezone.utc
 

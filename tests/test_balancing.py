@@ -6,7 +6,7 @@ import time
 
 import requests
 
-from rproxy.balancing import ConsistentHash, LeastConn, RandomTwo
+from rproxy.upstreams.balancing import ConsistentHash, LeastConn, RandomTwo
 
 
 class FakeServer:

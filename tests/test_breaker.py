@@ -2,7 +2,7 @@
 the one rule behind passive upstream health and the Redis storages'
 back-off."""
 
-from rproxy.breaker import Breaker, State
+from rproxy.upstreams.breaker import Breaker, State
 
 
 def test_opens_after_threshold_failures_within_the_window_only():

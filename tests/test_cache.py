@@ -7,7 +7,6 @@ from email.utils import formatdate
 
 import pytest
 import requests
-
 from conftest import single_route
 
 _unique = itertools.count()

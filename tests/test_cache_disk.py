@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 import requests
-
 from conftest import single_route
+
 from rproxy.httpcache.disk import INLINE, TEMP_PREFIX, DiskStore, FileBody
 from rproxy.httpcache.rules import Entry
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import requests
-
 from conftest import free_port, single_route
+
 from rproxy.httpcache.disk import DiskStore
 from rproxy.httpcache.purge import parse_request, tags_of
 from rproxy.httpcache.redis_uri import parse

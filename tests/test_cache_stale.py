@@ -11,8 +11,8 @@ from email.utils import formatdate
 
 import pytest
 import requests
-
 from conftest import single_route
+
 from rproxy.httpcache import stale
 from rproxy.httpcache.rules import Entry
 from rproxy.httpcache.store import Retention

@@ -40,10 +40,12 @@ from gunicorn.http2 import response as http2_response
 from gunicorn.http2.stream import HTTP2Stream, StreamState
 from gunicorn.workers import base, base_async, ggevent
 from hyperframe.frame import GoAwayFrame
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3 import connectionpool
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, connectionpool
 
-from rproxy import accesslog, http2, response_writer, status_feed, tunnel, upstream, worker
+from rproxy.forwarding import tunnel
+from rproxy.observability import status_feed
+from rproxy.server import accesslog, http2, response_writer, worker
+from rproxy.upstreams import servers
 
 
 def params(function) -> list[str]:
@@ -72,32 +74,32 @@ OVERRIDES = [
     (worker.Worker, ggevent.GeventWorker,
      ["init_signals", "run", "timeout_ctx", "handle", "handle_http2", "handle_http2_request",
       "handle_request", "handle_error"],
-     "rproxy/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side"),
+     "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side"),
     (worker.RequestParser, parser.RequestParser, ["__init__", "__next__"],
-     "rproxy/worker.py: an idle keep-alive connection's light wait for its next request"),
+     "rproxy/server/worker.py: an idle keep-alive connection's light wait for its next request"),
     (worker.Request, message.Request, ["_parse_fast"],
-     "rproxy/worker.py: 431 for a head with too many fields, whatever their count"),
+     "rproxy/server/worker.py: 431 for a head with too many fields, whatever their count"),
     (worker.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
-     "rproxy/worker.py: a chunk size judged (413/400) before its data goes upstream"),
+     "rproxy/server/worker.py: a chunk size judged (413/400) before its data goes upstream"),
     (worker.Server, StreamServer, ["do_handle"],
-     "rproxy/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
+     "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
-     "rproxy/response_writer.py: head and first body piece in one send, rproxy's Server header"),
+     "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header"),
     (response_writer.HTTP2Response, http2_response.HTTP2Response, ["send_headers"],
-     "rproxy/response_writer.py: rproxy's Server and Date over HTTP/2"),
+     "rproxy/server/response_writer.py: rproxy's Server and Date over HTTP/2"),
     (http2.ConcurrentConnection, h2_connection.HTTP2ServerConnection,
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
       "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
       "_process_events", "_handle_stream_reset", "_abort_all_streams", "pump",
       "_wait_for_flow_control_window"],
-     "rproxy/http2.py: HTTP/2 streams served side by side, writes serialised, resets cut upstream waits"),
+     "rproxy/server/http2.py: HTTP/2 streams served side by side, writes serialised, resets cut upstream waits"),
     (accesslog.AccessLogger, glogging.Logger, ["setup", "access"],
-     "rproxy/accesslog.py: the proxy's access line, written once per loop turn"),
-    (upstream.ServerPool, HTTPConnectionPool, ["_new_pool_queue", "_get_conn", "_put_conn"],
-     "rproxy/upstream.py: the idle stack, max_connections, the cheap idle-connection check"),
-    (upstream.TLSServerPool, HTTPSConnectionPool, ["_new_pool_queue", "_get_conn", "_put_conn"],
-     "rproxy/upstream.py: the same for https:// upstreams"),
+     "rproxy/server/accesslog.py: the proxy's access line, written once per loop turn"),
+    (servers.ServerPool, HTTPConnectionPool, ["_new_pool_queue", "_get_conn", "_put_conn"],
+     "rproxy/upstreams/servers.py: the idle stack, max_connections, the cheap idle-connection check"),
+    (servers.TLSServerPool, HTTPSConnectionPool, ["_new_pool_queue", "_get_conn", "_put_conn"],
+     "rproxy/upstreams/servers.py: the same for https:// upstreams"),
 ]
 
 # Methods every class has (object's): overriding them is no reliance on a library.
@@ -148,10 +150,10 @@ def test_gunicorn_builds_its_http1_parser_from_the_package_global(monkeypatch):
     monkeypatch.setattr(gunicorn.http, "RequestParser", Marker)
     made = gunicorn.http.get_parser(Config(), iter([b""]), None)
     assert type(made) is Marker, (
-        "gunicorn.http.get_parser no longer builds the global gunicorn.http.RequestParser: rproxy/worker.py's "
+        "gunicorn.http.get_parser no longer builds the global gunicorn.http.RequestParser: rproxy/server/worker.py's "
         "parser (the light keep-alive wait, its head deadline) is not used")
     assert "http.get_parser(self.cfg, client, addr)" in source(base_async.AsyncWorker.handle), (
-        "gunicorn's AsyncWorker.handle no longer asks http.get_parser for its parser: rproxy/worker.py's "
+        "gunicorn's AsyncWorker.handle no longer asks http.get_parser for its parser: rproxy/server/worker.py's "
         "RequestParser is not used")
 
 
@@ -163,18 +165,18 @@ def test_gunicorn_builds_chunked_body_readers_from_the_message_global(monkeypatc
     monkeypatch.setattr(message, "ChunkedReader", Marker)
     req = parsed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert type(req.body.reader) is Marker, (
-        "gunicorn's Message.set_body_reader no longer builds message.ChunkedReader: rproxy/worker.py's chunk "
+        "gunicorn's Message.set_body_reader no longer builds message.ChunkedReader: rproxy/server/worker.py's chunk "
         "size limits (413 before the data goes upstream, 400 past 2**63) are not applied")
     assert params(body.ChunkedReader.parse_chunk_size) == ["self", "unreader", "data"], (
-        "gunicorn's ChunkedReader.parse_chunk_size changed: rproxy/worker.py's ChunkedReader judges each size there")
+        "gunicorn's ChunkedReader.parse_chunk_size changed: rproxy/server/worker.py's ChunkedReader judges each size there")
     assert "_parse_fast" in source(message.Request.parse), (
-        "gunicorn's Request.parse no longer calls _parse_fast: rproxy/worker.py's 431 for too many fields is lost")
+        "gunicorn's Request.parse no longer calls _parse_fast: rproxy/server/worker.py's 431 for too many fields is lost")
 
 
 def test_gunicorn_asks_the_module_global_whether_a_peer_may_forward(monkeypatch):
     # worker.py: message._ip_in_allow_list wrapped with a cache keyed by id(networks)
     assert params(message._ip_in_allow_list) == ["ip_str", "allow_list", "networks"], (
-        "gunicorn's message._ip_in_allow_list changed: rproxy/worker.py's remembered trust calls it")
+        "gunicorn's message._ip_in_allow_list changed: rproxy/server/worker.py's remembered trust calls it")
     calls = []
     real = message._ip_in_allow_list
 
@@ -187,11 +189,11 @@ def test_gunicorn_asks_the_module_global_whether_a_peer_may_forward(monkeypatch)
     message.Request(config, unreader.IterUnreader(iter([b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: https"
                                                         b"\r\n\r\n"])), ("10.1.2.3", 1))
     assert calls and calls[0][0] == "10.1.2.3", (
-        "gunicorn no longer asks message._ip_in_allow_list about the peer: rproxy/worker.py's cache of the "
+        "gunicorn no longer asks message._ip_in_allow_list about the peer: rproxy/server/worker.py's cache of the "
         "answer is dead code (and a slower path is back)")
     # The cache is keyed by id(networks): the same list object for the life of the config.
     assert calls[0][2] is config.forwarded_allow_networks() is config.forwarded_allow_networks(), (
-        "gunicorn's Config.forwarded_allow_networks() no longer returns one cached list: rproxy/worker.py's "
+        "gunicorn's Config.forwarded_allow_networks() no longer returns one cached list: rproxy/server/worker.py's "
         "trust cache keyed by id(networks) could answer for the wrong list")
 
 
@@ -199,14 +201,14 @@ def test_the_gevent_worker_starts_its_servers_from_the_module_global():
     # worker.py: ggevent.StreamServer = Server
     assert ggevent.GeventWorker.server_class is None and re.search(
         r"server = StreamServer\(s, handle=hfun", source(ggevent.GeventWorker.run)), (
-        "gunicorn's GeventWorker.run no longer builds ggevent.StreamServer: rproxy/worker.py's Server "
+        "gunicorn's GeventWorker.run no longer builds ggevent.StreamServer: rproxy/server/worker.py's Server "
         "(one level of C stack less per connection) is not used")
 
 
 def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
     # worker.py's Server.do_handle reads _spawn, _handle and do_close as gevent's own does.
     assert params(BaseServer.do_handle) == ["self", "args"], (
-        "gevent's BaseServer.do_handle changed: rproxy/worker.py's Server overrides it")
+        "gevent's BaseServer.do_handle changed: rproxy/server/worker.py's Server overrides it")
     pool = Pool(2)
 
     def handle(sock, address):
@@ -214,20 +216,20 @@ def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
 
     server = StreamServer(("127.0.0.1", 0), handle=handle, spawn=pool)
     assert server._spawn == pool.spawn and server._handle == handle, (
-        "gevent's StreamServer no longer keeps _spawn and _handle: rproxy/worker.py's Server.do_handle "
+        "gevent's StreamServer no longer keeps _spawn and _handle: rproxy/server/worker.py's Server.do_handle "
         "cannot start connections")
     assert StreamServer(("127.0.0.1", 0), handle=handle, spawn=None)._spawn is None
     assert params(StreamServer.do_close)[:2] == ["self", "sock"], (
-        "gevent's StreamServer.do_close changed: rproxy/worker.py's Server closes a connection it cannot start")
+        "gevent's StreamServer.do_close changed: rproxy/server/worker.py's Server closes a connection it cannot start")
     assert "self.do_handle(*args)" in source(BaseServer._do_read), (
-        "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/worker.py's Server is not used")
+        "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Server is not used")
 
 
 def test_gevent_reports_accept_errors_through_the_hubs_handle_error_attribute():
     # worker.py: hub.handle_error replaced on the instance (out of descriptors: one log line a second)
     assert "self.loop.handle_error(self, *sys.exc_info())" in source(BaseServer._do_read), (
         "gevent's BaseServer no longer reports accept errors to loop.handle_error with itself as context: "
-        "rproxy/worker.py's EMFILE log line is lost, gevent prints a traceback per failed accept")
+        "rproxy/server/worker.py's EMFILE log line is lost, gevent prints a traceback per failed accept")
     hub = gevent.get_hub()
     seen = []
     hub.handle_error = lambda *args: seen.append(args)
@@ -237,7 +239,7 @@ def test_gevent_reports_accept_errors_through_the_hubs_handle_error_attribute():
     finally:
         del hub.handle_error
     assert seen and seen[0][0] == "context", (
-        "gevent's loop no longer looks up handle_error on the hub instance: rproxy/worker.py's handler of "
+        "gevent's loop no longer looks up handle_error on the hub instance: rproxy/server/worker.py's handler of "
         "EMFILE is never called")
 
 
@@ -253,15 +255,15 @@ def test_settings_written_into_the_configs_dict_are_what_gunicorn_reads():
     # worker.py's settle_settings writes Config.__dict__
     config = Config()
     assert not hasattr(type(config), "__slots__") and "__getattr__" in vars(Config), (
-        "gunicorn's Config changed shape: rproxy/worker.py's settle_settings (settings as plain attributes)")
+        "gunicorn's Config changed shape: rproxy/server/worker.py's settle_settings (settings as plain attributes)")
     assert all(callable(getattr(setting, "get", None)) for setting in config.settings.values()), (
-        "gunicorn's settings no longer have get(): rproxy/worker.py's settle_settings")
+        "gunicorn's settings no longer have get(): rproxy/server/worker.py's settle_settings")
     worker.settle_settings(config)
     for name, setting in config.settings.items():
         if isinstance(inspect.getattr_static(Config, name, None), property):
             continue  # worker_class, ...: the property still runs, over the dict
         assert name in vars(config) and getattr(config, name) == setting.get(), (
-            f"gunicorn's Config.{name} is not read from the instance dict: rproxy/worker.py's settle_settings")
+            f"gunicorn's Config.{name} is not read from the instance dict: rproxy/server/worker.py's settle_settings")
     assert isinstance(inspect.getattr_static(config, "is_ssl"), property), (
         "gunicorn's Config.is_ssl is no longer a property: settle_settings may shadow it")
 
@@ -272,23 +274,23 @@ def test_settings_written_into_the_configs_dict_are_what_gunicorn_reads():
 def test_gunicorns_connection_loop_calls_the_hooks_where_the_worker_expects():
     handle = source(base_async.AsyncWorker.handle)
     assert re.search(r"with self\.timeout_ctx\(\):\s*req = next\(parser\)", handle), (
-        "gunicorn's keep-alive loop no longer reads each request inside timeout_ctx(): rproxy/worker.py's "
+        "gunicorn's keep-alive loop no longer reads each request inside timeout_ctx(): rproxy/server/worker.py's "
         "wait for the next request and its head deadline move")
     assert "except StopIteration" in handle and "self.handle_error(req, client, addr, e)" in handle, (
         "gunicorn's AsyncWorker.handle no longer treats StopIteration as close and other errors via "
-        "handle_error: rproxy/app.py's tunnel takeover and rproxy/worker.py's 408/429 answers break")
+        "handle_error: rproxy/app.py's tunnel takeover and rproxy/server/worker.py's 408/429 answers break")
     assert "except StopIteration:\n            raise" in source(base_async.AsyncWorker.handle_request), (
         "gunicorn's handle_request no longer lets StopIteration through: a tunnel takeover (rproxy/app.py) "
         "would be logged as an error")
     assert "self.handle_http2(listener, client, addr" in handle, (
-        "gunicorn no longer hands HTTP/2 connections to handle_http2: rproxy/http2.py is not used")
+        "gunicorn no longer hands HTTP/2 connections to handle_http2: rproxy/server/http2.py is not used")
     assert params(base_async.AsyncWorker._serve_http2_stream) == [
         "self", "listener_name", "req", "sock", "addr", "h2_conn"], (
-        "gunicorn's AsyncWorker._serve_http2_stream changed: rproxy/http2.py's serve_connection calls it per stream")
+        "gunicorn's AsyncWorker._serve_http2_stream changed: rproxy/server/http2.py's serve_connection calls it per stream")
     assert params(base.Worker.handle_error) == ["self", "req", "client", "addr", "exc"]
     assert {"SIGTERM", "SIGQUIT", "SIGINT", "SIGHUP"} <= {getattr(s, "name", str(s)) for s in
                                                           ggevent.GeventWorker.SIGNALS}, (
-        "gunicorn's Worker.SIGNALS changed: rproxy/worker.py holds those signals across the fork")
+        "gunicorn's Worker.SIGNALS changed: rproxy/server/worker.py holds those signals across the fork")
 
 
 def test_the_keep_alive_wait_reads_the_parsers_buffer_and_socket():
@@ -297,12 +299,12 @@ def test_the_keep_alive_wait_reads_the_parsers_buffer_and_socket():
     with a, b:
         made = parser.RequestParser(Config(), a, ("127.0.0.1", 1))
         assert made.mesg is None and made.unreader.sock is a, (
-            "gunicorn's parser no longer keeps mesg and unreader.sock: rproxy/worker.py's keep-alive wait")
+            "gunicorn's parser no longer keeps mesg and unreader.sock: rproxy/server/worker.py's keep-alive wait")
         assert isinstance(made.unreader.buf, io.BytesIO), (
-            "gunicorn's unreader no longer buffers in a BytesIO: rproxy/worker.py's keep-alive wait")
+            "gunicorn's unreader no longer buffers in a BytesIO: rproxy/server/worker.py's keep-alive wait")
         assert made.finish_body() is True and params(parser.Parser.finish_body) == [
             "self", "deadline", "max_bytes"], (
-            "gunicorn's Parser.finish_body changed: rproxy/worker.py's keep-alive wait")
+            "gunicorn's Parser.finish_body changed: rproxy/server/worker.py's keep-alive wait")
     assert "self.finish_body()" in source(parser.Parser.__next__)
 
 
@@ -310,12 +312,12 @@ def test_buffered_bytes_behind_an_upgrade_head_are_found_where_the_tunnel_looks(
     # tunnel.py / status_feed.py: body.reader.unreader.take_buffered() and body.buf
     req = parsed(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nFRAME")
     assert type(req.body.reader) is body.LengthReader and req.body.reader.length == 0, (
-        "gunicorn no longer gives a request without a body a LengthReader of 0: rproxy/worker.py's "
-        "_nothing_left and rproxy/tunnel.py's takeover read it")
+        "gunicorn no longer gives a request without a body a LengthReader of 0: rproxy/server/worker.py's "
+        "_nothing_left and rproxy/forwarding/tunnel.py's takeover read it")
     assert not req.body.failed
     assert tunnel.buffered_client_bytes({"wsgi.input": req.body}) == b"FRAME", (
         "the bytes a client sent behind its upgrade head are no longer in gunicorn's unreader buffer: "
-        "rproxy/tunnel.py's takeover (and status_feed.py's) would lose them")
+        "rproxy/forwarding/tunnel.py's takeover (and status_feed.py's) would lose them")
 
 
 # --- gunicorn: the response writers -----------------------------------------
@@ -332,40 +334,40 @@ def test_gunicorn_builds_responses_from_the_wsgi_global(monkeypatch):
         resp, environ = wsgi.create(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), a, ("127.0.0.1", 1),
                                     ("127.0.0.1", 80), Config())
     assert type(resp) is Marker, (
-        "gunicorn's wsgi.create no longer builds wsgi.Response: rproxy/response_writer.py's writer (one send "
+        "gunicorn's wsgi.create no longer builds wsgi.Response: rproxy/server/response_writer.py's writer (one send "
         "per small response, rproxy's Server header) is not used")
     assert "response_class=HTTP2Response" in source(base_async.AsyncWorker.handle_http2_request), (
         "gunicorn's handle_http2_request no longer builds base_async.HTTP2Response: rproxy's Server header "
-        "over HTTP/2 (rproxy/response_writer.py) is lost")
+        "over HTTP/2 (rproxy/server/response_writer.py) is lost")
 
 
 def test_gunicorns_response_write_sends_the_head_then_emits_the_body():
     write = source(GUNICORN_RESPONSE.write)
     assert write.index("self.send_headers()") < write.index("self._emit_body(arg)"), (
         "gunicorn's Response.write no longer calls send_headers() then _emit_body(): "
-        "rproxy/response_writer.py's head held back for the first body piece breaks")
+        "rproxy/server/response_writer.py's head held back for the first body piece breaks")
     a, b = socket.socketpair()
     with a, b:
         resp = GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), a, Config())
         for name in ("headers", "headers_sent", "response_length", "upgrade", "chunked", "sock", "req", "sent"):
             assert hasattr(resp, name), (
-                f"gunicorn's Response has no {name}: rproxy/response_writer.py (and accesslog.py) read it")
+                f"gunicorn's Response has no {name}: rproxy/server/response_writer.py (and accesslog.py) read it")
     assert isinstance(message.TOKEN_RE, re.Pattern) and isinstance(wsgi.HEADER_VALUE_RE, re.Pattern), (
-        "gunicorn's TOKEN_RE / HEADER_VALUE_RE moved: rproxy/response_writer.py validates headers with them")
+        "gunicorn's TOKEN_RE / HEADER_VALUE_RE moved: rproxy/server/response_writer.py validates headers with them")
     assert {"connection", "transfer-encoding", "upgrade"} <= set(util.hop_headers), (
-        "gunicorn's util.hop_headers changed: rproxy/response_writer.py drops what gunicorn drops")
+        "gunicorn's util.hop_headers changed: rproxy/server/response_writer.py drops what gunicorn drops")
 
 
 def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does():
     assert params(http2_response.HTTP2Response._aborted) == ["self", "what"]
     assert params(h2_connection.HTTP2ServerConnection.send_response_headers) == [
         "self", "stream_id", "status", "headers", "end_stream"], (
-        "gunicorn's send_response_headers changed: rproxy/response_writer.py's HTTP2Response calls it")
+        "gunicorn's send_response_headers changed: rproxy/server/response_writer.py's HTTP2Response calls it")
     assert "self.stream_id = stream_id" in source(http2_response.HTTP2Response.__init__)
     assert "self.h2_conn = h2_conn" in source(http2_response.HTTP2Response.__init__)
 
 
-# --- gunicorn's HTTP/2 connection, as rproxy/http2.py drives it ----------------
+# --- gunicorn's HTTP/2 connection, as rproxy/server/http2.py drives it ----------------
 
 
 def test_gunicorns_http2_connection_writes_only_through_send_pending_data():
@@ -373,32 +375,32 @@ def test_gunicorns_http2_connection_writes_only_through_send_pending_data():
     module = source(h2_connection)
     assert module.count("sock.sendall(") == 1 and "self.sock.sendall(data)" in source(
         h2_connection.HTTP2ServerConnection._send_pending_data), (
-        "gunicorn's HTTP/2 connection writes to the socket outside _send_pending_data: rproxy/http2.py's "
+        "gunicorn's HTTP/2 connection writes to the socket outside _send_pending_data: rproxy/server/http2.py's "
         "write lock no longer keeps frames of concurrent streams apart")
 
 
 def test_gunicorns_http2_connection_calls_the_methods_rproxy_overrides():
     conn = h2_connection.HTTP2ServerConnection
     assert "self._wait_for_flow_control_window(stream_id, deadline)" in source(conn.send_data), (
-        "gunicorn's send_data no longer waits through _wait_for_flow_control_window: rproxy/http2.py's "
+        "gunicorn's send_data no longer waits through _wait_for_flow_control_window: rproxy/server/http2.py's "
         "stream greenlets would read the socket themselves")
     assert "pump(stream.stream_id)" in source(h2_request), (
-        "gunicorn's HTTP/2 request body no longer pulls frames through connection.pump: rproxy/http2.py's "
+        "gunicorn's HTTP/2 request body no longer pulls frames through connection.pump: rproxy/server/http2.py's "
         "reader greenlet and body waits break")
     handle_event = source(conn._handle_event)
     assert "self._handle_request_received(event)" in handle_event, (
-        "gunicorn no longer routes HEADERS through _handle_request_received: rproxy/http2.py's 431/414 "
+        "gunicorn no longer routes HEADERS through _handle_request_received: rproxy/server/http2.py's 431/414 "
         "answers over HTTP/2 are lost")
     assert "self._handle_stream_reset(event)" in handle_event, (
-        "gunicorn no longer routes RST_STREAM through _handle_stream_reset: rproxy/http2.py no longer "
+        "gunicorn no longer routes RST_STREAM through _handle_stream_reset: rproxy/server/http2.py no longer "
         "cuts a reset stream's upstream wait")
     assert "return self._process_events(events)" in source(conn._read_and_process), (
-        "gunicorn no longer processes frames through _process_events: rproxy/http2.py's waiting streams "
+        "gunicorn no longer processes frames through _process_events: rproxy/server/http2.py's waiting streams "
         "are never woken")
     assert "self._abort_all_streams()" in source(conn._read_and_process), (
-        "gunicorn no longer aborts all streams when the client goes: rproxy/http2.py's upstream waits linger")
+        "gunicorn no longer aborts all streams when the client goes: rproxy/server/http2.py's upstream waits linger")
     assert "MAX_CONCURRENT_STREAMS: self.max_concurrent_streams" in source(conn.initiate_connection), (
-        "gunicorn's initiate_connection changed: rproxy/http2.py's _settle_stream_limit assumes it announces "
+        "gunicorn's initiate_connection changed: rproxy/server/http2.py's _settle_stream_limit assumes it announces "
         "max_concurrent_streams")
 
 
@@ -409,14 +411,14 @@ def test_gunicorns_http2_connection_keeps_the_state_rproxy_reads():
         for name in ("_closed", "streams", "draining", "peer_last_stream_id", "h2_conn", "sock", "cfg",
                      "client_addr", "stream_timeout", "max_concurrent_streams"):
             assert hasattr(conn, name), (
-                f"gunicorn's HTTP2ServerConnection has no {name}: rproxy/http2.py reads it")
+                f"gunicorn's HTTP2ServerConnection has no {name}: rproxy/server/http2.py reads it")
         assert conn.is_closed is conn._closed is False
         assert isinstance(conn.h2_conn.decoder, hpack.Decoder), (
-            "h2's connection no longer decodes with an hpack.Decoder in .decoder: rproxy/http2.py's "
+            "h2's connection no longer decodes with an hpack.Decoder in .decoder: rproxy/server/http2.py's "
             "431 for an oversized header list replaces it")
         stream = HTTP2Stream(1, conn)
         for name in ("state", "stream_id", "body_complete", "unacked_size", "body_size", "disconnected"):
-            assert hasattr(stream, name), f"gunicorn's HTTP2Stream has no {name}: rproxy/http2.py reads it"
+            assert hasattr(stream, name), f"gunicorn's HTTP2Stream has no {name}: rproxy/server/http2.py reads it"
         assert StreamState.CLOSED
         assert callable(stream.get_pseudo_headers)
     connection = h2_connection.HTTP2ServerConnection
@@ -430,55 +432,55 @@ def test_h2_and_hpack_honour_the_header_list_limit_as_http2_py_bends_it():
     # http2.py's _Decoder reads and sets max_header_list_size, which h2 sets on a settings ack.
     assert "max_header_list_size" in params(hpack.Decoder.__init__)
     assert "self.max_header_list_size" in source(hpack.Decoder.decode), (
-        "hpack's Decoder no longer checks self.max_header_list_size while decoding: rproxy/http2.py's "
+        "hpack's Decoder no longer checks self.max_header_list_size while decoding: rproxy/server/http2.py's "
         "bound on what one header block inflates to is gone")
     assert "self.decoder.max_header_list_size = setting.new_value" in source(h2.connection.H2Connection), (
-        "h2 no longer sets decoder.max_header_list_size from the acknowledged settings: rproxy/http2.py's "
+        "h2 no longer sets decoder.max_header_list_size from the acknowledged settings: rproxy/server/http2.py's "
         "_Decoder no longer learns the announced limit")
     frame = GoAwayFrame(0)
     frame.last_stream_id, frame.error_code = 3, 0
-    assert frame.serialize()[3] == 0x07, "hyperframe's GoAwayFrame changed: rproxy/http2.py's graceful GOAWAY"
+    assert frame.serialize()[3] == 0x07, "hyperframe's GoAwayFrame changed: rproxy/server/http2.py's graceful GOAWAY"
 
 
 # --- urllib3: the pool overrides --------------------------------------------
 
 
 def test_urllib3_makes_its_idle_queue_through_new_pool_queue():
-    # upstream.py's _new_pool_queue returns a plain stack: it runs only if urllib3 calls it.
+    # servers.py's _new_pool_queue returns a plain stack: it runs only if urllib3 calls it.
     assert "self._new_pool_queue(maxsize)" in source(connectionpool.HTTPConnectionPool.__init__), (
-        "urllib3's HTTPConnectionPool.__init__ no longer calls _new_pool_queue: rproxy/upstream.py's idle "
+        "urllib3's HTTPConnectionPool.__init__ no longer calls _new_pool_queue: rproxy/upstreams/servers.py's idle "
         "stack silently never runs (urllib3 before 2.8 lacks it)")
-    pool = upstream.ServerPool("127.0.0.1", 9, maxsize=3, retries=False)
+    pool = servers.ServerPool("127.0.0.1", 9, maxsize=3, retries=False)
     try:
         assert type(pool.pool) is type(pool._new_pool_queue(1)) and not isinstance(pool.pool, queue.Queue), (
-            "rproxy/upstream.py's ServerPool does not hold its idle connections in its own stack")
+            "rproxy/upstreams/servers.py's ServerPool does not hold its idle connections in its own stack")
         # urllib3 fills the queue with None (a slot per connection) and drains it with get(block=False).
         assert pool.pool.qsize() == 3 and pool.pool.get() is None
         conn = pool._get_conn()  # a new connection, not yet connected
-        assert conn.sock is None, "urllib3 connects on _new_conn: rproxy/forward.py expects a lazy connection"
+        assert conn.sock is None, "urllib3 connects on _new_conn: rproxy/forwarding/forwarder.py expects a lazy connection"
         pool._put_conn(conn)
     finally:
         pool.close()
     assert pool.pool is None, (
-        "urllib3's close() no longer sets pool to None: rproxy/upstream.py's _get_conn detects a closed pool so")
+        "urllib3's close() no longer sets pool to None: rproxy/upstreams/servers.py's _get_conn detects a closed pool so")
 
 
 def test_urllib3s_pool_methods_keep_the_parameters_rproxy_calls():
     pool = connectionpool.HTTPConnectionPool
     assert params(pool._get_conn) == ["self", "timeout"], (
-        "urllib3's _get_conn changed: rproxy/forward.py calls it with timeout=")
-    assert params(pool._put_conn) == ["self", "conn"], "urllib3's _put_conn changed: rproxy/forward.py calls it"
-    assert params(pool._new_conn) == ["self"], "urllib3's _new_conn changed: rproxy/tunnel.py opens tunnels with it"
+        "urllib3's _get_conn changed: rproxy/forwarding/forwarder.py calls it with timeout=")
+    assert params(pool._put_conn) == ["self", "conn"], "urllib3's _put_conn changed: rproxy/forwarding/forwarder.py calls it"
+    assert params(pool._new_conn) == ["self"], "urllib3's _new_conn changed: rproxy/forwarding/tunnel.py opens tunnels with it"
     assert params(pool._new_pool_queue) == ["self", "maxsize"]
 
 
 def test_gevent_sockets_keep_the_real_socket_in_sock():
-    # upstream.py's _closed_or_stray peeks at conn.sock._sock, non-blocking, without a greenlet switch.
+    # servers.py's _closed_or_stray peeks at conn.sock._sock, non-blocking, without a greenlet switch.
     a, b = gevent.socket.socketpair()
     with a, b:
         raw = getattr(a, "_sock", None)
         assert isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0, (
-            "gevent's socket no longer keeps the real, non-blocking socket in _sock: rproxy/upstream.py's idle "
+            "gevent's socket no longer keeps the real, non-blocking socket in _sock: rproxy/upstreams/servers.py's idle "
             "connection check falls back to urllib3's poll (a greenlet switch per request)")
         with pytest.raises(BlockingIOError):
             raw.recv(1, socket.MSG_PEEK)
@@ -487,7 +489,7 @@ def test_gevent_sockets_keep_the_real_socket_in_sock():
         assert raw.recv(1, socket.MSG_PEEK) == b"x"
     # tunnel.py's _shutdown half-closes a TLS connection's TCP socket with gevent.socket.socket.shutdown.
     assert issubclass(gevent.ssl.SSLSocket, gevent.socket.socket), (
-        "gevent's SSLSocket is no longer a gevent socket: rproxy/tunnel.py's half-close of TLS tunnels breaks")
+        "gevent's SSLSocket is no longer a gevent socket: rproxy/forwarding/tunnel.py's half-close of TLS tunnels breaks")
 
 
 # --- the rest: gevent-websocket, gunicorn's logger, the stdlib ------------------
@@ -503,7 +505,7 @@ def test_gevent_websocket_frames_over_the_stream_status_feed_gives_it():
     with a, b:
         ws = WebSocket({}, status_feed._Stream(a, b""), status_feed._HANDLER)
         ws.send("hi")
-        assert b.recv(16) == b"\x81\x02hi", "gevent-websocket's send changed: rproxy/status_feed.py"
+        assert b.recv(16) == b"\x81\x02hi", "gevent-websocket's send changed: rproxy/observability/status_feed.py"
         b.sendall(b"\x89\x80abcd")  # a masked, empty ping
         header, payload = ws.read_frame()
         assert header.opcode == WebSocket.OPCODE_PING and payload == b""
@@ -514,8 +516,8 @@ def test_gevent_websocket_frames_over_the_stream_status_feed_gives_it():
 def test_gunicorns_logger_keeps_what_the_access_logger_reads():
     init = source(glogging.Logger.__init__)
     assert 'self.access_log = logging.getLogger("gunicorn.access")' in init and "self.error_log" in init, (
-        "gunicorn's Logger no longer keeps access_log / error_log: rproxy/accesslog.py writes through them")
+        "gunicorn's Logger no longer keeps access_log / error_log: rproxy/server/accesslog.py writes through them")
     assert isinstance(inspect.getattr_static(glogging.Logger, "access_log_enabled"), property)
     assert params(glogging.Logger.access) == ["self", "resp", "req", "environ", "request_time"]
     assert logging.Formatter("%(message)s")._fmt == "%(message)s", (
-        "logging.Formatter._fmt is gone: rproxy/accesslog.py recognises gunicorn's plain access log by it")
+        "logging.Formatter._fmt is gone: rproxy/server/accesslog.py recognises gunicorn's plain access log by it")

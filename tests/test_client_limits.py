@@ -10,7 +10,6 @@ import time
 import psutil
 import pytest
 import requests
-
 from conftest import raw_exchange, single_route
 from h2client import RawH2
 

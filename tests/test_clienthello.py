@@ -5,8 +5,8 @@ import ssl
 
 import pytest
 
-from rproxy import clienthello
-from rproxy.clienthello import Incomplete, Malformed, parse
+from rproxy.tls import clienthello
+from rproxy.tls.clienthello import Incomplete, Malformed, parse
 
 
 def real_client_hello(server_name=None, alpn=None, maximum=None) -> bytes:

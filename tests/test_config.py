@@ -209,9 +209,11 @@ def test_far_too_long_durations_are_config_errors(tmp_path):
 
 from dataclasses import fields as _fields  # noqa: E402
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
-from rproxy import instance, serving  # noqa: E402
+from rproxy import instance  # noqa: E402
+from rproxy.server import settings as server_settings
 
 _KINDS = {**config.SINGLE_SECTIONS, **config.NAMED_SECTIONS, **config.MIDDLEWARE}
 _SECTIONS = st.one_of(
@@ -284,7 +286,7 @@ def _assert_precise(path, load):
             assert e.section and f"[{e.section}] {e.key}: " in message
         return
     # What start-up does with it next must not fail either.
-    assert serving.to_gunicorn(loaded)["bind"] and instance.pidfile(loaded)
+    assert server_settings.to_gunicorn(loaded)["bind"] and instance.pidfile(loaded)
 
 
 def test_every_key_with_every_odd_value_names_file_section_key(tmp_path, monkeypatch):
@@ -313,6 +315,7 @@ def test_every_key_with_every_odd_value_names_file_section_key(tmp_path, monkeyp
 
 def test_check_prints_one_line_for_odd_files(tmp_path):
     import subprocess
+
     from conftest import BIN
     cases = {"binary.ini": b"\xff\xfe[server]\x00\n", "dup.ini": b"[server]\n[server]\n",
              "nosection.ini": b"bind = 1\n", "bind.ini": b"[server]\nbind = 127.0.0.1:8x\n",

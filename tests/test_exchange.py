@@ -1,4 +1,4 @@
-"""The upstream response reader (rproxy/exchange.py) on the framings and
+"""The upstream response reader (rproxy/forwarding/exchange.py) on the framings and
 malformed answers an upstream may send, over a real socket pair."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from rproxy.exchange import UnsupportedCoding, UpstreamResponse, request_head
-from rproxy.forward import response_headers
+from rproxy.forwarding.exchange import UnsupportedCoding, UpstreamResponse, request_head
+from rproxy.forwarding.forwarder import response_headers
 
 
 def answer(raw: bytes, method: str = "GET", close: bool = True):

@@ -11,7 +11,6 @@ import threading
 import time
 
 import requests
-
 from test_attacks import OTHERS_CPU, result, run
 
 # Bodies checked byte for byte by the load client; /abort is cut by the upstream mid-body.

@@ -6,13 +6,13 @@ ever reach it, read however leniently (tests/lenient.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 import lenient
+import pytest
 from conftest import raw_exchange, single_route
 from h2client import RawH2
 from recording import recorder  # noqa: F401 (a fixture)
-from rproxy.http import BadRequest, Request
+
+from rproxy.messages import BadRequest, Request
 from rproxy.middleware.filter import FilterConfig, PathFilter
 
 DENY = ("/admin", "/.git")

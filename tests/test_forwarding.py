@@ -3,7 +3,6 @@
 import json
 
 import requests
-
 from conftest import raw_exchange, single_route
 from recording import recorder  # noqa: F401 (a fixture)
 

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+import lenient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rproxy import config, values
+from rproxy.client_address import Forwarding
 from rproxy.config import ConfigError
-from rproxy.forward import Forwarder
-from rproxy.forwarded import Forwarding
-from rproxy.http import BadRequest, Request, bad_header_value, valid_header_name
+from rproxy.forwarding.forwarder import Forwarder
 from rproxy.httpcache import rules
+from rproxy.messages import BadRequest, Request, bad_header_value, valid_header_name
 from rproxy.middleware.cache import CacheConfig, HTTPCache
 from rproxy.middleware.filter import FilterConfig, PathFilter
 from rproxy.routing import Router
-from rproxy.target import TargetError, parse as parse_target
-
-import lenient
+from rproxy.target import TargetError
+from rproxy.target import parse as parse_target
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

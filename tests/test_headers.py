@@ -4,7 +4,6 @@ believed only from trusted proxies."""
 import json
 
 import requests
-
 from conftest import raw_exchange, single_route
 from test_http2 import client, https, tls
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import requests
-
 from conftest import free_port
 from test_observability import metric, scrape
 

@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import BIN, free_port, single_route
 from h2client import RawH2
 from test_streaming import PeakRSS, expected_sha

@@ -11,11 +11,11 @@ import time
 
 import httpx
 import pytest
-
 from conftest import REPO, single_route
-from rproxy.http2 import RESET_GRACE
 from h2client import RawH2
 from test_http2 import https, tls, trusting
+
+from rproxy.server.http2 import RESET_GRACE
 
 LARGE = "/bytes?n=50000000"
 

@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import requests
-
 from conftest import BIN, GUNICORN, Process, free_port, single_route, status_of, wait_for_port, wait_until
 
 RPROXY = str(BIN / "rproxy")

@@ -5,7 +5,6 @@ import time
 
 import pytest
 import requests
-
 from conftest import raw_exchange, single_route
 
 

@@ -9,7 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-
 from conftest import REPO, free_port, single_route
 
 

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import requests
 import websocket
-
 from conftest import free_port, raw_exchange, single_route
 
 

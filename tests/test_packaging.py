@@ -11,7 +11,6 @@ import venv
 
 import pytest
 import requests
-
 from conftest import REPO, Process, free_port, single_route, wait_for_port
 
 
@@ -75,7 +74,7 @@ def test_installed_proxy_runs_the_documented_way(installed, tmp_path, upstream):
         wait_for_port(port, proc.proc)
         r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
         assert r.status_code == 200 and r.json()["request_line"] == "GET /echo HTTP/1.1"
-        assert "Using worker: rproxy.worker.Worker" in proc.log()
+        assert "Using worker: rproxy.server.worker.Worker" in proc.log()
 
         ini.write_text(f"[server]\nbind = 127.0.0.1:{port}\n\n" + single_route(upstream.port)
                        + "[route:v2]\npath = /v2\nupstream = app\nstrip_prefix = yes\n")

@@ -12,9 +12,19 @@ import time
 import psutil
 import pytest
 import requests
-
-from conftest import (BIN, GUNICORN, REPO, Process, Proxy, Started, free_port, single_route, status_of,
-                      wait_for_port, wait_until)
+from conftest import (
+    BIN,
+    GUNICORN,
+    REPO,
+    Process,
+    Proxy,
+    Started,
+    free_port,
+    single_route,
+    status_of,
+    wait_for_port,
+    wait_until,
+)
 from upstream import pattern_bytes
 
 

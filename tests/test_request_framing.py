@@ -11,7 +11,6 @@ import socket
 import time
 
 import pytest
-
 from conftest import single_route
 from scripted_upstream import ScriptedUpstream
 

@@ -1,5 +1,5 @@
 """The worker's request parsing, in-process: gunicorn's parser with
-rproxy's judgement of chunk sizes and header counts (rproxy/worker.py).
+rproxy's judgement of chunk sizes and header counts (rproxy/server/worker.py).
 The gunicorn internals that judgement hooks into are pinned in
 test_canaries.py."""
 
@@ -10,8 +10,8 @@ from gunicorn.config import Config
 from gunicorn.http.errors import InvalidChunkSize, LimitRequestHeaders
 from gunicorn.http.unreader import IterUnreader
 
-from rproxy.http import BadRequest
-from rproxy.worker import ChunkedReader, Request
+from rproxy.messages import BadRequest
+from rproxy.server.worker import ChunkedReader, Request
 
 
 class Held:

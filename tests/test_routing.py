@@ -2,11 +2,10 @@
 
 import pytest
 import requests
-
 from conftest import raw_exchange
 
-from rproxy.target import TargetError, parse
 from rproxy.routing import Router
+from rproxy.target import TargetError, parse
 
 
 def router():

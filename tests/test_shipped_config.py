@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import requests
-
 from conftest import BIN, GUNICORN, REPO, Certificates, Process, free_port, wait_for_port
 
 CONF = REPO / "conf"

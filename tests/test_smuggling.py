@@ -3,7 +3,6 @@ and never reach the upstream as something it would read differently."""
 
 import pytest
 import requests
-
 from conftest import raw_exchange
 
 REFUSED = {

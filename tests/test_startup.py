@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import requests
-
-from conftest import GUNICORN, REPO, BIN, Process, free_port, single_route, wait_for_port
+from conftest import BIN, GUNICORN, REPO, Process, free_port, single_route, wait_for_port
 
 RPROXY = str(BIN / "rproxy")
 
@@ -38,7 +37,7 @@ def test_gunicorn_settings_come_from_the_ini(tmp_path):
                                 {"RPROXY_CONFIG": ini}))
     assert config["bind"] == "['127.0.0.1:18081', '127.0.0.1:18082']"
     expected = {"workers": "3", "worker_connections": "77", "keepalive": "7", "graceful_timeout": "11",
-                "worker_class": "rproxy.worker.Worker", "wsgi_app": "rproxy.app:application"}
+                "worker_class": "rproxy.server.worker.Worker", "wsgi_app": "rproxy.app:application"}
     assert {k: config[k] for k in expected} == expected
 
 
@@ -114,7 +113,7 @@ def test_paste_with_the_settings_module_serves_the_ini_from_anywhere(tmp_path, u
         wait_for_port(port, proc.proc)
         r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
         assert r.status_code == 200 and r.json()["request_line"] == "GET /echo HTTP/1.1"
-        assert "Using worker: rproxy.worker.Worker" in proc.log()
+        assert "Using worker: rproxy.server.worker.Worker" in proc.log()
     finally:
         proc.stop()
 
@@ -141,7 +140,7 @@ def test_paste_server_runner_serves_with_rproxy_settings(tmp_path, upstream):
         r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
         assert r.status_code == 200
         log = proc.log()
-        assert "Using worker: rproxy.worker.Worker" in log and "rproxy worker" in log
+        assert "Using worker: rproxy.server.worker.Worker" in log and "rproxy worker" in log
         # Stopped the documented way: its pidfile names the launcher itself.
         out = run([RPROXY, "stop", ini], timeout=60)
         assert out.returncode == 0, out.stderr
@@ -171,7 +170,7 @@ def test_paste_deployment_beside_gunicorn_conf_uses_the_paste_ini(tmp_path, upst
         wait_for_port(port, proc.proc)
         r = requests.get(f"http://127.0.0.1:{port}/echo", timeout=15)
         assert r.status_code == 200
-        assert "Using worker: rproxy.worker.Worker" in proc.log()
+        assert "Using worker: rproxy.server.worker.Worker" in proc.log()
     finally:
         proc.stop()
 
@@ -242,7 +241,7 @@ def test_the_master_imports_nothing_gevent_must_patch_first():
     # before forking; a worker patches ssl with gevent when it starts, and
     # urllib3 imported before that keeps the unpatched ssl (RecursionError
     # in every HTTPS request the worker makes, ACME's too).
-    code = ("import sys, rproxy.worker, rproxy.serving; "
+    code = ("import sys, rproxy.server.worker, rproxy.server.settings; "
             "print(sorted(m for m in ('urllib3', 'requests', 'acme.client') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,10 +8,10 @@ import signal
 import time
 
 import requests
-
 from conftest import free_port, single_route
-from rproxy.storage_guard import redacted
 from test_observability import metric, scrape
+
+from rproxy.storage_guard import redacted
 
 TIMEOUT = 0.4     # storage_timeout
 REQUESTS = 20     # sent one after another while Redis hangs

@@ -6,9 +6,8 @@ import threading
 import time
 
 import requests
-from requests_toolbelt.streaming_iterator import StreamingIterator
-
 from conftest import raw_exchange, single_route
+from requests_toolbelt.streaming_iterator import StreamingIterator
 from upstream import PATTERN, pattern_bytes
 
 GIB = 1 << 30

@@ -14,12 +14,10 @@ import warnings
 
 import pytest
 import trustme
+from conftest import BIN, GUNICORN, REPO, HttpsConnection, free_port, raw_exchange, served_certificate, single_route
 from cryptography import x509
 
-from rproxy.certificates import CertificateFiles, CertificateStore
-
-from conftest import (BIN, GUNICORN, REPO, HttpsConnection, free_port, raw_exchange, served_certificate,
-                      single_route)
+from rproxy.tls.certificates import CertificateFiles, CertificateStore
 
 RPROXY = str(BIN / "rproxy")
 

@@ -5,7 +5,6 @@ import time
 
 import pytest
 import requests
-
 from conftest import free_port, single_route
 
 

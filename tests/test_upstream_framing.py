@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import raw_exchange, single_route
 from h2client import RawH2
 from scripted_upstream import ScriptedUpstream

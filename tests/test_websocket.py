@@ -13,11 +13,10 @@ import time
 import pytest
 import requests
 import websocket
+from conftest import REPO, Process, free_port, wait_for_port
 from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
-
-from conftest import REPO, Process, free_port, wait_for_port
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +387,7 @@ def frames(*payload_sizes, masked=True):
 
 @pytest.mark.parametrize("split", [1, 2, 3, 7, 100, 70000])
 def test_frame_tracker_finds_boundaries_across_any_split(split):
-    from rproxy.tunnel import FrameTracker
+    from rproxy.forwarding.tunnel import FrameTracker
     stream = frames(5, 200, 70000, 0, 125, masked=True) + frames(3, masked=False)
     boundaries = set()
     pos = 0
@@ -417,7 +416,7 @@ def test_reload_with_hup_sends_going_away_and_keeps_serving(start_proxy, ws_upst
 
 
 def test_switching_head_keeps_upgrade_and_drops_hop_by_hop_and_malformed():
-    from rproxy.tunnel import switching_head
+    from rproxy.forwarding.tunnel import switching_head
     head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n"
             b"X-Hop: 1\r\nKeep-Alive: 5\r\nSec-WebSocket-Accept: abc=\r\nX-Bad: a\x01b\r\n\r\n")
     out = switching_head(head)

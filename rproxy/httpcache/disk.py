@@ -41,9 +41,9 @@ import os
 import secrets
 import time
 
-from .purge import tags_of
-from .rules import Entry
-from .store import Retention
+from rproxy.httpcache.purge import tags_of
+from rproxy.httpcache.rules import Entry
+from rproxy.httpcache.store import Retention
 
 MAGIC = b"RPC1"
 CHUNK = 64 * 1024

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl
 
-from .rules import Entry
+from rproxy.httpcache.rules import Entry
 
 TAG_HEADERS = {"surrogate-key": re.compile(r"\s+"), "cache-tag": re.compile(r"\s*,\s*")}
 KINDS = ("url", "prefix", "tag")

@@ -19,7 +19,7 @@ but not the origin's own stale-* directives sent beside it (a common
 
 from __future__ import annotations
 
-from .rules import Entry, directives, seconds
+from rproxy.httpcache.rules import Entry, directives, seconds
 
 FAILURES = ("error", "timeout", "http_500", "http_502", "http_503", "http_504")
 _FORBIDDING = ("no-cache", "must-revalidate", "proxy-revalidate")

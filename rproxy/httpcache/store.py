@@ -15,10 +15,10 @@ import re
 import secrets
 from collections import OrderedDict
 
-from .purge import entries_tags
-from .redis_uri import client as redis_client
-from .rules import Entry
-from .stale import kept_stale
+from rproxy.httpcache.purge import entries_tags
+from rproxy.httpcache.redis_uri import client as redis_client
+from rproxy.httpcache.rules import Entry
+from rproxy.httpcache.stale import kept_stale
 
 
 def _encode(entries: list[Entry]) -> bytes:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Sequence
 
-from ..http import Request, Response
-from . import cache, filter, rate_limit, security_headers
+from rproxy.messages import Request, Response
+from rproxy.middleware import cache, filter, rate_limit, security_headers
 
 Handler = Callable[[Request], Response]
 Middleware = Callable[[Request, Handler], Response]

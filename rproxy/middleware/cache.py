@@ -35,14 +35,14 @@ from dataclasses import dataclass
 import gevent
 from gevent.event import Event
 
-from .. import metrics
-from ..http import Request, Response
-from ..httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
-from ..httpcache import stale
-from ..httpcache.disk import DiskStore, body_chunks
-from ..httpcache.store import MemoryStore, RedisStore, Retention
-from ..storage_guard import StorageGuard
-from ..values import cache_storage_uri, header_names, positive_duration, setting, size
+from rproxy.httpcache import stale
+from rproxy.httpcache.disk import DiskStore, body_chunks
+from rproxy.httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
+from rproxy.httpcache.store import MemoryStore, RedisStore, Retention
+from rproxy.messages import Request, Response
+from rproxy.observability import metrics
+from rproxy.storage_guard import StorageGuard
+from rproxy.values import cache_storage_uri, header_names, positive_duration, setting, size
 
 log = logging.getLogger("rproxy.cache")
 CACHE_STATUS = "rproxy"  # this cache's name in Cache-Status

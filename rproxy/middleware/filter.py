@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Callable
 
-from ..http import Request, Response, error_response
-from ..routing import prefix_matches
-from ..target import judged
-from ..values import boolean, one_of, path_patterns, setting
+from rproxy.messages import Request, Response, error_response
+from rproxy.routing import prefix_matches
+from rproxy.target import judged
+from rproxy.values import boolean, one_of, path_patterns, setting
 
 
 @dataclass(frozen=True)

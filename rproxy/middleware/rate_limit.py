@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from limits import parse_many, strategies
 from limits.storage import storage_from_string
 
-from .. import metrics
-from ..http import Request, Response, error_response, header_environ_key
-from ..storage_guard import StorageGuard
-from ..values import boolean, limit_key, limits, one_of, positive_duration, setting, storage_uri
+from rproxy.messages import Request, Response, error_response, header_environ_key
+from rproxy.observability import metrics
+from rproxy.storage_guard import StorageGuard
+from rproxy.values import boolean, limit_key, limits, one_of, positive_duration, setting, storage_uri
 
 STRATEGIES = {
     "moving-window": strategies.MovingWindowRateLimiter,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..http import Request, Response
-from ..values import boolean, header_value, setting, words
+from rproxy.messages import Request, Response
+from rproxy.values import boolean, header_value, setting, words
 
 
 @dataclass(frozen=True)

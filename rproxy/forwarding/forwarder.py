@@ -30,20 +30,26 @@ import socket
 import time
 
 import gevent
-
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http2.errors import HTTP2StreamError
 from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectionError, ProtocolError, SSLError
 
-from . import upstream_tls
-from .client_left import ClientLeft, waiting
-from .config import RouteConfig, ServerConfig
-from .exchange import UpstreamResponse, request_head
-from .http import (BadRequest, Request, Response, bad_header_value, clean_response_headers, error_response,
-                   valid_header_name)
-from .target import without_prefix
-from .tunnel import Tunnels, open_tunnel
-from .upstream import Server, Upstream
+from rproxy.config import RouteConfig, ServerConfig
+from rproxy.forwarding.exchange import UpstreamResponse, request_head
+from rproxy.forwarding.tunnel import Tunnels, open_tunnel
+from rproxy.messages import (
+    BadRequest,
+    Request,
+    Response,
+    bad_header_value,
+    clean_response_headers,
+    error_response,
+    valid_header_name,
+)
+from rproxy.server.client_left import ClientLeft, waiting
+from rproxy.target import without_prefix
+from rproxy.upstreams import client_tls
+from rproxy.upstreams.servers import Server, Upstream
 
 log = logging.getLogger("rproxy.forward")
 
@@ -584,10 +590,10 @@ def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> 
         return 504, f"upstream sent its response head, then no body within {read_timeout:g}s"
     if isinstance(error, (socket.timeout, TimeoutError)):
         return 504, f"upstream sent no response within {read_timeout:g}s"
-    bad_certificate = upstream_tls.verification_failure(error)
+    bad_certificate = client_tls.verification_failure(error)
     if bad_certificate is not None:
         return 502, f"TLS verification of the upstream failed: {bad_certificate.verify_message or bad_certificate}"
-    tls_error = upstream_tls.tls_failure(error)
+    tls_error = client_tls.tls_failure(error)
     if tls_error is not None:
         return 502, f"TLS with the upstream failed: {tls_error.reason or tls_error}"
     if isinstance(error, (SSLError, ProtocolError)) and isinstance(error.__cause__, OSError):

@@ -19,12 +19,11 @@ import time
 
 import gevent
 from gevent import monkey
-
 from gunicorn import glogging
 from gunicorn.config import AccessLogFormat
 
-from . import metrics
-from .serving import serving_config
+from rproxy.observability import metrics
+from rproxy.server.settings import serving_config
 
 _DEFAULT_FORMAT = AccessLogFormat.default
 

@@ -11,7 +11,7 @@ connection with the result. Ours:
   keep the session they have;
 - serves a pending TLS-ALPN-01 challenge's certificate to the CA's
   validation connections only, and closes them after the handshake
-  (tls_alpn.py);
+  (alpn_challenge.py);
 - leaves the connections of plain-HTTP listeners (`http_bind`, the admin
   listener) unwrapped: gunicorn itself would put TLS on every listener;
 - answers a plain HTTP request sent to the TLS port with a plain 400 as
@@ -31,9 +31,9 @@ import socket
 import ssl
 import time
 
-from . import acme, tls_alpn
-from .certificates import CertificateFiles, CertificateStore
-from .values import listener_key
+from rproxy.tls import acme, alpn_challenge
+from rproxy.tls.certificates import CertificateFiles, CertificateStore
+from rproxy.values import listener_key
 
 log = logging.getLogger("rproxy.tls")
 
@@ -113,7 +113,7 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
     socket_class = _server_socket_class()
     challenges = None
     if "tls-alpn-01" in config.acme.challenges and config.acme.domains:
-        challenges = tls_alpn.Challenges(acme.CacheDir(config.acme).tls_alpn, configure)
+        challenges = alpn_challenge.Challenges(acme.CacheDir(config.acme).tls_alpn, configure)
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class
@@ -197,7 +197,7 @@ def _server_socket_class():
                 else:
                     log.debug("tls: handshake with %s failed: %s", peer, reason)
                 raise _HandshakeFailed(ssl.SSL_ERROR_EOF, f"TLS handshake failed: {reason}") from None
-            if self.selected_alpn_protocol() == tls_alpn.PROTOCOL:
+            if self.selected_alpn_protocol() == alpn_challenge.PROTOCOL:
                 # RFC 8737 §3: a validation connection ends with its handshake
                 # (only a challenge context offers this protocol).
                 log.debug("tls: answered the TLS-ALPN-01 validation from %s", peer)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .http import Request, header_environ_key, valid_host
+from rproxy.messages import Request, header_environ_key, valid_host
 
 # Replaced for untrusted peers whatever spoofable_headers says.
 _FORWARDING = ("x-real-ip", "forwarded")

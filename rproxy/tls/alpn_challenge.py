@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from . import certificates, clienthello
+from rproxy.tls import certificates, clienthello
 
 log = logging.getLogger("rproxy.tls")
 

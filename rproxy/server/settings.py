@@ -18,11 +18,12 @@ import resource
 import signal
 import sys
 
-from . import config as config_module
-from . import acme, certificates, metrics, tls
-from . import instance
-from .config import Config, ConfigError
-
+from rproxy import config as config_module
+from rproxy import instance
+from rproxy.config import Config, ConfigError
+from rproxy.observability import metrics
+from rproxy.server import listeners
+from rproxy.tls import acme, certificates
 
 # Certificates from files closer to expiry than this get a warning at start.
 EXPIRY_WARNING = datetime.timedelta(days=14)
@@ -45,7 +46,7 @@ def to_gunicorn(config: Config) -> dict:
         "wsgi_app": "rproxy.app:application",
         # gevent's worker, guarding client connections and serving the streams
         # of an HTTP/2 connection side by side.
-        "worker_class": "rproxy.worker.Worker",
+        "worker_class": "rproxy.server.worker.Worker",
         "bind": [*server.bind, *server.http_bind, *([config.admin.bind] if config.admin.bind else [])],
         "workers": server.workers,
         "worker_connections": server.worker_connections,
@@ -59,12 +60,12 @@ def to_gunicorn(config: Config) -> dict:
         "accesslog": None if log.access_log == "off" else log.access_log,
         "errorlog": log.error_log,
         "loglevel": log.level,
-        "logger_class": "rproxy.accesslog.AccessLogger",
+        "logger_class": "rproxy.server.accesslog.AccessLogger",
         "proc_name": "rproxy",
         # gunicorn turns TLS on when certfile is set; our ssl_context hook then
         # chooses the certificate per connection, and leaves plain listeners plain.
         "certfile": default_certificate(config),
-        "ssl_context": tls.ssl_context_hook(config),
+        "ssl_context": listeners.ssl_context_hook(config),
         "http_protocols": "h2,h1" if server.http2 else "h1",
         # "both": HTTP/1.1 stays served beside the preface (gunicorn's
         # "prior-knowledge" alone answers HTTP/1.1 from trusted peers with 400).
@@ -150,7 +151,7 @@ def _warn_expiring(config: Config, log) -> None:
 def pre_fork(arbiter, worker) -> None:
     """In the master, about to fork a worker: signals sent to it while it
     boots wait until it has its handlers."""
-    from .worker import hold_signals_across_fork  # the worker class: imported by now
+    from rproxy.server.worker import hold_signals_across_fork  # the worker class: imported by now
     hold_signals_across_fork(worker)
 
 

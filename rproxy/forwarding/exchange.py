@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from http.client import BadStatusLine, HTTPException, IncompleteRead, LineTooLong, RemoteDisconnected
 
+
 class UnsupportedCoding(HTTPException):
     """The response's Transfer-Encoding cannot be passed on to the client."""
 

@@ -257,7 +257,7 @@ class CertificateStore:
         self.check_interval = check_interval
         self._next_check = time.monotonic() + check_interval
         self._index()
-        from . import metrics
+        from rproxy.observability import metrics
         metrics.serve_certificates(self)
 
     def expiries(self) -> dict[str, float]:

@@ -16,12 +16,13 @@ import json
 import os
 import time
 
-from . import acme, metrics
-from .http import Response, error_response
-from .httpcache.purge import parse_request
-from .storage_guard import redacted
-from .status_feed import StatusFeed
-from .status_page import PAGE
+from rproxy.httpcache.purge import parse_request
+from rproxy.messages import Response, error_response
+from rproxy.observability import metrics
+from rproxy.observability.status_feed import StatusFeed
+from rproxy.observability.status_page import PAGE
+from rproxy.storage_guard import redacted
+from rproxy.tls import acme
 
 
 class Admin:
@@ -99,7 +100,7 @@ class Admin:
             kind, value = parse_request(environ.get("QUERY_STRING", ""), form)
         except ValueError as e:
             return error_response(None, 400, str(e), environ=environ)
-        from .middleware.cache import open_store
+        from rproxy.middleware.cache import open_store
         caches = self.config.middleware.get("cache", {})
         if self.purge_stores is None:
             self.purge_stores = {name: open_store(c) for name, c in caches.items() if c.storage != "memory://"}

@@ -12,7 +12,7 @@ import logging
 import gevent
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
 
-from . import upstream_tls
+from rproxy.upstreams import client_tls
 
 log = logging.getLogger("rproxy.health")
 
@@ -30,7 +30,7 @@ class ActiveCheck:
         for server in upstream.servers:
             address = server.address
             if address.scheme == "https":
-                tls = upstream_tls.pool_options(config, address.host, upstream.tls_context)
+                tls = client_tls.pool_options(config, address.host, upstream.tls_context)
                 pool = HTTPSConnectionPool(address.host, address.port, maxsize=1, retries=False, **tls)
             else:
                 pool = HTTPConnectionPool(address.host, address.port, maxsize=1, retries=False)

@@ -49,11 +49,11 @@ from gunicorn.http.errors import InvalidChunkSize, InvalidRequestLine, LimitRequ
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import http2, response_writer
-from .connection import linger
-from .forwarded import Forwarding
-from .http import BadRequest
-from .tls import handshake_done
+from rproxy.client_address import Forwarding
+from rproxy.messages import BadRequest
+from rproxy.server import http2, response_writer
+from rproxy.server.lingering_close import linger
+from rproxy.server.listeners import handshake_done
 
 log = logging.getLogger("rproxy.worker")
 

@@ -39,11 +39,11 @@ from gunicorn.http2.connection import HTTP2ServerConnection
 from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ErrorCode, HTTP2ProtocolError
 from gunicorn.http2.stream import HTTP2Stream, StreamState
 from h2.exceptions import ProtocolError
-from hpack import Decoder
 from h2.settings import SettingCodes, Settings
+from hpack import Decoder
 from hyperframe.frame import GoAwayFrame
 
-from .client_left import ClientLeft, waiting
+from rproxy.server.client_left import ClientLeft, waiting
 
 log = logging.getLogger("rproxy.http2")
 

@@ -5,7 +5,7 @@ in cache_dir (a worker that dies releases it, and another takes over within
 seconds). It registers the account, orders one certificate per domain, and
 writes each certificate with its key into cache_dir in one atomic rename.
 Each order answers the first of `[acme] challenges` that the CA offers and
-the listeners allow: TLS-ALPN-01 on the TLS port (tls_alpn.py), HTTP-01 on
+the listeners allow: TLS-ALPN-01 on the TLS port (alpn_challenge.py), HTTP-01 on
 the plain-HTTP one (plain_http.py). Every worker serves what it finds there: its
 TLS context store notices the new file within a second (see certificates.py),
 so a renewal reaches all workers without a restart, and open connections
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import ari, certificates, tls_alpn
-from .certificates import CertificateProblem
+from rproxy.tls import alpn_challenge, ari, certificates
+from rproxy.tls.certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
 
@@ -365,7 +365,8 @@ class Manager:
         if self.client is not None:
             return self.client
         import josepy
-        from acme import client as acme_client, errors, messages
+        from acme import client as acme_client
+        from acme import errors, messages
         _tls_alpn01_challenge()  # before any authorization is parsed
         key = self._account_key()
         net = acme_client.ClientNetwork(josepy.JWKEC(key=key), alg=josepy.ES256,
@@ -434,7 +435,7 @@ def _tls_alpn01_challenge():
 
             def validation(self, account_key, domain: str = "", **kwargs) -> bytes:
                 """The challenge certificate with its key (PEM)."""
-                return tls_alpn.challenge_certificate(domain, self.key_authorization(account_key))
+                return alpn_challenge.challenge_certificate(domain, self.key_authorization(account_key))
 
         _TLS_ALPN01 = TLSALPN01
     return _TLS_ALPN01

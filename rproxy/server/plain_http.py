@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-from . import acme
-from .http import Request, Response, error_response
-from .tls import is_tls
-from .values import listener_key
+from rproxy.messages import Request, Response, error_response
+from rproxy.server.listeners import is_tls
+from rproxy.tls import acme
+from rproxy.values import listener_key
 
 
 class PlainHttp:

@@ -17,7 +17,8 @@ from functools import lru_cache
 from http import HTTPStatus
 from typing import Iterable
 
-from .target import TargetError, parse as parse_target
+from rproxy.target import TargetError
+from rproxy.target import parse as parse_target
 
 # RFC 9110 7.6.1: removed in both directions, plus every header Connection names.
 HOP_BY_HOP = frozenset({

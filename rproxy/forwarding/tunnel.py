@@ -33,10 +33,11 @@ import time
 import gevent
 import gevent.socket
 
-from . import accesslog, metrics
-from .exchange import UpstreamResponse, request_head
-from .http import Request, Response, clean_response_headers, error_response
-from .upstream import Server
+from rproxy.forwarding.exchange import UpstreamResponse, request_head
+from rproxy.messages import Request, Response, clean_response_headers, error_response
+from rproxy.observability import metrics
+from rproxy.server import accesslog
+from rproxy.upstreams.servers import Server
 
 log = logging.getLogger("rproxy.tunnel")
 

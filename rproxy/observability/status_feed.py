@@ -26,8 +26,8 @@ from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
-from .http import Response, error_response
-from .tunnel import TAKEN_OVER, buffered_client_bytes, close_frame
+from rproxy.forwarding.tunnel import TAKEN_OVER, buffered_client_bytes, close_frame
+from rproxy.messages import Response, error_response
 
 log = logging.getLogger("rproxy.admin")
 

@@ -31,13 +31,14 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ClosedPoolError, EmptyPoolError
 from urllib3.util.connection import is_connection_dropped
 
-from . import metrics, upstream_tls
-from .balancing import POLICIES, ConsistentHash
-from .breaker import Breaker, State
-from .config import UpstreamConfig
-from .health import ActiveCheck
-from .http import Request, header_environ_key
-from .values import ServerAddress
+from rproxy.config import UpstreamConfig
+from rproxy.messages import Request, header_environ_key
+from rproxy.observability import metrics
+from rproxy.upstreams import client_tls
+from rproxy.upstreams.balancing import POLICIES, ConsistentHash
+from rproxy.upstreams.breaker import Breaker, State
+from rproxy.upstreams.health import ActiveCheck
+from rproxy.values import ServerAddress
 
 log = logging.getLogger("rproxy.upstream")
 
@@ -162,7 +163,7 @@ class Server:
         tls = {}
         if address.scheme == "https":
             pool_cls = TLSServerPool
-            tls = upstream_tls.pool_options(config, address.host, tls_context)
+            tls = client_tls.pool_options(config, address.host, tls_context)
         else:
             pool_cls = ServerPool
         self.pool = pool_cls(
@@ -207,7 +208,7 @@ class Upstream:
         self.name = config.name
         self.config = config
         # One TLS client context for all of its https:// servers.
-        self.tls_context = (upstream_tls.client_context(config)
+        self.tls_context = (client_tls.client_context(config)
                             if any(a.scheme == "https" for a in config.servers) else None)
         self.servers = [Server(address, config, self.tls_context) for address in config.servers]
         self.policy = POLICIES[config.balance](self.servers)

@@ -1,0 +1,1 @@
+"""The last handler: one exchange with an upstream, or a tunnel after an Upgrade."""

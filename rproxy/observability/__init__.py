@@ -1,0 +1,1 @@
+"""What the workers count and show: metrics, the admin listener, the status page and feed."""

@@ -1,0 +1,1 @@
+"""gunicorn and gevent, from inside: the only code that touches their internals."""

@@ -1,0 +1,1 @@
+"""Upstream servers: their pools, which one gets a request, their health."""

@@ -54,6 +54,7 @@ from rproxy.messages import BadRequest
 from rproxy.server import http2, response_writer
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
+from rproxy.server.takeover import TAKEN_OVER
 
 log = logging.getLogger("rproxy.worker")
 
@@ -386,6 +387,16 @@ class Worker(GeventWorker):
     def handle_http2_request(self, listener_name, req, sock, addr, h2_conn):
         http2.http1_framing(req)
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
+
+    def is_already_handled(self, respiter) -> bool:
+        # The core took the connection over (server/takeover.py): gunicorn
+        # must neither write to it nor read another request from it, and its
+        # keep-alive loop ignores handle_request's answer, so end the loop as
+        # gunicorn ends it for "close" (its socket object is closed; the new
+        # owner keeps its own reference to the connection).
+        if respiter is TAKEN_OVER:
+            raise StopIteration("connection taken over")
+        return super().is_already_handled(respiter)
 
     def handle_request(self, listener_name, req, sock, addr):
         me = gevent.getcurrent()

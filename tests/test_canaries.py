@@ -80,7 +80,7 @@ OVERRIDES = [
      "rproxy/server/worker.py: 431 for a head with too many fields, whatever their count"),
     (worker.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
      "rproxy/server/worker.py: a chunk size judged (413/400) before its data goes upstream"),
-    (worker.Server, StreamServer, ["do_handle"],
+    (worker.Acceptor, StreamServer, ["do_handle"],
      "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
@@ -197,17 +197,17 @@ def test_gunicorn_asks_the_module_global_whether_a_peer_may_forward(monkeypatch)
 
 
 def test_the_gevent_worker_starts_its_servers_from_the_module_global():
-    # worker.py: ggevent.StreamServer = Server
+    # worker.py: ggevent.StreamServer = Acceptor
     assert ggevent.GeventWorker.server_class is None and re.search(
         r"server = StreamServer\(s, handle=hfun", source(ggevent.GeventWorker.run)), (
-        "gunicorn's GeventWorker.run no longer builds ggevent.StreamServer: rproxy/server/worker.py's Server "
+        "gunicorn's GeventWorker.run no longer builds ggevent.StreamServer: rproxy/server/worker.py's Acceptor "
         "(one level of C stack less per connection) is not used")
 
 
 def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
-    # worker.py's Server.do_handle reads _spawn, _handle and do_close as gevent's own does.
+    # worker.py's Acceptor.do_handle reads _spawn, _handle and do_close as gevent's own does.
     assert params(BaseServer.do_handle) == ["self", "args"], (
-        "gevent's BaseServer.do_handle changed: rproxy/server/worker.py's Server overrides it")
+        "gevent's BaseServer.do_handle changed: rproxy/server/worker.py's Acceptor overrides it")
     pool = Pool(2)
 
     def handle(sock, address):
@@ -215,13 +215,13 @@ def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
 
     server = StreamServer(("127.0.0.1", 0), handle=handle, spawn=pool)
     assert server._spawn == pool.spawn and server._handle == handle, (
-        "gevent's StreamServer no longer keeps _spawn and _handle: rproxy/server/worker.py's Server.do_handle "
+        "gevent's StreamServer no longer keeps _spawn and _handle: rproxy/server/worker.py's Acceptor.do_handle "
         "cannot start connections")
     assert StreamServer(("127.0.0.1", 0), handle=handle, spawn=None)._spawn is None
     assert params(StreamServer.do_close)[:2] == ["self", "sock"], (
-        "gevent's StreamServer.do_close changed: rproxy/server/worker.py's Server closes a connection it cannot start")
+        "gevent's StreamServer.do_close changed: rproxy/server/worker.py's Acceptor closes a connection it cannot start")
     assert "self.do_handle(*args)" in source(BaseServer._do_read), (
-        "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Server is not used")
+        "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Acceptor is not used")
 
 
 def test_gevent_reports_accept_errors_through_the_hubs_handle_error_attribute():

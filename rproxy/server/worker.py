@@ -22,7 +22,7 @@ And what gunicorn's own per-request and per-connection work costs, trimmed
 where it runs in this process (docs/performance.md): settings read as plain
 attributes, the forwarding trust remembered per address, a keep-alive
 connection's wait for its next request at the top of its stack, holding no
-finished request (RequestParser, Server), the response writer of
+finished request (RequestParser, Acceptor), the response writer of
 response_writer.py.
 
 And no signal sent to a worker is lost while it boots (hold_signals_across_fork).
@@ -244,7 +244,7 @@ def _disarm(timer) -> None:
         timer.close()
 
 
-class Server(StreamServer):
+class Acceptor(StreamServer):
     """gevent's, starting each connection's greenlet on the worker's handler
     itself. gevent's own start wraps it in a function that closes the socket
     after (Worker.handle does), called with *args: a level of C stack more
@@ -323,7 +323,7 @@ class Worker(GeventWorker):
         gunicorn.http.RequestParser = RequestParser
         ChunkedReader.max_body_size = server.max_body_size
         message.ChunkedReader = ChunkedReader
-        ggevent.StreamServer = Server
+        ggevent.StreamServer = Acceptor
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         settle_settings(self.cfg)
         # gevent records each greenlet's spawning stack and parent for its

@@ -291,12 +291,14 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 @dataclass(frozen=True)
 class AcmeConfig:
     domains: tuple[str, ...] = setting(None, values.domain_names,
-                                       "Domains to obtain certificates for (one each).", required=True)
+                                       "Domains to obtain certificates for (one each); a wildcard "
+                                       "(*.example.com) needs dns-01.", required=True)
     challenges: tuple[str, ...] = setting("tls-alpn-01 http-01", _acme_challenges,
                                           "Challenge types in order of preference: the first one the CA "
                                           "offers that the listeners allow is used. tls-alpn-01: on the "
                                           "TLS port (bind, 443 as the CA sees it); http-01: on http_bind "
-                                          "(port 80 as the CA sees it).")
+                                          "(port 80 as the CA sees it); dns-01: a TXT record published by dns_provider "
+                                          "(the only one for wildcards).")
     email: str = setting("", values.text, "Contact address given to the CA (expiry notices); empty = none.")
     directory: str = setting(LETS_ENCRYPT, values.url,
                              "The CA's ACME directory URL; Let's Encrypt's staging one is "

@@ -322,9 +322,9 @@ class AcmeConfig:
                                                  "rfc2136: the primary server taking the updates (IP[:port], "
                                                  "port 53 by default); both providers then wait for the record "
                                                  "there, else at the zone's NS.")
-    dns_zone: str = setting("", values.host_name,
+    dns_zone: str = setting("", values.dns_name,
                             "rfc2136: the zone to update; default: found by asking dns_server for the SOA.")
-    dns_tsig_key_name: str = setting("", values.host_name,
+    dns_tsig_key_name: str = setting("", values.dns_name,
                                      "rfc2136: the name of the TSIG key allowed to update the zone.")
     dns_tsig_algorithm: str = setting("hmac-sha256", values.one_of(*TSIG_ALGORITHMS),
                                       "rfc2136: the TSIG key's algorithm.")

@@ -422,6 +422,14 @@ def ip_port(raw: str) -> tuple[str, int]:
     return host, int(number)
 
 
+def dns_name(raw: str) -> str:
+    """A DNS name such as a zone or a TSIG key's (underscores allowed, unlike host names); empty allowed."""
+    value = raw.strip().lower().rstrip(".")
+    if value and not all(re.fullmatch(r"[a-z0-9_-]{1,63}", label) for label in value.split(".")):
+        raise ValueError(f"{raw!r} is not a DNS name (labels of letters, digits, '-' and '_')")
+    return value
+
+
 def base64_secret(raw: str) -> str:
     """A secret in base64 (a TSIG key's, as `tsig-keygen` prints it)."""
     value = raw.strip()

@@ -104,6 +104,7 @@ def test_dns01_rfc2136_certificate_verifies_and_the_record_is_removed(start_prox
     cert = wait_for_certificate(proxy.port, "a.example.test", trusted)
     assert "Pebble Intermediate CA" in cert.issuer.rfc4514_string()
     proxy.wait_for_log(r"acme: a.example.test: obtained a certificate")
+    assert "Starting 3 validations" in ca.ca.log()
     # The zone's server took the signed update, then its removal.
     assert "updating zone 'example.test/IN': adding an RR at '_acme-challenge.a.example.test' TXT" in named.process.log()
     assert named.txt("_acme-challenge.a.example.test") == set()
@@ -191,3 +192,20 @@ def test_dns01_refused_update_keeps_the_current_certificate_and_backs_off(start_
     assert failures[0].endswith("next attempt in 1s") and failures[1].endswith("next attempt in 2s")
     assert served_certificate(proxy.port, "a.example.test", trusted).serial_number == serial
     assert proxy.proc.poll() is None
+
+
+def test_dns01_record_never_visible_gives_up_after_the_timeout_and_cleans_up(start_proxy, upstream, named, ca,
+                                                                             tmp_path):
+    calls = tmp_path / "hook-calls"
+    hook = tmp_path / "dns-hook"
+    # Says it published, publishes nothing: a DNS host whose API is slow to reach its servers.
+    hook.write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\n")
+    hook.chmod(0o755)
+    proxy = dns_proxy(start_proxy, upstream, ca, named, tmp_path / "acme", "p.example.test",
+                      dns_provider="exec", dns_exec=str(hook), dns_propagation_timeout="2s")
+    failure = proxy.wait_for_log(r"acme: p.example.test: could not obtain a certificate", timeout=30)[0]
+    assert (f"TXT _acme-challenge.p.example.test was not visible at {named.address} within 2s "
+            "(dns_propagation_timeout)") in failure, failure
+    assert calls.read_text().splitlines()[:2] == ["present", "cleanup"]
+    # The CA was never asked to validate (it would look once, and fail).
+    assert "Starting 3 validations" not in ca.ca.log()

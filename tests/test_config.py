@@ -118,6 +118,8 @@ def test_defaults_apply_when_sections_are_absent(tmp_path):
      "'ns1.example.com' is not an IP address with an optional port"),
     (ROUTE + "[acme]\ndomains = example.com\ndns_server = 127.0.0.1:99999\n", "acme", "dns_server",
      "the port must be 1 to 65535"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_tsig_key_name = acme key\n", "acme", "dns_tsig_key_name",
+     "'acme key' is not a DNS name"),
     (ROUTE + "[acme]\ndomains = example.com\ndns_tsig_secret = not*base64\n", "acme", "dns_tsig_secret",
      "is not base64"),
     (ROUTE + "[acme]\ndomains = example.com\ndns_tsig_algorithm = rot13\n", "acme", "dns_tsig_algorithm",
@@ -175,9 +177,9 @@ def test_acme_dns01_with_rfc2136_and_a_secret_from_the_environment(tmp_path, mon
     c = load_text(tmp_path, "[upstream:a]\nservers = 127.0.0.1:1\n[route:r]\nupstream = a\n"
                             f"[acme]\ndomains = *.example.com example.com\ncache_dir = {tmp_path}/acme\n"
                             "challenges = dns-01\ndns_provider = rfc2136\ndns_server = 192.0.2.1\n"
-                            "dns_tsig_key_name = rproxy.\ndns_tsig_secret = ${TSIG_SECRET}\n")
+                            "dns_tsig_key_name = rproxy_acme.\ndns_tsig_secret = ${TSIG_SECRET}\n")
     assert c.acme.domains == ("*.example.com", "example.com")
-    assert c.acme.dns_server == ("192.0.2.1", 53) and c.acme.dns_tsig_key_name == "rproxy"
+    assert c.acme.dns_server == ("192.0.2.1", 53) and c.acme.dns_tsig_key_name == "rproxy_acme"
     assert c.acme.dns_tsig_secret == "c2VjcmV0LXNlY3JldC1zZWNyZXQ="
     assert c.acme.dns_tsig_algorithm == "hmac-sha256" and c.acme.dns_propagation_timeout == 120
 

@@ -19,12 +19,9 @@ account's limits at Let's Encrypt.
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import time
 from typing import Callable, Protocol
-
-log = logging.getLogger("rproxy.acme")
 
 RECORD_TTL = 60  # short: the record lives for one validation
 QUERY_TIMEOUT = 5.0
@@ -139,13 +136,14 @@ def answers(server: tuple[str, int], name: str) -> set[str]:
     import dns.exception
     import dns.message
     import dns.query
+    import dns.rdatatype
     query = dns.message.make_query(name + ".", "TXT")
     try:
         response = dns.query.udp(query, server[0], port=server[1], timeout=QUERY_TIMEOUT)
     except (dns.exception.DNSException, OSError):
         return set()
     return {b"".join(rdata.strings).decode("ascii", "replace")
-            for rrset in response.answer if rrset.rdtype == 16 for rdata in rrset}
+            for rrset in response.answer if rrset.rdtype == dns.rdatatype.TXT for rdata in rrset}
 
 
 def wait_until_visible(records: list[tuple[str, str]], servers: list[tuple[str, int]] | None,

@@ -27,8 +27,8 @@ from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
 from rproxy.forwarding.tunnel import close_frame
-from rproxy.server.takeover import TAKEN_OVER, buffered_client_bytes, client_socket
 from rproxy.messages import Response, error_response
+from rproxy.server.takeover import TAKEN_OVER, buffered_client_bytes, client_socket
 
 log = logging.getLogger("rproxy.admin")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import socket
 import time
 
 from gevent.lock import Semaphore

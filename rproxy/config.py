@@ -307,6 +307,12 @@ class AcmeConfig:
     cache_dir: str = setting(None, values.text,
                              "Where the account key and certificates are kept (mode 0700, keys 0600).",
                              required=True)
+    storage: str = setting("", values.acme_storage_uri,
+                           "A fleet's shared store: redis://host:port/db (or rediss://, redis+sentinel://, "
+                           "redis+cluster://) keeps the account, the certificates, the issuance lock and "
+                           "pending challenge answers there, so that one instance orders and every instance "
+                           "serves and answers challenges; each mirrors it into its cache_dir. Empty: "
+                           "cache_dir alone.")
     renew_before: float = setting("30d", values.positive_duration,
                                   "Renew this long before expiry (a third of the lifetime for certificates "
                                   "that live less than this).")

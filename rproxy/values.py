@@ -361,6 +361,19 @@ def cache_storage_uri(raw: str) -> str:
                      "(or rediss://, redis+sentinel://, redis+cluster://)")
 
 
+def acme_storage_uri(raw: str) -> str:
+    """Empty, or a Redis storage_uri ([acme] has no memory of its own to share)."""
+    value = raw.strip()
+    if not value:
+        return value
+    if value.startswith("file://"):
+        raise ValueError(f"{raw!r}: for a shared directory, set cache_dir to it (see README, ACME for a fleet)")
+    if value == "memory://" or not value.startswith(("redis://", "rediss://", "redis+")):
+        raise ValueError(f"{raw!r} is not redis://host:port/db (or rediss://, redis+sentinel://host:port/service, "
+                         "redis+cluster://host:port,host:port)")
+    return storage_uri(value)
+
+
 def limit_key(raw: str) -> str:
     """'ip' or 'header:NAME'."""
     value = raw.strip()

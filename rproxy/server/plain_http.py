@@ -4,7 +4,9 @@
   whichever listener it came in on; a request on a plain listener is "http"
   (or "https" when a trusted proxy in front says so with X-Forwarded-Proto).
 - ACME HTTP-01 challenges (`/.well-known/acme-challenge/TOKEN`) pending in
-  [acme] cache_dir are answered by every worker, on any listener. Other
+  [acme] cache_dir (or, with [acme] storage, in the fleet's store: looked
+  up there only when not found locally) are answered by every worker, on
+  any listener. Other
   challenge paths are never redirected, so an upstream can answer its own.
 - With `redirect_http = yes`, everything else gets a 308 to the same URL
   over HTTPS (308 keeps the method and body, unlike 301).
@@ -29,6 +31,13 @@ class PlainHttp:
             port = first if isinstance(first, int) else 443
         self.port_suffix = "" if port == 443 else f":{port}"
         self.cache = acme.CacheDir(config.acme) if config.acme.domains else None
+        self.acme = config.acme
+        self.store = None  # the fleet's store, connected at the first challenge not found locally
+
+    def _store(self):
+        if self.store is None and self.acme.storage:
+            self.store = acme.shared_store(self.acme, timeout=2.0)
+        return self.store
 
     def set_scheme(self, environ) -> None:
         if is_tls(environ):
@@ -41,7 +50,7 @@ class PlainHttp:
         """The proxy's own answer to this request, or None to route it."""
         if request.path.startswith(acme.CHALLENGE_PREFIX):
             if self.cache is not None and request.method in ("GET", "HEAD"):
-                key_authorization = acme.challenge_answer(self.cache, request.path)
+                key_authorization = acme.challenge_answer(self.cache, request.path, self._store())
                 if key_authorization is not None:
                     return Response(200, [("Content-Type", "text/plain"),
                                           ("Content-Length", str(len(key_authorization))),

@@ -15,6 +15,11 @@ keep the certificate they started with. Challenge answers (HTTP-01 key
 authorizations, TLS-ALPN-01 certificates) are files in cache_dir too, so
 whichever worker the CA's validation request reaches can answer it.
 
+With `[acme] storage = redis://...` several instances share one account,
+one set of certificates and the challenge answers (acme_store.py): in each,
+the lock file's holder mirrors the store into cache_dir, and the one that
+also holds the fleet's lease in Redis orders.
+
 When the CA's directory offers ACME Renewal Information (RFC 9773, ari.py),
 a certificate is renewed at a random moment inside the window the CA
 suggests for it, asked again as often as the CA's Retry-After says;
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from rproxy.tls import alpn_challenge, ari, certificates, dns01
+from rproxy.tls import acme_store, alpn_challenge, ari, certificates, dns01
 from rproxy.tls.certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
@@ -51,6 +56,9 @@ LEADER_POLL = 2.0
 # (a file deleted by hand, a clock that jumped).
 RECHECK = 3600.0
 ORDER_TIMEOUT = 90.0
+# With a shared store: how often each instance looks for what changed there
+# (one GET), and so how soon it copies a new certificate or challenge.
+MIRROR_POLL = 1.0
 
 
 class CacheDir:
@@ -61,7 +69,8 @@ class CacheDir:
         self.root = os.path.abspath(config.cache_dir)
         parts = urlsplit(config.directory)
         issuer = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{parts.netloc}{parts.path}").strip("-")
-        self.issuer = os.path.join(self.root, issuer or "acme")
+        self.issuer_name = issuer or "acme"
+        self.issuer = os.path.join(self.root, self.issuer_name)
         self.account_key = os.path.join(self.issuer, "account.key")
         self.certificates = os.path.join(self.issuer, "certificates")
         self.challenges = os.path.join(self.root, "challenges")
@@ -111,8 +120,10 @@ def certificate_problems(config, now: float | None = None) -> list[str]:
     return problems
 
 
-def challenge_answer(cache: CacheDir, path: str) -> bytes | None:
-    """The key authorization for an HTTP-01 request path, if one is pending."""
+def challenge_answer(cache: CacheDir, path: str, store=None) -> bytes | None:
+    """The key authorization for an HTTP-01 request path, if one is pending:
+    in cache_dir, else (a challenge this instance's mirror has not copied
+    yet) in the shared store."""
     token = path[len(CHALLENGE_PREFIX):]
     if not _TOKEN_RE.fullmatch(token):
         return None
@@ -120,7 +131,21 @@ def challenge_answer(cache: CacheDir, path: str) -> bytes | None:
         with open(cache.challenge(token), "rb") as f:
             return f.read()
     except OSError:
+        pass
+    if store is None:
         return None
+    try:
+        return store.http01_answer(token)
+    except Exception as e:  # noqa: BLE001 - no answer is the answer when the store fails
+        log.warning("acme: cannot look up the HTTP-01 answer in %s: %s", store.where, e)
+        return None
+
+
+def shared_store(config, timeout: float = acme_store.TIMEOUT):
+    """The fleet's shared store for `[acme] storage`, or None (cache_dir alone)."""
+    if not config.storage:
+        return None
+    return acme_store.RedisStore(config.storage, CacheDir(config).issuer_name, timeout)
 
 
 def renewal_time(leaf, renew_before: float) -> float:
@@ -154,6 +179,43 @@ def start(config, alive: Callable[[], bool]) -> None:
     gevent.spawn(Manager(config.acme, alive, usable_challenges(config)).run)
 
 
+class Lease:
+    """The fleet's issuance lease, renewed while the manager works; `held()`
+    turns False once it cannot be renewed (lost, or the store down until it
+    would have expired), and the manager then stops."""
+
+    def __init__(self, store: acme_store.RedisStore, alive: Callable[[], bool]):
+        self.store, self.alive = store, alive
+        self.until = time.monotonic() + acme_store.LEASE
+        self.lost = False
+
+    def held(self) -> bool:
+        return self.alive() and not self.lost and time.monotonic() < self.until
+
+    def keep(self) -> None:
+        while self.held():
+            time.sleep(acme_store.LEASE / 3)
+            started = time.monotonic()
+            try:
+                renewed = self.store.renew()
+            except Exception as e:  # noqa: BLE001 - retried until the lease would have run out
+                log.error("acme: cannot renew the issuance lease in %s (%s); stopping issuance in %.0fs "
+                          "unless it can", self.store.where, e or type(e).__name__, self.until - time.monotonic())
+                continue
+            if not renewed:
+                self.lost = True
+                log.error("acme: lost the issuance lease in %s to another instance; stopping issuance",
+                          self.store.where)
+                return
+            self.until = started + acme_store.LEASE
+
+    def release(self) -> None:
+        try:
+            self.store.release()
+        except Exception:  # noqa: BLE001 - it expires by itself
+            pass
+
+
 @dataclass(frozen=True)
 class RenewalPlan:
     """The moment chosen in the window the CA suggested for one certificate;
@@ -170,6 +232,8 @@ class Manager:
         self.cache = CacheDir(config)
         self.alive = alive
         self.client = None
+        self.store: acme_store.RedisStore | None = None  # while sharing one
+        self.unshared: set[str] = set()  # domains whose new certificate the store has not taken yet
         self.dns_provider: dns01.Provider | None = None
         self.failures = {domain: 0 for domain in config.domains}
         self.retry_at = {domain: 0.0 for domain in config.domains}
@@ -199,10 +263,59 @@ class Manager:
                     continue
                 log.info("acme: worker %d manages the certificates of %s (%s)", os.getpid(),
                          " ".join(self.config.domains), self.config.directory)
-                self.manage()
+                if self.config.storage:
+                    self.share()
+                else:
+                    self.manage()
                 break
         finally:
             lock.close()  # releases the lock
+
+    # -- a fleet sharing one store ------------------------------------------
+
+    def share(self) -> None:
+        """This instance's part in a fleet: mirror the store into cache_dir
+        and, while holding the fleet's issuance lease, manage the certificates."""
+        import gevent
+        self.store = shared_store(self.config)
+        mirror = acme_store.Mirror(self.store, self.cache, self.config.domains)
+        failing = False
+        alive = self.alive
+        try:
+            while alive():
+                try:
+                    mirror.sync(force=failing)
+                    leading = self.store.acquire()
+                except Exception as e:  # noqa: BLE001 - an outage is waited out, whatever it is
+                    if not failing:
+                        failing = True
+                        log.error("acme: storage %s failed (%s); serving the certificates in %s until it is "
+                                  "back, trying again every %gs", self.store.where, e or type(e).__name__,
+                                  self.cache.root, MIRROR_POLL)
+                    self._sleep(MIRROR_POLL)
+                    continue
+                if failing:
+                    failing = False
+                    log.warning("acme: storage %s is back", self.store.where)
+                if not leading:
+                    self._sleep(MIRROR_POLL)
+                    continue
+                log.info("acme: worker %d holds the fleet's issuance lease in %s", os.getpid(), self.store.where)
+                # Certificates this instance has from before it joined the fleet, or
+                # obtained while the store was down, are shared.
+                self.unshared |= mirror.newer_here
+                self.unshared |= {d for d in self.config.domains if d not in mirror.stored and self._leaf(d)}
+                lease = Lease(self.store, alive)
+                keeper = gevent.spawn(lease.keep)
+                self.alive = lease.held
+                try:
+                    self.manage()
+                finally:
+                    self.alive = alive
+                    keeper.kill()
+                    lease.release()
+        finally:
+            self.alive = alive
 
     def _sleep(self, seconds: float) -> None:
         """Sleep, waking each second to see whether the worker is stopping."""
@@ -218,6 +331,7 @@ class Manager:
             if due is not None and due > time.time():
                 log.info("acme: %s: certificate from the cache, renewal due %s", domain, _when(due))
         while self.alive():
+            self.share_certificates()
             for domain in self.config.domains:
                 if not self.alive():
                     return
@@ -231,6 +345,8 @@ class Manager:
             for domain in self.config.domains:
                 due = self.due(domain)
                 wake = min(wake, max(due or now, self.retry_at[domain]), self.ask_again.get(domain, wake))
+            if self.unshared:
+                wake = min(wake, now + self.config.retry_interval)
             self._sleep(max(0.5, wake - now))
 
     def due(self, domain: str, announce: bool = False) -> float | None:
@@ -310,10 +426,27 @@ class Manager:
             self._failed(domain, e)
             return
         self.failures[domain], self.retry_at[domain] = 0, 0.0
+        if self.store is not None:
+            self.unshared.add(domain)
+            self.share_certificates()
         self.ask_again[domain] = 0.0  # the new certificate has renewal information of its own: ask now
         log.info("acme: %s: obtained a certificate in %.1fs, valid until %s; renewal due %s", domain,
                  time.monotonic() - started, _when(leaf.not_valid_after_utc.timestamp()),
                  _when(renewal_time(leaf, self.config.renew_before)))
+
+    def share_certificates(self) -> None:
+        """Hand the certificates obtained here to the fleet's store (again
+        after it failed: meanwhile the other instances serve their own)."""
+        for domain in sorted(self.unshared):
+            try:
+                with open(self.cache.certificate(domain), "rb") as f:
+                    self.store.put_certificate(domain, f.read())
+            except Exception as e:  # noqa: BLE001 - kept locally, tried again
+                log.error("acme: %s: cannot share the new certificate in %s (%s); served here, trying again "
+                          "in %s", domain, self.store.where, e or type(e).__name__,
+                          _span(self.config.retry_interval))
+                return
+            self.unshared.discard(domain)
 
     def _order(self, domain: str):
         from acme import crypto_util, messages
@@ -321,6 +454,7 @@ class Manager:
         key = certificates.new_key()
         order = client.new_order(crypto_util.make_csr(certificates.key_pem(key), [domain]))
         answers = []  # the files that answer the challenges, removed after the order
+        shared = []  # the same answers in the fleet's store
         records = []  # the TXT records that answer dns-01 challenges, removed after the order
         responses = []
         try:
@@ -338,16 +472,23 @@ class Manager:
                     path = self.cache.tls_alpn_certificate(name)
                     certificates.write_private(path, validation)
                     answers.append(path)
+                    self._share_challenge(f"tls-alpn-01/{name}", validation, shared)
                 else:
-                    path = self.cache.challenge(challenge.chall.encode("token"))
+                    token = challenge.chall.encode("token")
+                    path = self.cache.challenge(token)
                     certificates.write_private(path, validation.encode(), mode=0o644)
                     answers.append(path)
+                    self._share_challenge(f"http-01/{token}", validation.encode(), shared)
                 responses.append((challenge, response))
             if records:
                 # The CA asks once: it must find the record on its first look.
                 dns01.wait_until_visible([(name, value) for _, name, value in records],
                                          [self.config.dns_server] if self.config.dns_server else None,
                                          self.config.dns_propagation_timeout, self._sleep, self.alive)
+            if any(name.startswith("tls-alpn-01/") for name in shared):
+                # Looked for in the files alone (no store round trip per handshake):
+                # the other instances copy them within a poll.
+                self._sleep(2 * MIRROR_POLL)
             for challenge, response in responses:
                 client.answer_challenge(challenge, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
@@ -358,6 +499,12 @@ class Manager:
                     os.unlink(path)
                 except OSError:
                     pass
+            for name in shared:
+                try:
+                    self.store.remove_challenge(name)
+                except Exception as e:  # noqa: BLE001 - the store expires them
+                    log.warning("acme: %s: could not remove a challenge answer from %s: %s", domain,
+                                self.store.where, e)
             for record in records:
                 try:
                     self._dns_provider().cleanup(*record)
@@ -380,6 +527,12 @@ class Manager:
         names = " ".join(sorted(str(c.chall.typ) for c in offered)) or "none"
         raise RuntimeError(f"the CA offers no challenge rproxy may answer for {domain} "
                            f"(it offers {names}; usable here: {' '.join(self.challenges)})")
+
+    def _share_challenge(self, name: str, value: bytes, shared: list[str]) -> None:
+        """Put a challenge answer in the fleet's store, if any: the CA may ask another instance."""
+        if self.store is not None:
+            self.store.put_challenge(name, value)
+            shared.append(name)
 
     def _dns_provider(self) -> dns01.Provider:
         if self.dns_provider is None:
@@ -414,6 +567,14 @@ class Manager:
 
     def _account_key(self):
         path = self.cache.account_key
+        if self.store is not None:
+            # The fleet's one account: the stored key, else the local one (or a new one) becomes it.
+            local = (certificates.key_pem(certificates.load_key(path, "account key")) if os.path.exists(path)
+                     else certificates.key_pem(certificates.new_key()))
+            pem = self.store.account_key(local)
+            if pem != local or not os.path.exists(path):
+                certificates.write_private(path, pem)
+            return certificates.load_key(path, "account key")
         if os.path.exists(path):
             return certificates.load_key(path, "account key")
         key = certificates.new_key()

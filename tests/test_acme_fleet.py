@@ -4,6 +4,7 @@ Two rproxy instances (separate gunicorn processes, separate cache dirs) share
 one real redis-server; pebble validates against instance B while instance A
 holds the issuance lease and places the order."""
 
+import os
 import re
 
 import pytest
@@ -85,3 +86,63 @@ def test_acme_storage_accepts_redis_uris(tmp_path):
     ini.write_text(f"[server]\nbind = 127.0.0.1:8443\n{single_route(1)}[acme]\ndomains = a.test\n"
                    f"cache_dir = {tmp_path / 'acme'}\nstorage = redis+sentinel://127.0.0.1:26379/mymaster\n")
     assert config.load(str(ini)).acme.storage == "redis+sentinel://127.0.0.1:26379/mymaster"
+
+
+def store_pair(redis_url, tmp_path):
+    from rproxy.tls import acme
+    cache = acme.CacheDir(config.AcmeConfig(domains=("a.test",), cache_dir=str(tmp_path / "acme")))
+    cache.prepare()
+    return (acme_store.RedisStore(redis_url, cache.issuer_name), acme_store.RedisStore(redis_url, cache.issuer_name),
+            cache)
+
+
+def test_the_issuance_lease_is_held_by_one_instance_and_released_only_by_it(redis_server, tmp_path):
+    first, second, _ = store_pair(redis_server.url, tmp_path)
+    assert first.acquire() and not second.acquire()
+    second.release()  # not its lease: nothing happens
+    assert not second.renew() and first.renew() and not second.acquire()
+    first.release()
+    assert second.acquire() and not first.renew()
+
+
+def test_mirror_copies_certificates_and_challenges_but_never_an_older_or_broken_certificate(redis_server, tmp_path):
+    from rproxy.tls import certificates
+    store, _, cache = store_pair(redis_server.url, tmp_path)
+    mirror = acme_store.Mirror(store, cache, ("a.test",))
+    made = tmp_path / "made.pem"
+    certificates.write_placeholder(str(made), ("a.test",), days=30)
+    younger = made.read_bytes()
+    store.put_certificate("a.test", younger)
+    store.put_challenge("http-01/tok-1", b"tok-1.thumb")
+    store.put_challenge("tls-alpn-01/../escape", b"x")  # a name that would leave the directory
+    assert mirror.sync() == ["a.test"]
+    assert open(cache.certificate("a.test"), "rb").read() == younger
+    assert open(cache.challenge("tok-1"), "rb").read() == b"tok-1.thumb"
+    assert not (tmp_path / "acme" / "escape.pem").exists()
+    assert mirror.sync() == []  # nothing changed: one GET
+
+    made.unlink()
+    certificates.write_placeholder(str(made), ("a.test",), days=10)
+    store.put_certificate("a.test", made.read_bytes())  # older than the one here
+    store.put_certificate("a.test", made.read_bytes())
+    store.remove_challenge("http-01/tok-1")
+    assert mirror.sync() == [] and mirror.newer_here == {"a.test"}
+    assert open(cache.certificate("a.test"), "rb").read() == younger
+    assert not os.path.exists(cache.challenge("tok-1"))
+    store.put_certificate("a.test", b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    assert mirror.sync() == [] and open(cache.certificate("a.test"), "rb").read() == younger
+
+
+def test_http01_answer_not_yet_mirrored_comes_from_redis_and_none_while_redis_is_down(redis_server, tmp_path,
+                                                                                     caplog):
+    from rproxy.storage_guard import StorageGuard
+    from rproxy.tls import acme
+    store, _, cache = store_pair(redis_server.url, tmp_path)
+    guard = StorageGuard("acme", redis_server.url, retry=5.0, while_down="answers from cache_dir alone")
+    store.put_challenge("http-01/tok-2", b"tok-2.thumb")
+    assert acme.challenge_answer(cache, "/.well-known/acme-challenge/tok-2", store, guard) == b"tok-2.thumb"
+    assert acme.challenge_answer(cache, "/.well-known/acme-challenge/other", store, guard) is None
+    redis_server.stop()
+    for _ in range(3):  # one failure, then Redis is left alone: no wait, one log line
+        assert acme.challenge_answer(cache, "/.well-known/acme-challenge/tok-2", store, guard) is None
+    assert len([r for r in caplog.records if "storage redis://127.0.0.1" in r.getMessage()]) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from rproxy.messages import Request, Response, error_response
 from rproxy.server.listeners import is_tls
+from rproxy.storage_guard import StorageGuard
 from rproxy.tls import acme
 from rproxy.values import listener_key
 
@@ -32,11 +33,13 @@ class PlainHttp:
         self.port_suffix = "" if port == 443 else f":{port}"
         self.cache = acme.CacheDir(config.acme) if config.acme.domains else None
         self.acme = config.acme
-        self.store = None  # the fleet's store, connected at the first challenge not found locally
+        self.store = self.guard = None  # the fleet's store, connected at the first challenge path
 
     def _store(self):
         if self.store is None and self.acme.storage:
             self.store = acme.shared_store(self.acme, timeout=2.0)
+            self.guard = StorageGuard("acme", self.acme.storage, retry=5.0,
+                                      while_down="HTTP-01 challenges are answered from cache_dir alone")
         return self.store
 
     def set_scheme(self, environ) -> None:
@@ -50,7 +53,7 @@ class PlainHttp:
         """The proxy's own answer to this request, or None to route it."""
         if request.path.startswith(acme.CHALLENGE_PREFIX):
             if self.cache is not None and request.method in ("GET", "HEAD"):
-                key_authorization = acme.challenge_answer(self.cache, request.path, self._store())
+                key_authorization = acme.challenge_answer(self.cache, request.path, self._store(), self.guard)
                 if key_authorization is not None:
                     return Response(200, [("Content-Type", "text/plain"),
                                           ("Content-Length", str(len(key_authorization))),

@@ -120,10 +120,11 @@ def certificate_problems(config, now: float | None = None) -> list[str]:
     return problems
 
 
-def challenge_answer(cache: CacheDir, path: str, store=None) -> bytes | None:
+def challenge_answer(cache: CacheDir, path: str, store=None, guard=None) -> bytes | None:
     """The key authorization for an HTTP-01 request path, if one is pending:
     in cache_dir, else (a challenge this instance's mirror has not copied
-    yet) in the shared store."""
+    yet) in the fleet's store, unless `guard` (a StorageGuard) leaves it
+    alone after a failure."""
     token = path[len(CHALLENGE_PREFIX):]
     if not _TOKEN_RE.fullmatch(token):
         return None
@@ -132,13 +133,15 @@ def challenge_answer(cache: CacheDir, path: str, store=None) -> bytes | None:
             return f.read()
     except OSError:
         pass
-    if store is None:
+    if store is None or not guard.allow():
         return None
     try:
-        return store.http01_answer(token)
+        answer = store.http01_answer(token)
     except Exception as e:  # noqa: BLE001 - no answer is the answer when the store fails
-        log.warning("acme: cannot look up the HTTP-01 answer in %s: %s", store.where, e)
+        guard.failed(e)
         return None
+    guard.succeeded()
+    return answer
 
 
 def shared_store(config, timeout: float = acme_store.TIMEOUT):

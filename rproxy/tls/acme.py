@@ -2,8 +2,9 @@
 
 One worker at a time manages the certificates: the one holding the lock file
 in cache_dir (a worker that dies releases it, and another takes over within
-seconds). It registers the account, orders one certificate per domain, and
-writes each certificate with its key into cache_dir in one atomic rename.
+seconds). It orders one certificate per domain (acme_order.py: the account,
+the order and its challenges) and writes each certificate with its key into
+cache_dir in one atomic rename.
 Each order answers the first of `[acme] challenges` that the CA offers and
 the listeners allow: TLS-ALPN-01 on the TLS port (alpn_challenge.py), HTTP-01 on
 the plain-HTTP one (plain_http.py), DNS-01 by a TXT record that the DNS
@@ -42,7 +43,8 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from rproxy.tls import acme_store, alpn_challenge, ari, certificates, dns01
+from rproxy.tls import acme_store, ari, certificates
+from rproxy.tls.acme_order import Account, describe
 from rproxy.tls.certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
@@ -55,10 +57,6 @@ LEADER_POLL = 2.0
 # Even with nothing due, the manager looks at its certificates this often
 # (a file deleted by hand, a clock that jumped).
 RECHECK = 3600.0
-ORDER_TIMEOUT = 90.0
-# With a shared store: how often each instance looks for what changed there
-# (one GET), and so how soon it copies a new certificate or challenge.
-MIRROR_POLL = 1.0
 
 
 class CacheDir:
@@ -182,43 +180,6 @@ def start(config, alive: Callable[[], bool]) -> None:
     gevent.spawn(Manager(config.acme, alive, usable_challenges(config)).run)
 
 
-class Lease:
-    """The fleet's issuance lease, renewed while the manager works; `held()`
-    turns False once it cannot be renewed (lost, or the store down until it
-    would have expired), and the manager then stops."""
-
-    def __init__(self, store: acme_store.RedisStore, alive: Callable[[], bool]):
-        self.store, self.alive = store, alive
-        self.until = time.monotonic() + acme_store.LEASE
-        self.lost = False
-
-    def held(self) -> bool:
-        return self.alive() and not self.lost and time.monotonic() < self.until
-
-    def keep(self) -> None:
-        while self.held():
-            time.sleep(acme_store.LEASE / 3)
-            started = time.monotonic()
-            try:
-                renewed = self.store.renew()
-            except Exception as e:  # noqa: BLE001 - retried until the lease would have run out
-                log.error("acme: cannot renew the issuance lease in %s (%s); stopping issuance in %.0fs "
-                          "unless it can", self.store.where, e or type(e).__name__, self.until - time.monotonic())
-                continue
-            if not renewed:
-                self.lost = True
-                log.error("acme: lost the issuance lease in %s to another instance; stopping issuance",
-                          self.store.where)
-                return
-            self.until = started + acme_store.LEASE
-
-    def release(self) -> None:
-        try:
-            self.store.release()
-        except Exception:  # noqa: BLE001 - it expires by itself
-            pass
-
-
 @dataclass(frozen=True)
 class RenewalPlan:
     """The moment chosen in the window the CA suggested for one certificate;
@@ -234,10 +195,9 @@ class Manager:
         self.challenges = challenges
         self.cache = CacheDir(config)
         self.alive = alive
-        self.client = None
+        self.account = Account(config, self.cache, challenges, self._sleep, alive)
         self.store: acme_store.RedisStore | None = None  # while sharing one
         self.unshared: set[str] = set()  # domains whose new certificate the store has not taken yet
-        self.dns_provider: dns01.Provider | None = None
         self.failures = {domain: 0 for domain in config.domains}
         self.retry_at = {domain: 0.0 for domain in config.domains}
         # Renewal information: the directory's URL ("" = none offered; None = ask
@@ -280,7 +240,7 @@ class Manager:
         """This instance's part in a fleet: mirror the store into cache_dir
         and, while holding the fleet's issuance lease, manage the certificates."""
         import gevent
-        self.store = shared_store(self.config)
+        self.store = self.account.store = shared_store(self.config)
         mirror = acme_store.Mirror(self.store, self.cache, self.config.domains)
         failing = False
         alive = self.alive
@@ -294,21 +254,21 @@ class Manager:
                         failing = True
                         log.error("acme: storage %s failed (%s); serving the certificates in %s until it is "
                                   "back, trying again every %gs", self.store.where, e or type(e).__name__,
-                                  self.cache.root, MIRROR_POLL)
-                    self._sleep(MIRROR_POLL)
+                                  self.cache.root, acme_store.MIRROR_POLL)
+                    self._sleep(acme_store.MIRROR_POLL)
                     continue
                 if failing:
                     failing = False
                     log.warning("acme: storage %s is back", self.store.where)
                 if not leading:
-                    self._sleep(MIRROR_POLL)
+                    self._sleep(acme_store.MIRROR_POLL)
                     continue
                 log.info("acme: worker %d holds the fleet's issuance lease in %s", os.getpid(), self.store.where)
                 # Certificates this instance has from before it joined the fleet, or
                 # obtained while the store was down, are shared.
                 self.unshared |= mirror.newer_here
                 self.unshared |= {d for d in self.config.domains if d not in mirror.stored and self._leaf(d)}
-                lease = Lease(self.store, alive)
+                lease = acme_store.Lease(self.store, alive)
                 keeper = gevent.spawn(lease.keep)
                 self.alive = lease.held
                 try:
@@ -420,7 +380,7 @@ class Manager:
         started = time.monotonic()
         path = self.cache.certificate(domain)
         try:
-            chain, key = self._order(domain)
+            chain, key = self.account.order(domain)
             # Key and chain in one file, replaced in one rename: a worker never
             # sees the new certificate with the old key.
             certificates.write_private(path, certificates.key_pem(key) + chain.encode())
@@ -451,142 +411,8 @@ class Manager:
                 return
             self.unshared.discard(domain)
 
-    def _order(self, domain: str):
-        from acme import crypto_util, messages
-        client = self._client()
-        key = certificates.new_key()
-        order = client.new_order(crypto_util.make_csr(certificates.key_pem(key), [domain]))
-        answers = []  # the files that answer the challenges, removed after the order
-        shared = []  # the same answers in the fleet's store
-        records = []  # the TXT records that answer dns-01 challenges, removed after the order
-        responses = []
-        try:
-            for authz in order.authorizations:
-                if authz.body.status == messages.STATUS_VALID:
-                    continue  # validated recently: the CA reuses it
-                kind, challenge = self._choose(domain, authz.body.challenges)
-                name = authz.body.identifier.value
-                response, validation = challenge.response_and_validation(client.net.key, domain=name)
-                if kind == "dns-01":
-                    record = (domain, dns01.txt_name(name), validation)
-                    self._dns_provider().present(*record)
-                    records.append(record)
-                elif kind == "tls-alpn-01":
-                    path = self.cache.tls_alpn_certificate(name)
-                    certificates.write_private(path, validation)
-                    answers.append(path)
-                    self._share_challenge(f"tls-alpn-01/{name}", validation, shared)
-                else:
-                    token = challenge.chall.encode("token")
-                    path = self.cache.challenge(token)
-                    certificates.write_private(path, validation.encode(), mode=0o644)
-                    answers.append(path)
-                    self._share_challenge(f"http-01/{token}", validation.encode(), shared)
-                responses.append((challenge, response))
-            if records:
-                # The CA asks once: it must find the record on its first look.
-                dns01.wait_until_visible([(name, value) for _, name, value in records],
-                                         [self.config.dns_server] if self.config.dns_server else None,
-                                         self.config.dns_propagation_timeout, self._sleep, self.alive)
-            if any(name.startswith("tls-alpn-01/") for name in shared):
-                # Looked for in the files alone (no store round trip per handshake):
-                # the other instances copy them within a poll.
-                self._sleep(2 * MIRROR_POLL)
-            for challenge, response in responses:
-                client.answer_challenge(challenge, response)
-            deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
-            order = client.poll_and_finalize(order, deadline)
-        finally:
-            for path in answers:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            for name in shared:
-                try:
-                    self.store.remove_challenge(name)
-                except Exception as e:  # noqa: BLE001 - the store expires them
-                    log.warning("acme: %s: could not remove a challenge answer from %s: %s", domain,
-                                self.store.where, e)
-            for record in records:
-                try:
-                    self._dns_provider().cleanup(*record)
-                except dns01.DnsProblem as e:
-                    log.warning("acme: %s: could not remove the dns-01 record: %s", domain, e)
-        leaf = certificates.parse_chain(order.fullchain_pem.encode(), "the CA's answer")[0]
-        if domain not in certificates.names_of(leaf) or not certificates.belongs_to(key, leaf):
-            raise RuntimeError(f"the CA's certificate (for {' '.join(certificates.names_of(leaf))}) does "
-                               f"not match the order for {domain}")
-        return order.fullchain_pem, key
-
-    def _choose(self, domain: str, offered):
-        """The first of our challenge types that the CA offers: (its name, the challenge)."""
-        from acme import challenges
-        kinds = {"tls-alpn-01": _tls_alpn01_challenge(), "http-01": challenges.HTTP01, "dns-01": challenges.DNS01}
-        for kind in self.challenges:
-            challenge = next((c for c in offered if isinstance(c.chall, kinds[kind])), None)
-            if challenge is not None:
-                return kind, challenge
-        names = " ".join(sorted(str(c.chall.typ) for c in offered)) or "none"
-        raise RuntimeError(f"the CA offers no challenge rproxy may answer for {domain} "
-                           f"(it offers {names}; usable here: {' '.join(self.challenges)})")
-
-    def _share_challenge(self, name: str, value: bytes, shared: list[str]) -> None:
-        """Put a challenge answer in the fleet's store, if any: the CA may ask another instance."""
-        if self.store is not None:
-            self.store.put_challenge(name, value)
-            shared.append(name)
-
-    def _dns_provider(self) -> dns01.Provider:
-        if self.dns_provider is None:
-            self.dns_provider = dns01.provider_for(self.config)
-        return self.dns_provider
-
-    def _client(self):
-        """The ACME client with a registered account, made again after a failure
-        (the CA may have restarted, or forgotten the account)."""
-        if self.client is not None:
-            return self.client
-        import josepy
-        from acme import client as acme_client
-        from acme import errors, messages
-        _tls_alpn01_challenge()  # before any authorization is parsed
-        key = self._account_key()
-        net = acme_client.ClientNetwork(josepy.JWKEC(key=key), alg=josepy.ES256,
-                                        verify_ssl=self.config.ca_file or True,
-                                        user_agent="rproxy (acme-python)")
-        directory = acme_client.ClientV2.get_directory(self.config.directory, net)
-        client = acme_client.ClientV2(directory, net)
-        registration = messages.NewRegistration.from_data(email=self.config.email or None,
-                                                          terms_of_service_agreed=True)
-        try:
-            account = client.new_account(registration)
-            log.info("acme: registered account %s", account.uri)
-        except errors.ConflictError as e:
-            # The key has an account already: the CA answered with its URL.
-            net.account = messages.RegistrationResource(uri=e.location, body=messages.Registration())
-        self.client = client
-        return client
-
-    def _account_key(self):
-        path = self.cache.account_key
-        if self.store is not None:
-            # The fleet's one account: the stored key, else the local one (or a new one) becomes it.
-            local = (certificates.key_pem(certificates.load_key(path, "account key")) if os.path.exists(path)
-                     else certificates.key_pem(certificates.new_key()))
-            pem = self.store.account_key(local)
-            if pem != local or not os.path.exists(path):
-                certificates.write_private(path, pem)
-            return certificates.load_key(path, "account key")
-        if os.path.exists(path):
-            return certificates.load_key(path, "account key")
-        key = certificates.new_key()
-        certificates.write_private(path, certificates.key_pem(key))
-        log.info("acme: created the account key %s", path)
-        return key
-
     def _failed(self, domain: str, error: Exception) -> None:
-        self.client = None
+        self.account.forget()
         self.failures[domain] += 1
         wait = min(self.config.retry_interval * 2 ** (self.failures[domain] - 1), MAX_RETRY_INTERVAL)
         self.retry_at[domain] = time.time() + wait
@@ -605,73 +431,3 @@ class Manager:
             log.debug("acme: %s: details of the unexpected error", domain, exc_info=error)
 
 
-_TLS_ALPN01 = None
-
-
-def _tls_alpn01_challenge():
-    """The TLS-ALPN-01 challenge type, registered with the acme library
-    (which no longer ships it) so that the CA's offers of it are parsed."""
-    global _TLS_ALPN01
-    if _TLS_ALPN01 is None:
-        from acme import challenges
-
-        @challenges.ChallengeResponse.register
-        class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
-            typ = "tls-alpn-01"
-
-        @challenges.Challenge.register
-        class TLSALPN01(challenges.KeyAuthorizationChallenge):
-            response_cls = TLSALPN01Response
-            typ = response_cls.typ
-
-            def validation(self, account_key, domain: str = "", **kwargs) -> bytes:
-                """The challenge certificate with its key (PEM)."""
-                return alpn_challenge.challenge_certificate(domain, self.key_authorization(account_key))
-
-        _TLS_ALPN01 = TLSALPN01
-    return _TLS_ALPN01
-
-
-def describe(error: Exception) -> str:
-    """One line saying what went wrong, in the CA's own words when it gave any."""
-    import requests
-    from acme import errors, messages
-    if isinstance(error, messages.Error):
-        return _problem(error)
-    if isinstance(error, errors.ValidationError):
-        parts = []
-        for authz in error.failed_authzrs:
-            for challenge in authz.body.challenges:
-                if challenge.error is not None:
-                    parts.append(f"validation of {authz.body.identifier.value} failed: "
-                                 f"{_problem(challenge.error)}")
-        return "; ".join(parts) or "validation failed"
-    if isinstance(error, errors.IssuanceError):
-        return f"issuance failed: {_problem(error.error)}"
-    if isinstance(error, errors.TimeoutError):
-        return f"the CA did not finish the order within {ORDER_TIMEOUT:g}s"
-    if isinstance(error, requests.exceptions.SSLError):
-        return f"TLS error talking to the CA: {_innermost(error)} (is [acme] ca_file right?)"
-    if isinstance(error, requests.exceptions.RequestException):
-        return f"cannot reach the CA: {_innermost(error)}"
-    if isinstance(error, (errors.Error, OSError, CertificateProblem, ari.RenewalInfoError, RuntimeError)):
-        return f"{error}"
-    return f"unexpected {type(error).__name__}: {error}"
-
-
-def _problem(error) -> str:
-    code = str(error.typ or "").rsplit(":", 1)[-1] or "error"
-    text = " ".join(str(p) for p in (error.detail or error.title or error.description or "",) if p)
-    return f"{code}: {text}" if text else code
-
-
-def _innermost(error: BaseException) -> str:
-    """The root cause of a requests error, without urllib3's object reprs."""
-    seen = error
-    while True:
-        inner = getattr(seen, "reason", None) or (seen.args[0] if seen.args and
-                                                  isinstance(seen.args[0], BaseException) else None)
-        if not isinstance(inner, BaseException) or inner is seen:
-            break
-        seen = inner
-    return re.sub(r"<[^>]*>:\s*", "", str(seen))

@@ -22,18 +22,26 @@ away.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import time
+from typing import Callable
 
 from rproxy.httpcache import redis_uri
 from rproxy.storage_guard import redacted
 from rproxy.tls import certificates
+
+log = logging.getLogger("rproxy.acme")
 
 # How long a lease lasts unless renewed: how soon another instance takes
 # over from one that died holding it.
 LEASE = 30.0
 # Redis commands give up after this long: a hung Redis stalls no order for long.
 TIMEOUT = 3.0
+# How often each instance looks for what changed in the store (one GET), and
+# so how soon it copies a new certificate or challenge into its cache_dir.
+MIRROR_POLL = 1.0
 # Challenge answers outlive any order (ORDER_TIMEOUT) but not a crashed manager for long.
 CHALLENGE_TTL = 600
 
@@ -183,3 +191,40 @@ def _read(path: str) -> bytes | None:
 def _safe(name: str) -> bool:
     """A file name that stays inside its directory."""
     return bool(name) and "/" not in name and name not in (".", "..") and not name.startswith(".")
+
+
+class Lease:
+    """The fleet's issuance lease, renewed while the manager works; `held()`
+    turns False once it cannot be renewed (lost, or the store down until it
+    would have expired), and the manager then stops."""
+
+    def __init__(self, store: RedisStore, alive: Callable[[], bool]):
+        self.store, self.alive = store, alive
+        self.until = time.monotonic() + LEASE
+        self.lost = False
+
+    def held(self) -> bool:
+        return self.alive() and not self.lost and time.monotonic() < self.until
+
+    def keep(self) -> None:
+        while self.held():
+            time.sleep(LEASE / 3)
+            started = time.monotonic()
+            try:
+                renewed = self.store.renew()
+            except Exception as e:  # noqa: BLE001 - retried until the lease would have run out
+                log.error("acme: cannot renew the issuance lease in %s (%s); stopping issuance in %.0fs "
+                          "unless it can", self.store.where, e or type(e).__name__, self.until - time.monotonic())
+                continue
+            if not renewed:
+                self.lost = True
+                log.error("acme: lost the issuance lease in %s to another instance; stopping issuance",
+                          self.store.where)
+                return
+            self.until = started + LEASE
+
+    def release(self) -> None:
+        try:
+            self.store.release()
+        except Exception:  # noqa: BLE001 - it expires by itself
+            pass

@@ -82,7 +82,7 @@ FACTS = (RECORD, "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PROTOCOL", 
 def json_line(environ, status, sent, total_ms: float, **extra) -> str:
     """The same facts as one JSON object."""
     record = environ.get(RECORD) or NOTHING
-    line = {
+    entry = {
         "time": _now()[1],
         "request_id": record.request_id,
         "client": record.client or environ.get("REMOTE_ADDR"),
@@ -99,9 +99,9 @@ def json_line(environ, status, sent, total_ms: float, **extra) -> str:
         "user_agent": environ.get("HTTP_USER_AGENT"),
     }
     if record.error:
-        line["error"] = record.error
-    line.update(extra)
-    return json.dumps(line, separators=(",", ":"))
+        entry["error"] = record.error
+    entry.update(extra)
+    return json.dumps(entry, separators=(",", ":"))
 
 
 def environ_atoms(environ: dict) -> dict:

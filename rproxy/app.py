@@ -25,6 +25,7 @@ from rproxy.middleware import compose
 from rproxy.middleware.security_headers import SecurityHeaders
 from rproxy.observability import metrics
 from rproxy.observability.admin import Admin
+from rproxy.record import KEY as RECORD, RequestRecord
 from rproxy.routing import Router
 from rproxy.server.lingering_close import LingeringClose
 from rproxy.server.plain_http import PlainHttp
@@ -80,18 +81,23 @@ class Proxy:
                 == self.admin_address:
             response = self.admin(environ)
         else:
+            environ[RECORD] = record = RequestRecord()
             if self.metrics is not None:
                 self.metrics.in_flight.inc()
-                environ["rproxy.in_flight"] = True
+                record.in_flight = True
             if self.plain_http is not None:
                 self.plain_http.set_scheme(environ)
-            response = self.respond(environ)
+            response = self.respond(environ, record)
         body = response.body
         if body is TAKEN_OVER:
             # A tunnel owns the connection now: the worker ends gunicorn's
             # handling of it without a write (server/takeover.py).
-            if environ.pop("rproxy.in_flight", False):
-                self.metrics.in_flight.dec()
+            record = environ.get(RECORD)  # none for the admin's live status feed
+            if record is not None:
+                record.taken_over = True
+                if record.in_flight:
+                    record.in_flight = False
+                    self.metrics.in_flight.dec()
             return TAKEN_OVER
         if response.close_connection:
             body = LingeringClose(body, environ)
@@ -100,7 +106,7 @@ class Proxy:
         start_response(response.status_line, response.headers)
         return body
 
-    def respond(self, environ) -> Response:
+    def respond(self, environ, record: RequestRecord) -> Response:
         try:
             request = Request.from_environ(environ)
         except BadRequest as e:
@@ -110,8 +116,8 @@ class Proxy:
                 self.security_headers.decorate(response, environ.get("wsgi.url_scheme") == "https")
             return response
         self.forwarding.apply(request)
-        environ["rproxy.client"] = request.client_ip
-        environ["rproxy.request_id"] = request.request_id
+        record.client = request.client_ip
+        record.request_id = request.request_id
         # On plain listeners: ACME challenges and the redirect to HTTPS come first.
         response = self.plain_http.answer(request) if self.plain_http is not None else None
         match = self.router.match(request.host, request.path) if response is None else None
@@ -123,12 +129,12 @@ class Proxy:
                 self.security_headers.decorate(response, request.scheme == "https")
         else:
             route = match.target
-            environ["rproxy.route"] = route.name
+            record.route = route.name
             started = time.perf_counter()
             try:
                 response = route.handler(request)
                 if route.config.server_timing:
-                    response.headers.append(("Server-Timing", server_timing(environ, started)))
+                    response.headers.append(("Server-Timing", server_timing(record, started)))
             except Exception:
                 log.exception("error handling %s %s, request_id=%s",
                               request.method, request.target, request.request_id)
@@ -148,19 +154,19 @@ class Proxy:
             upstream.close()
 
 
-def server_timing(environ, started: float) -> str:
+def server_timing(record: RequestRecord, started: float) -> str:
     """Time in the proxy, waiting for the upstream, and the cache's verdict."""
     total = (time.perf_counter() - started) * 1000
-    upstream = environ.get("rproxy.upstream_ms")
+    upstream = record.upstream_ms
     parts = []
     if upstream is not None:
-        parts.append(f"proxy;dur={max(0.0, total - float(upstream)):.1f}")
-        parts.append(f"upstream;dur={upstream}")
+        parts.append(f"proxy;dur={max(0.0, total - upstream):.1f}")
+        parts.append(f"upstream;dur={upstream:.1f}")
     else:
         parts.append(f"proxy;dur={total:.1f}")
-    cache = environ.get("rproxy.cache")
-    if cache:
-        parts.append(f'cache;desc="{cache}";dur={environ.get("rproxy.cache_ms", "0")}')
+    if record.cache:
+        cache_ms = record.cache_ms
+        parts.append(f'cache;desc="{record.cache}";dur={"0" if cache_ms is None else f"{cache_ms:.2f}"}')
     return ", ".join(parts)
 
 

@@ -17,6 +17,7 @@ from functools import lru_cache
 from http import HTTPStatus
 from typing import Iterable
 
+from rproxy.record import of as record_of
 from rproxy.target import TargetError
 from rproxy.target import parse as parse_target
 
@@ -113,7 +114,7 @@ class Request:
 
     __slots__ = ("environ", "method", "target", "path", "query", "host", "headers",
                  "peer", "client_ip", "scheme", "request_id", "content_length", "chunked",
-                 "upgrade")
+                 "upgrade", "record")
 
     def __init__(self, environ: dict, method: str, target: str, path: str, query: str,
                  host: str, headers: dict[str, str], peer: str, scheme: str,
@@ -133,6 +134,7 @@ class Request:
         self.content_length = content_length
         self.chunked = chunked
         self.upgrade = upgrade        # the Upgrade header, when Connection asks for it
+        self.record = record_of(environ)  # what the proxy learns of it, for the log and metrics
 
     @property
     def has_body(self) -> bool:
@@ -276,7 +278,7 @@ def error_response(request: Request | None, status: int, message: str,
         request_id = os.urandom(16).hex()
         accept = environ.get("HTTP_ACCEPT", "") if environ else ""
         if environ is not None:
-            environ["rproxy.request_id"] = request_id
+            record_of(environ).request_id = request_id
     if "application/json" in accept:
         body = json.dumps({"status": status, "error": message, "request_id": request_id}).encode()
         content_type = "application/json"

@@ -126,6 +126,17 @@ def test_json_access_log(start_proxy, upstream):
     assert record["client"] == "127.0.0.1" and record["cache"] == "MISS" and record["route"] == "default"
 
 
+def test_gunicorn_access_log_format_names_the_proxy_facts(start_proxy, upstream):
+    fmt = ("gfmt %(s)s up=%({rproxy.upstream}e)s name=%({rproxy.upstream_name}e)s "
+           "ms=%({rproxy.upstream_ms}e)s route=%({rproxy.route}e)s rid=%({rproxy.request_id}e)s "
+           "cache=%({rproxy.cache}e)s err=%({rproxy.error}e)s")
+    proxy = start_proxy(single_route(upstream.port) + "\n[cache]\n", args=("--access-logformat", fmt))
+    requests.get(proxy.url + "/echo/fmt", headers={"X-Request-ID": "fmt-1"}, timeout=10)
+    served, = proxy.wait_for_log(r"gfmt .*rid=fmt-1")
+    assert re.search(rf"gfmt 200 up=127\.0\.0\.1:{upstream.port} name=app ms=[\d.]+ route=default "
+                     r"rid=fmt-1 cache=MISS err=-$", served), served
+
+
 def test_server_timing_when_the_route_asks(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port, route_extra="server_timing = yes") + "\n[cache]\n")
     r = requests.get(proxy.url + "/slow?delay=0.2", timeout=10)

@@ -246,7 +246,7 @@ class UpstreamBody:
         except (OSError, http.client.HTTPException) as e:
             self._done(reusable=False)
             reason = _describe(e)
-            self.request.environ["rproxy.error"] = f"upstream cut mid-body: {reason}"
+            self.request.record.error = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
             raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
@@ -325,7 +325,7 @@ class Forwarder:
 
     def __call__(self, request: Request) -> Response:
         if request.method == "TRACE" and not self.allow_trace:
-            request.environ["rproxy.error"] = "TRACE refused"
+            request.record.error = "TRACE refused"
             response = error_response(request, 405, "TRACE is not allowed here")
             response.close_connection = request.has_body
             return response
@@ -333,8 +333,8 @@ class Forwarder:
             server = self.upstream.pick(request)
             if server is None:
                 return self._none_available(request)
-            request.environ["rproxy.upstream"] = server.label
-            request.environ["rproxy.upstream_name"] = self.upstream.name
+            request.record.server = server.label
+            request.record.upstream = self.upstream.name
             try:
                 return open_tunnel(request, server, self, self._target(request), self._headers(request, server))
             finally:
@@ -350,7 +350,7 @@ class Forwarder:
         except MalformedBody as e:
             return self._malformed_body(request, e)
         target = self._target(request)
-        request.environ["rproxy.upstream_name"] = self.upstream.name
+        request.record.upstream = self.upstream.name
         first_try = time.monotonic()
         tried: list[Server] = []
         while True:
@@ -358,7 +358,7 @@ class Forwarder:
             if server is None:
                 return self._none_available(request)
             tried.append(server)
-            request.environ["rproxy.upstream"] = server.label
+            request.record.server = server.label
             try:
                 outcome = self._attempt(server, request, target, request_body)
             finally:
@@ -431,7 +431,7 @@ class Forwarder:
                 release(reusable=False)
                 return e
             break
-        request.environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+        request.record.upstream_ms = (time.monotonic() - started) * 1000
         try:
             proxied = self._relay(request, server.label, response, release)
         except (OSError, http.client.HTTPException) as e:
@@ -524,28 +524,28 @@ class Forwarder:
         if isinstance(error, ClientTimeout):
             log.info("client %s stalled mid-upload (%s): 408, request_id=%s",
                      request.client_ip, error, request.request_id)
-            request.environ["rproxy.error"] = "client stalled mid-upload"
+            request.record.error = "client stalled mid-upload"
             return self._closing(error_response(request, 408, "request body not received in time"))
         log.info("client %s went away mid-upload (%s), request_id=%s",
                  request.client_ip, error, request.request_id)
-        request.environ["rproxy.error"] = "client went away mid-upload"
+        request.record.error = "client went away mid-upload"
         return self._closing(error_response(request, 499, "client closed the request"))
 
     @staticmethod
     def _client_left(request: Request) -> Response:
         # Not logged but in the access line: a rapid reset flood would
         # write a line per stream.
-        request.environ["rproxy.error"] = "client left before the response"
+        request.record.error = "client left before the response"
         return error_response(request, 499, "client closed the request")
 
     def _malformed_body(self, request: Request, error: Exception) -> Response:
         log.info("malformed chunked body from %s (%s), request_id=%s", request.client_ip, error,
                  request.request_id)
-        request.environ["rproxy.error"] = "malformed chunked body"
+        request.record.error = "malformed chunked body"
         return self._closing(error_response(request, 400, "malformed chunked body"))
 
     def _none_available(self, request: Request) -> Response:
-        request.environ["rproxy.error"] = "no server available"
+        request.record.error = "no server available"
         return error_response(request, 503, f"no server of upstream {self.upstream.name} is available",
                               [("Retry-After", str(self.upstream.unavailable()))])
 
@@ -558,7 +558,7 @@ class Forwarder:
 
     def _error_answer(self, request: Request, label: str, error: Exception) -> Response:
         status, message = _classify(error, self.connect_timeout, self.read_timeout)
-        request.environ["rproxy.error"] = message
+        request.record.error = message
         log.warning("upstream %s (%s %s): %s, request_id=%s", label, request.method,
                     request.target, message, request.request_id)
         response = error_response(request, status, message,

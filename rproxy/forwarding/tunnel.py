@@ -343,7 +343,7 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
     except Exception as e:
         conn.close()
         return forwarder.failure(request, server, e)
-    environ["rproxy.upstream_ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+    request.record.upstream_ms = (time.monotonic() - started) * 1000
     forwarder.upstream.succeeded(server)
 
     if buf[9:12] != b"101":

@@ -154,7 +154,7 @@ class HTTPCache:
         key = self._key(request)
         looked = time.perf_counter()
         found = self._lookup(key, request)
-        request.environ["rproxy.cache_ms"] = f"{(time.perf_counter() - looked) * 1000:.2f}"
+        request.record.cache_ms = (time.perf_counter() - looked) * 1000
         if found is None:  # storage down
             return _tag(request, call_next(request), "BYPASS", "fwd=bypass")
         entries, entry = found
@@ -270,7 +270,7 @@ class HTTPCache:
         """The stale entry, answering instead of an upstream failure where
         allowed; None to pass the failure on."""
         # The forwarder notes its own answers (can't connect, timed out) there.
-        generated = "rproxy.error" in request.environ
+        generated = request.record.error is not None
         what = stale.failure(response.status, generated)
         allowed = what and stale.on_failure(entry, request.headers, what, self.config.use_stale,
                                             self.config.stale_keep)
@@ -281,7 +281,7 @@ class HTTPCache:
                              "fwd=stale" + ("" if generated else f"; fwd-status={response.status}")
                              + f"; detail={what}")
         log.warning("cache: upstream failed (%s) for %s %s; serving the stored response instead, "
-                    "%s stale, as %s allows, request_id=%s", request.environ.get("rproxy.error", what),
+                    "%s stale, as %s allows, request_id=%s", request.record.error or what,
                     request.method, request.target, f"{stale.staleness(entry):.0f}s", allowed,
                     request.request_id)
         return served
@@ -416,7 +416,7 @@ def cache_key(request: Request) -> str:
 
 
 def _count(request: Request, label: str, hit_bytes: int = 0) -> None:
-    request.environ["rproxy.cache"] = label
+    request.record.cache = label
     counters = metrics.get()
     if counters is not None:
         counters.cache.labels(label).inc()

@@ -87,7 +87,7 @@ class PathFilter:
 
     def __call__(self, request: Request, call_next) -> Response:
         if self.refuses(request.path):
-            request.environ["rproxy.error"] = "path refused by the filter"
+            request.record.error = "path refused by the filter"
             response = error_response(request, self.status, "not found" if self.status == 404 else "forbidden")
             response.close_connection = request.has_body
             return response

@@ -93,7 +93,7 @@ class RateLimiter:
         headers = [("RateLimit-Limit", str(limit)), ("RateLimit-Remaining", str(remaining)),
                    ("RateLimit-Reset", str(reset))]
         if not allowed:
-            request.environ["rproxy.error"] = "rate limited"
+            request.record.error = "rate limited"
             if self.metrics is not None:
                 self.metrics.rate_limited.labels(self.config.name).inc()
             return error_response(request, 429, "too many requests", [("Retry-After", str(reset)), *headers])
@@ -118,7 +118,7 @@ class RateLimiter:
 
     def _without_storage(self, request: Request, call_next) -> Response:
         if self.deny:
-            request.environ["rproxy.error"] = "rate limit storage unavailable"
+            request.record.error = "rate limit storage unavailable"
             return error_response(request, 503, "rate limiting is unavailable",
                                   [("Retry-After", str(self.guard.retry_after()))])
         return call_next(request)

@@ -17,6 +17,9 @@ import tempfile
 import time
 import weakref
 
+from rproxy.record import KEY as RECORD
+from rproxy.record import NOTHING
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Latency buckets, seconds: fine below 100 ms where a proxy lives.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -135,15 +138,16 @@ def observe_request(environ: dict, status, seconds: float) -> None:
     if not _series:
         _series.update(requests=_Children(metrics.requests), duration=_Children(metrics.duration),
                        upstream=_Children(metrics.upstream_duration))
-    route = environ.get("rproxy.route", "-")
-    upstream = environ.get("rproxy.upstream_name", "-")
+    record = environ.get(RECORD) or NOTHING
+    route = record.route or "-"
+    upstream = record.upstream or "-"
     method = environ.get("REQUEST_METHOD", "-")
     _series["requests"][route, upstream, method if method in METHODS else "OTHER", status_class(status)].inc()
     _series["duration"][route, ].observe(seconds)
-    upstream_ms = environ.get("rproxy.upstream_ms")
-    if upstream_ms is not None:
-        _series["upstream"][upstream, ].observe(float(upstream_ms) / 1000)
-    if environ.pop("rproxy.in_flight", False):
+    if record.upstream_ms is not None:
+        _series["upstream"][upstream, ].observe(record.upstream_ms / 1000)
+    if record.in_flight:
+        record.in_flight = False
         metrics.in_flight.dec()
 
 

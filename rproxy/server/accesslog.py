@@ -4,7 +4,7 @@ One line per request, in the combined format followed by the total time, the
 upstream server and its time to the response head, the route and the request
 id. A tunnel writes its line through the same logger. Setting gunicorn's own
 `access_log_format` switches back to gunicorn's formatting, where the same
-facts are the environ atoms %({rproxy.upstream}e)s, %({rproxy.upstream_ms}e)s,
+facts, from the request's record, are the environ atoms %({rproxy.upstream}e)s, %({rproxy.upstream_ms}e)s,
 %({rproxy.route}e)s and %({rproxy.request_id}e)s.
 
 The proxy's own loggers (`rproxy.*`) write to gunicorn's error log.
@@ -23,7 +23,8 @@ from gunicorn import glogging
 from gunicorn.config import AccessLogFormat
 
 from rproxy.observability import metrics
-from rproxy.server.settings import serving_config
+from rproxy.record import KEY as RECORD
+from rproxy.record import NOTHING
 
 _DEFAULT_FORMAT = AccessLogFormat.default
 
@@ -50,63 +51,80 @@ def _now() -> tuple[str, str]:
     return _clock[1], _clock[2]
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def line(environ, status, sent, total_ms: float) -> str:
     """One access-log line, combined format plus the proxy's facts."""
+    record = environ.get(RECORD) or NOTHING
     text = (
-        f'{environ.get("rproxy.client") or environ.get("REMOTE_ADDR", "-")} - - '
+        f'{record.client or environ.get("REMOTE_ADDR", "-")} - - '
         f'{_now()[0]} '
         f'"{_quote(environ.get("REQUEST_METHOD"))} {_quote(environ.get("RAW_URI"))} '
         f'{_quote(environ.get("SERVER_PROTOCOL"))}" {status} {sent if sent is not None else "-"} '
         f'"{_quote(environ.get("HTTP_REFERER"))}" "{_quote(environ.get("HTTP_USER_AGENT"))}" '
-        f'{total_ms:.1f}ms upstream={environ.get("rproxy.upstream", "-")} '
-        f'upstream_ms={environ.get("rproxy.upstream_ms", "-")} '
-        f'route={environ.get("rproxy.route", "-")} rid={environ.get("rproxy.request_id", "-")}'
+        f'{total_ms:.1f}ms upstream={record.server or "-"} '
+        f'upstream_ms={_ms(record.upstream_ms)} '
+        f'route={record.route or "-"} rid={record.request_id or "-"}'
     )
-    error = environ.get("rproxy.error")
-    if error:
-        text += f' error="{_quote(error)}"'
+    if record.error:
+        text += f' error="{_quote(record.error)}"'
     return text
 
 
-# The environ keys a line is made of, all that a tunnel keeps of its request.
-FACTS = ("rproxy.client", "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PROTOCOL",
-         "HTTP_REFERER", "HTTP_USER_AGENT", "rproxy.upstream", "rproxy.upstream_name", "rproxy.upstream_ms",
-         "rproxy.route", "rproxy.request_id", "rproxy.error")
+# What a line is made of: the request's record and the environ keys it reads,
+# all that a tunnel keeps of its request.
+FACTS = (RECORD, "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PROTOCOL", "HTTP_REFERER",
+         "HTTP_USER_AGENT")
 
 
 def json_line(environ, status, sent, total_ms: float, **extra) -> str:
     """The same facts as one JSON object."""
-    record = {
+    record = environ.get(RECORD) or NOTHING
+    entry = {
         "time": _now()[1],
-        "request_id": environ.get("rproxy.request_id"),
-        "client": environ.get("rproxy.client") or environ.get("REMOTE_ADDR"),
+        "request_id": record.request_id,
+        "client": record.client or environ.get("REMOTE_ADDR"),
         "method": environ.get("REQUEST_METHOD"),
         "path": environ.get("RAW_URI"),
         "protocol": environ.get("SERVER_PROTOCOL"),
         "status": int(status) if str(status).isdigit() else status,
         "bytes": sent,
         "total_ms": round(total_ms, 1),
-        "upstream": environ.get("rproxy.upstream"),
-        "upstream_ms": float(environ["rproxy.upstream_ms"]) if environ.get("rproxy.upstream_ms") else None,
-        "route": environ.get("rproxy.route"),
-        "cache": environ.get("rproxy.cache"),
+        "upstream": record.server,
+        "upstream_ms": None if record.upstream_ms is None else round(record.upstream_ms, 1),
+        "route": record.route,
+        "cache": record.cache,
         "user_agent": environ.get("HTTP_USER_AGENT"),
     }
-    if environ.get("rproxy.error"):
-        record["error"] = environ["rproxy.error"]
-    record.update(extra)
-    return json.dumps(record, separators=(",", ":"))
+    if record.error:
+        entry["error"] = record.error
+    entry.update(extra)
+    return json.dumps(entry, separators=(",", ":"))
 
 
-def _json_format() -> bool:
-    config = serving_config()
-    return config is not None and config.log.format == "json"
+def environ_atoms(environ: dict) -> dict:
+    """`environ` with the record's facts as the `rproxy.*` keys that
+    gunicorn's own access_log_format names as %({rproxy.upstream}e)s etc."""
+    record = environ.get(RECORD)
+    if record is None:
+        return environ
+    facts = {"rproxy.client": record.client, "rproxy.request_id": record.request_id,
+             "rproxy.route": record.route, "rproxy.upstream": record.server,
+             "rproxy.upstream_name": record.upstream,
+             "rproxy.upstream_ms": None if record.upstream_ms is None else f"{record.upstream_ms:.1f}",
+             "rproxy.cache": record.cache,
+             "rproxy.cache_ms": None if record.cache_ms is None else f"{record.cache_ms:.2f}",
+             "rproxy.error": record.error}
+    # An absent fact stays absent: gunicorn writes "-" for it.
+    return {**environ, **{key: value for key, value in facts.items() if value is not None}}
 
 
 def tunnel_line(facts, seconds: float, upstream_bytes: int, client_bytes: int) -> None:
     """The access line of a finished tunnel: status 101, bytes each way."""
     metrics.observe_request(facts, 101, seconds)
-    if _json_format():
+    if _lines_in_json[0]:
         text = json_line(facts, 101, client_bytes, seconds * 1000, tunnel_up=upstream_bytes,
                          tunnel_down=client_bytes)
     else:
@@ -115,15 +133,28 @@ def tunnel_line(facts, seconds: float, upstream_bytes: int, client_bytes: int) -
     logging.getLogger("gunicorn.access").info(text)
 
 
+# Whether this process's access lines are JSON: set with the logger, read by
+# tunnel lines, which are written from outside it.
+_lines_in_json = [False]
+
+
 class AccessLogger(glogging.Logger):
+    """Lines in the combined format, plus the proxy's facts."""
+
+    json_lines = False
+
     def setup(self, cfg):
         super().setup(cfg)
+        # At a reload gunicorn sets this same logger up again with the new
+        # settings: the class they name says the format now.
+        self.json_lines = _lines_in_json[0] = getattr(cfg.logger_class, "json_lines", False)
         proxy_log = logging.getLogger("rproxy")
         proxy_log.handlers = list(self.error_log.handlers)
         proxy_log.setLevel(self.error_log.level)
         proxy_log.propagate = False
         self._streams = _plain_streams(self.access_log)
         self._pending: list[str] = []
+        self._record_atoms = "{rproxy." in cfg.access_log_format.lower()
 
     def _write(self, text: str) -> None:
         if self._streams is None:
@@ -171,14 +202,22 @@ class AccessLogger(glogging.Logger):
         if not self.access_log_enabled:
             return
         if self.cfg.access_log_format != _DEFAULT_FORMAT:
+            if self._record_atoms:
+                environ = environ_atoms(environ)
             return super().access(resp, req, environ, request_time)
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         sent, total_ms = getattr(resp, "sent", None), request_time.total_seconds() * 1000
-        text = json_line(environ, status, sent, total_ms) if _json_format() else line(environ, status, sent, total_ms)
+        text = json_line(environ, status, sent, total_ms) if self.json_lines else line(environ, status, sent, total_ms)
         try:
             self._write(text)
         except Exception:
             self.exception("cannot write the access log")
+
+
+class JsonAccessLogger(AccessLogger):
+    """The same facts, one JSON object a line ([log] format = json)."""
+
+    json_lines = True
 
 
 def _event_loop():

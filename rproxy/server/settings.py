@@ -60,7 +60,8 @@ def to_gunicorn(config: Config) -> dict:
         "accesslog": None if log.access_log == "off" else log.access_log,
         "errorlog": log.error_log,
         "loglevel": log.level,
-        "logger_class": "rproxy.server.accesslog.AccessLogger",
+        "logger_class": "rproxy.server.accesslog."
+                        + ("JsonAccessLogger" if log.format == "json" else "AccessLogger"),
         "proc_name": "rproxy",
         # gunicorn turns TLS on when certfile is set; our ssl_context hook then
         # chooses the certificate per connection, and leaves plain listeners plain.

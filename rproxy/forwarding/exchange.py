@@ -8,8 +8,9 @@ object per response, the email package parsing every response head) was a
 fifth of the proxy's CPU per request:
 
 - the request head goes out in one send;
-- the response head is read into one buffer and split by hand; 1xx interim
-  answers (100 Continue, 103 Early Hints) are skipped;
+- the response head is read into one buffer (read_head, the tunnel's reader
+  too) and split by hand; 1xx interim answers (100 Continue, 103 Early
+  Hints) are skipped;
 - the body is framed as RFC 9112 section 6.3 says (none for HEAD, 1xx, 204
   and 304; chunked; Content-Length; else until the upstream closes) and read
   as it arrives, in pieces of up to `n` bytes.
@@ -27,7 +28,8 @@ is then dropped; in an HTTP/1.0 response it is faulty framing (section 6.1).
 Errors are http.client's exceptions, so that callers tell them apart as
 before: RemoteDisconnected (nothing came back), BadStatusLine, LineTooLong,
 IncompleteRead (the head or body ended short) and HTTPException (malformed;
-UnsupportedCoding for a transfer coding that cannot be passed on).
+UnsupportedCoding for a transfer coding that cannot be passed on);
+errors.py turns them into the client's answers.
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ class Headers(list):
         return self
 
 
+def read_head(sock, buf: bytes = b"") -> tuple[bytes, bytes]:
+    """Read from `sock` (after `buf`, bytes already read) to the end of a
+    response head: the head without its blank line, and the bytes after it.
+    The one reader of response heads, for exchanges and tunnels alike."""
+    end = buf.find(b"\r\n\r\n")
+    while end < 0:
+        if len(buf) > MAX_HEAD:
+            raise LineTooLong("response head")
+        data = sock.recv(65536)
+        if not data:
+            if buf:
+                raise IncompleteRead(buf)
+            raise RemoteDisconnected("Remote end closed connection without response")
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+    return buf[:end], buf[end + 4:]
+
+
 class UpstreamResponse:
     """A response head, and its body read on demand with read1()."""
 
@@ -85,18 +105,7 @@ class UpstreamResponse:
         self.sock = sock
         buf = buffered
         while True:
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise LineTooLong("response head")
-                data = sock.recv(65536)
-                if not data:
-                    if buf:
-                        raise IncompleteRead(buf)
-                    raise RemoteDisconnected("Remote end closed connection without response")
-                buf += data
-                end = buf.find(b"\r\n\r\n")
-            head, buf = buf[:end], buf[end + 4:]
+            head, buf = read_head(sock, buf)
             self._parse_head(head)
             # Interim answers are the upstream's business; the client gets
             # the final one. (101 on a plain request ends the exchange.)

@@ -9,8 +9,8 @@ next request, or closed: a connection with a half-read response or a
 half-sent request never goes back.
 
 Failures before the first body byte map to 502 (refused, reset, malformed,
-closed after the head) or 504 (connect or read timeout): the head goes to the
-client only with that byte. After it, a failure cuts the client connection,
+closed after the head) or 504 (connect or read timeout), as errors.py
+translates them: the head goes to the client only with that byte. After it, a failure cuts the client connection,
 so the client sees a truncated response, never a complete-looking one. A request that failed on a reused keep-alive connection which the
 upstream had closed meanwhile is sent once more on a fresh connection, when
 the upstream cannot have processed it (RFC 9110 9.2.2).
@@ -23,22 +23,28 @@ for longer than it takes to say so.
 
 from __future__ import annotations
 
-import errno
-import http.client
 import logging
-import socket
 import time
 
 import gevent
-from gunicorn.http.errors import NoMoreData
-from gunicorn.http2.errors import HTTP2StreamError
-from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectionError, ProtocolError, SSLError
+from urllib3.exceptions import EmptyPoolError
 
 from rproxy.config import RouteConfig, ServerConfig
+from rproxy.forwarding.errors import (
+    BodyTimeout,
+    EXCHANGE_FAILURES,
+    BodyTooLarge,
+    ClientError,
+    ClientGone,
+    ClientTimeout,
+    UpstreamError,
+    client_body_error,
+    describe,
+    upstream_error,
+)
 from rproxy.forwarding.exchange import UpstreamResponse, request_head
 from rproxy.forwarding.tunnel import Tunnels, open_tunnel
 from rproxy.messages import (
-    BadRequest,
     Request,
     Response,
     bad_header_value,
@@ -47,8 +53,8 @@ from rproxy.messages import (
     valid_header_name,
 )
 from rproxy.server.client_left import ClientLeft, waiting
+from rproxy.server.cuts import cut_client
 from rproxy.target import without_prefix
-from rproxy.upstreams import client_tls
 from rproxy.upstreams.servers import Server, Upstream
 
 log = logging.getLogger("rproxy.forward")
@@ -58,58 +64,6 @@ CHUNK = 64 * 1024
 # can be sent again if a stale keep-alive connection drops it.
 REPLAYABLE_BODY = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# On a reused connection these mean the upstream closed it while idle, or left
-# stray bytes on it (a body sent to HEAD): worth one more try on a new one.
-_STALE_ERRORS = (http.client.BadStatusLine, ConnectionResetError,
-                 BrokenPipeError, ConnectionAbortedError)
-
-
-class ClientGone(Exception):
-    """The client stopped sending its request body before the end."""
-
-
-class ClientTimeout(ClientGone):
-    """The client sent no body bytes for client_timeout (the socket's timeout)."""
-
-
-class MalformedBody(Exception):
-    """The client's chunked body does not parse."""
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyTimeout(TimeoutError):
-    """The upstream sent its response head, then no body byte in read_timeout."""
-
-
-class UpstreamCut(ConnectionResetError):
-    """The upstream failed mid-body. Raised to the WSGI server as a connection
-    reset so that it drops the client connection without a traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ECONNRESET, message)
-
-
-class StreamCut(HTTP2StreamError):
-    """UpstreamCut over HTTP/2: the worker resets just this stream
-    (RST_STREAM), quietly; the connection's other streams go on."""
-
-    def __init__(self, message: str):
-        super().__init__(0, message)
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def cut_client(request: Request, message: str) -> Exception:
-    """The exception that cuts this client's response short."""
-    if request.environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
-        return StreamCut(message)
-    return UpstreamCut(message)
-
-
 class RequestBody:
     """The client's body as an iterable of chunks for urllib3, read as it is sent.
 
@@ -168,16 +122,8 @@ class RequestBody:
             if e is not timer:
                 raise
             raise ClientTimeout(f"body slower than min_body_rate, after {self.sent} bytes") from None
-        except (NoMoreData, HTTP2StreamError) as e:  # HTTP/2: the stream was reset, or its connection lost
-            raise ClientGone(f"{type(e).__name__}: {e}") from None
-        except TimeoutError:
-            raise ClientTimeout(f"no body bytes within client_timeout, after {self.sent} bytes") from None
-        except BadRequest as e:  # the worker's judgement of a chunk size line
-            if e.status == 413:
-                raise BodyTooLarge(str(e)) from None
-            raise MalformedBody(str(e)) from None
-        except Exception as e:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...
-            raise MalformedBody(f"{type(e).__name__}: {e}") from None
+        except Exception as e:
+            raise client_body_error(e, self.sent) from None
         finally:
             if timer is not None:
                 timer.close()
@@ -243,13 +189,13 @@ class UpstreamBody:
         me = waiting.begins()
         try:
             data = response.read1(CHUNK)
-        except (OSError, http.client.HTTPException) as e:
+        except EXCHANGE_FAILURES as e:
             self._done(reusable=False)
-            reason = _describe(e)
+            reason = describe(e)
             self.request.record.error = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
                         "request_id=%s", self.label, reason, self.request.request_id)
-            raise cut_client(self.request, f"upstream {self.label} cut the response: {reason}") from None
+            raise cut_client(self.request.environ, f"upstream {self.label} cut the response: {reason}") from None
         finally:
             waiting.discard(me)
         if response.complete:
@@ -293,14 +239,12 @@ def _release(server: Server, conn, reusable: bool) -> None:
     server.pool._put_conn(conn)
 
 
-def _retriable(error: Exception, request: Request, request_body: RequestBody | None) -> bool:
+def _retriable(error: UpstreamError, request: Request, request_body: RequestBody | None) -> bool:
     """May the request go to another server after this error?"""
-    if isinstance(error, (ConnectTimeoutError, EmptyPoolError)):  # nothing was sent
+    if error.nothing_sent:
         return request_body is None or request_body.replayable
-    if isinstance(error, (socket.timeout, TimeoutError, OSError, http.client.RemoteDisconnected)):
-        # Sent, but no response head came: only what is safe to send twice.
-        return request.method in IDEMPOTENT and request_body is None
-    return False
+    # Sent, but no response head came: only what is safe to send twice.
+    return error.no_answer and request.method in IDEMPOTENT and request_body is None
 
 
 class Forwarder:
@@ -340,15 +284,11 @@ class Forwarder:
             finally:
                 self.upstream.done_with(server)
         if self.max_body_size and (request.content_length or 0) > self.max_body_size:
-            return self._closing(error_response(request, 413, "request body is too large"))
+            return self._client_error(request, BodyTooLarge())
         try:
             request_body = RequestBody(request, self.max_body_size, self.body_chunk_deadline) if request.has_body else None
-        except ClientGone as e:
-            return self._client_gone(request, e)
-        except BodyTooLarge:
-            return self._closing(error_response(request, 413, "request body is too large"))
-        except MalformedBody as e:
-            return self._malformed_body(request, e)
+        except ClientError as e:
+            return self._client_error(request, e)
         target = self._target(request)
         request.record.upstream = self.upstream.name
         first_try = time.monotonic()
@@ -365,13 +305,13 @@ class Forwarder:
                 self.upstream.done_with(server)
             if isinstance(outcome, Response):
                 return outcome
-            if not isinstance(outcome, EmptyPoolError):
-                self.upstream.failed(server, _describe(outcome))
+            if outcome.recorded:
+                self.upstream.failed(server, outcome.reason)
             if (len(tried) <= self.retries and time.monotonic() - first_try < self.retry_timeout
                     and _retriable(outcome, request, request_body)
                     and self.upstream.any_available(exclude=tried)):
                 log.info("upstream %s: %s failed (%s); trying another server, request_id=%s",
-                         self.upstream.name, server.label, _describe(outcome), request.request_id)
+                         self.upstream.name, server.label, outcome.reason, request.request_id)
                 continue
             return self.failure(request, server, outcome, record=False)
 
@@ -386,7 +326,7 @@ class Forwarder:
             try:
                 conn = server.pool._get_conn(timeout=self.connect_timeout)
             except EmptyPoolError as e:
-                return e
+                return self._upstream_error(e)
             server.begin()
             release = _Lease(server, conn)
             try:
@@ -410,32 +350,27 @@ class Forwarder:
             try:
                 response = self._exchange(conn, request.method, target, headers, request_body,
                                           request.chunked)
-            except ClientGone as e:
-                release(reusable=False)
-                return self._client_gone(request, e)
-            except BodyTooLarge:
-                release(reusable=False)
-                return self._closing(error_response(request, 413, "request body is too large"))
-            except MalformedBody as e:
+            except ClientError as e:
                 release(reusable=False)  # the upstream got a cut request: never a whole one
-                return self._malformed_body(request, e)
+                return self._client_error(request, e)
             except Exception as e:  # anything else is the upstream's doing
                 conn.close()
-                if (attempt == 1 and reused and isinstance(e, _STALE_ERRORS)
+                error = self._upstream_error(e)
+                if (attempt == 1 and reused and error.stale
                         and (request_body is None or request_body.replayable)
                         and (request.method in IDEMPOTENT or request_body is None)):
                     # The closed connection reconnects on the next attempt.
                     log.debug("stale keep-alive connection to %s (%s); sending again on a new one",
-                              server.label, _describe(e))
+                              server.label, error.reason)
                     continue
                 release(reusable=False)
-                return e
+                return error
             break
         request.record.upstream_ms = (time.monotonic() - started) * 1000
         try:
             proxied = self._relay(request, server.label, response, release)
-        except (OSError, http.client.HTTPException) as e:
-            return e  # no body byte came: answered like a failure before the head
+        except EXCHANGE_FAILURES as e:
+            return self._upstream_error(e)  # no body byte came: answered like a failure before the head
         if response.status in self.fail_status:
             self.upstream.failed(server, f"status {response.status}")
         else:
@@ -452,8 +387,8 @@ class Forwarder:
         body byte gets the client a 502 or 504 (see UpstreamBody.start)."""
         try:
             return self._relay(request, label, response, release)
-        except (OSError, http.client.HTTPException) as e:
-            return self._error_answer(request, label, e)
+        except EXCHANGE_FAILURES as e:
+            return self._error_answer(request, label, self._upstream_error(e))
 
     @staticmethod
     def _relay(request: Request, label: str, response: UpstreamResponse, release) -> Response:
@@ -520,16 +455,12 @@ class Forwarder:
         response.close_connection = True
         return response
 
-    def _client_gone(self, request: Request, error: Exception) -> Response:
-        if isinstance(error, ClientTimeout):
-            log.info("client %s stalled mid-upload (%s): 408, request_id=%s",
-                     request.client_ip, error, request.request_id)
-            request.record.error = "client stalled mid-upload"
-            return self._closing(error_response(request, 408, "request body not received in time"))
-        log.info("client %s went away mid-upload (%s), request_id=%s",
-                 request.client_ip, error, request.request_id)
-        request.record.error = "client went away mid-upload"
-        return self._closing(error_response(request, 499, "client closed the request"))
+    def _client_error(self, request: Request, error: ClientError) -> Response:
+        if error.log_format is not None:
+            log.info(error.log_format, request.client_ip, error.detail, request.request_id)
+        if error.note:
+            request.record.error = error.note
+        return self._closing(error_response(request, error.status, error.body))
 
     @staticmethod
     def _client_left(request: Request) -> Response:
@@ -537,12 +468,6 @@ class Forwarder:
         # write a line per stream.
         request.record.error = "client left before the response"
         return error_response(request, 499, "client closed the request")
-
-    def _malformed_body(self, request: Request, error: Exception) -> Response:
-        log.info("malformed chunked body from %s (%s), request_id=%s", request.client_ip, error,
-                 request.request_id)
-        request.record.error = "malformed chunked body"
-        return self._closing(error_response(request, 400, "malformed chunked body"))
 
     def _none_available(self, request: Request) -> Response:
         request.record.error = "no server available"
@@ -552,17 +477,21 @@ class Forwarder:
     def failure(self, request: Request, server: Server, error: Exception, record: bool = True) -> Response:
         """The client's answer to an upstream error (recorded against the
         server's health unless already done)."""
-        if record and not isinstance(error, EmptyPoolError):
-            self.upstream.failed(server, _describe(error))
+        error = self._upstream_error(error)
+        if record and error.recorded:
+            self.upstream.failed(server, error.reason)
         return self._error_answer(request, server.label, error)
 
-    def _error_answer(self, request: Request, label: str, error: Exception) -> Response:
-        status, message = _classify(error, self.connect_timeout, self.read_timeout)
-        request.record.error = message
+    def _upstream_error(self, error: Exception) -> UpstreamError:
+        return upstream_error(error, self.connect_timeout, self.read_timeout)
+
+    @staticmethod
+    def _error_answer(request: Request, label: str, error: UpstreamError) -> Response:
+        request.record.error = error.note
         log.warning("upstream %s (%s %s): %s, request_id=%s", label, request.method,
-                    request.target, message, request.request_id)
-        response = error_response(request, status, message,
-                                  [("Retry-After", "1")] if status == 503 else ())
+                    request.target, error.detail, request.request_id)
+        response = error_response(request, error.status, error.body,
+                                  [("Retry-After", "1")] if error.status == 503 else ())
         if request.has_body:
             response.close_connection = True
         return response
@@ -574,41 +503,3 @@ def response_headers(pairs, connection: str | None, chunked: bool) -> list[tuple
     for name in dropped:
         log.warning("dropped a malformed response header %r from upstream", name[:64])
     return out
-
-
-def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> tuple[int, str]:
-    if isinstance(error, EmptyPoolError):
-        return 503, "upstream server is at max_connections"
-    if isinstance(error, NewConnectionError):
-        cause = error.__cause__
-        if isinstance(cause, ConnectionRefusedError):
-            return 502, "upstream refused the connection"
-        return 502, f"cannot connect to upstream: {_describe(cause or error)}"
-    if isinstance(error, ConnectTimeoutError):
-        return 504, f"upstream did not accept the connection within {connect_timeout:g}s"
-    if isinstance(error, BodyTimeout):
-        return 504, f"upstream sent its response head, then no body within {read_timeout:g}s"
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return 504, f"upstream sent no response within {read_timeout:g}s"
-    bad_certificate = client_tls.verification_failure(error)
-    if bad_certificate is not None:
-        return 502, f"TLS verification of the upstream failed: {bad_certificate.verify_message or bad_certificate}"
-    tls_error = client_tls.tls_failure(error)
-    if tls_error is not None:
-        return 502, f"TLS with the upstream failed: {tls_error.reason or tls_error}"
-    if isinstance(error, (SSLError, ProtocolError)) and isinstance(error.__cause__, OSError):
-        error = error.__cause__
-    if isinstance(error, http.client.RemoteDisconnected):
-        return 502, "upstream closed the connection without a response"
-    if isinstance(error, http.client.IncompleteRead):
-        return 502, f"upstream closed the connection before the end of the response ({error!r})"
-    if isinstance(error, (http.client.HTTPException, ProtocolError)):
-        return 502, f"malformed response from upstream: {_describe(error)}"
-    if isinstance(error, OSError):
-        return 502, f"connection to upstream failed: {_describe(error)}"
-    return 502, f"upstream error: {_describe(error)}"
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text if len(text) < 200 else text[:197] + "..."

@@ -22,7 +22,6 @@ away) first, as long as no frame is half-way across.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ import time
 import gevent
 import gevent.socket
 
-from rproxy.forwarding.exchange import UpstreamResponse, request_head
+from rproxy.forwarding.exchange import UpstreamResponse, read_head, request_head
 from rproxy.messages import Request, Response, clean_response_headers, error_response
 from rproxy.observability import metrics
 from rproxy.server import accesslog
@@ -43,7 +42,6 @@ from rproxy.upstreams.servers import Server
 
 log = logging.getLogger("rproxy.tunnel")
 
-MAX_HEAD = 64 * 1024
 CHUNK = 256 * 1024
 GOING_AWAY_GRACE = 2.0
 
@@ -280,21 +278,6 @@ class Tunnels:
             tunnel.end()
 
 
-def read_head(sock) -> tuple[bytes, int]:
-    """Read until the end of a response head; returns (buffer, head length)."""
-    buf = bytearray()
-    while True:
-        data = sock.recv(CHUNK)
-        if not data:
-            raise http.client.RemoteDisconnected("upstream closed the connection without a response")
-        buf += data
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            return bytes(buf), end + 4
-        if len(buf) > MAX_HEAD:
-            raise http.client.LineTooLong("response head")
-
-
 _UPGRADE = frozenset({"upgrade"})
 _STATUS_101 = re.compile(rb"HTTP/1\.[01] 101(?: [\t !-~\x80-\xff]*)?")
 
@@ -339,25 +322,25 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         upstream.settimeout(forwarder.read_timeout)
         upstream.sendall(request_head(request.method, target, headers,
                                       extra=f"Connection: Upgrade\r\nUpgrade: {request.upgrade}\r\n"))
-        buf, head_len = read_head(upstream)
+        head, rest = read_head(upstream)
     except Exception as e:
         conn.close()
         return forwarder.failure(request, server, e)
     request.record.upstream_ms = (time.monotonic() - started) * 1000
     forwarder.upstream.succeeded(server)
 
-    if buf[9:12] != b"101":
+    if head[9:12] != b"101":
         # Not switching: an ordinary response, on a connection nobody reuses.
         try:
-            response = UpstreamResponse(upstream, request.method, buffered=buf)
+            response = UpstreamResponse(upstream, request.method, buffered=head + b"\r\n\r\n" + rest)
         except Exception as e:
             upstream.close()
             return forwarder.failure(request, server, e)
         return forwarder.proxied(request, server.label, response, lambda reusable: upstream.close())
 
-    client.sendall(switching_head(buf[:head_len]))
+    client.sendall(switching_head(head))
     facts = {key: environ.get(key) for key in accesslog.FACTS}
     tunnel = Tunnel(client, upstream, request.upgrade.lower() == "websocket", forwarder.idle_timeout,
                     tunnels, server, facts)
-    tunnel.start(buffered_client_bytes(environ), buf[head_len:])
+    tunnel.start(buffered_client_bytes(environ), rest)
     return Response(101, [], TAKEN_OVER)

@@ -102,7 +102,8 @@ class Proxy:
         if response.close_connection:
             body = LingeringClose(body, environ)
         # The upstream's Date and Server stay for the cache's sake up to here:
-        # gunicorn's writer drops them and writes its own.
+        # the writer (server/response_writer.py) keeps the Date, and writes
+        # its own Server.
         start_response(response.status_line, response.headers)
         return body
 

@@ -315,16 +315,24 @@ def proxy(start_proxy, upstream):
 
 
 class Redis(Process):
-    """A real redis-server on a free port; stop() and start() it again on the same port."""
+    """A real redis-server on a free port; stop() and start() it again on the same port.
+    `extra` are more arguments (cluster mode), `config` a config file's lines (Sentinel
+    mode needs one it can write)."""
 
-    def __init__(self, tmp_dir: Path, port: int | None = None):
+    def __init__(self, tmp_dir: Path, port: int | None = None, *extra: str, config: str | None = None):
         self.tmp_dir = tmp_dir
         self.port = port or free_port()
         redis_server = shutil.which("redis-server")
         if redis_server is None:
             pytest.fail("redis-server is not installed: python3 scripts/dev.py test installs it")
-        super().__init__([redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"], tmp_dir / f"redis-{self.port}-{time.monotonic_ns()}.log")
+        name = f"redis-{self.port}-{time.monotonic_ns()}"
+        args = [redis_server]
+        if config is not None:
+            (tmp_dir / f"{name}.conf").write_text(config)
+            args.append(str(tmp_dir / f"{name}.conf"))
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(tmp_dir), *extra]
+        super().__init__(args, tmp_dir / f"{name}.log")
         wait_for_port(self.port, self.proc)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
@@ -336,6 +344,44 @@ def redis_server(tmp_path):
     first.start_again = lambda: started.start(first.port)
     yield first
     started.stop_all()
+
+
+def redis_cli(port: int, *args: str) -> str:
+    return subprocess.run([shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=20, check=True).stdout
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path):
+    """A Redis master and one Sentinel watching it as `mymaster`: .url is redis+sentinel://."""
+    started = Started(lambda *args, **kwargs: Redis(tmp_path, None, *args, **kwargs))
+    master = started.start()
+    sentinel = started.start("--sentinel", config=f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+    try:
+        assert wait_until(lambda: str(master.port) in redis_cli(
+            sentinel.port, "SENTINEL", "get-master-addr-by-name", "mymaster"), 10), sentinel.log()
+        sentinel.master = master
+        sentinel.url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster"
+        yield sentinel
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """Three Redis masters in one cluster, the slots spread over them: .url is redis+cluster://."""
+    started = Started(lambda: Redis(tmp_path, None, "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                                    "--cluster-config-file", f"nodes-{time.monotonic_ns()}.conf",
+                                    "--cluster-node-timeout", "5000"))
+    try:
+        nodes = [started.start() for _ in range(3)]
+        redis_cli(nodes[0].port, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes")
+        assert wait_until(lambda: all("cluster_state:ok" in redis_cli(n.port, "CLUSTER", "INFO") for n in nodes), 15)
+        nodes[0].nodes = nodes
+        nodes[0].url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+        yield nodes[0]
+    finally:
+        started.stop_all()
 
 
 @pytest.fixture(scope="session")
@@ -356,7 +402,8 @@ def hardening_record():
 # The fixtures that start servers (and those that start tools from apt);
 # a test that uses none of them, even through another fixture, is in the fast
 # tier: `python3 scripts/dev.py test --quick` (pytest -m "not process").
-PROCESS_FIXTURES = frozenset({"start_proxy", "start_upstream", "upstream", "redis_server", "pebble", "installed",
+PROCESS_FIXTURES = frozenset({"start_proxy", "start_upstream", "upstream", "redis_server", "redis_sentinel",
+                              "redis_cluster", "pebble", "installed",
                               "ws_upstream", "aio_upstream", "start_starting_proxy", "unit"})
 
 

@@ -3,11 +3,11 @@
 import concurrent.futures
 import itertools
 import time
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 
 import pytest
 import requests
-from conftest import single_route
+from conftest import raw_exchange, single_route
 
 _unique = itertools.count()
 
@@ -37,6 +37,30 @@ def test_max_age_is_served_from_the_cache_with_age(cached):
     assert (r1.headers["X-Cache"], r2.headers["X-Cache"]) == ("MISS", "HIT")
     assert b1["n"] == b2["n"] == 1
     assert int(r2.headers["Age"]) >= 0
+
+
+def test_a_hit_keeps_the_origins_date_and_its_age_grows(cached):
+    # The origin's clock says 100 s ago: a proxy's own Date would be now.
+    target = url(cached, cc="max-age=600", date=100)
+    r1, _ = get(target)
+    time.sleep(2.2)
+    r2, _ = get(target)
+    assert (r1.headers["X-Cache"], r2.headers["X-Cache"]) == ("MISS", "HIT")
+    assert r2.headers["Date"] == r1.headers["Date"]
+    assert time.time() - parsedate_to_datetime(r2.headers["Date"]).timestamp() > 95
+    # Age counts from the origin's Date (apparent age, RFC 9111 4.2.3).
+    assert int(r2.headers["Age"]) >= 100
+    head = raw_exchange(cached.port, b"GET " + target[len(cached.url):].encode()
+                        + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").split(b"\r\n\r\n")[0]
+    assert head.lower().count(b"\r\ndate: ") == 1  # the stored one, not the proxy's beside it
+
+
+def test_an_answer_of_the_proxy_itself_gets_the_proxys_date(cached):
+    head = raw_exchange(cached.port, b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").split(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 405")
+    date = [line[6:] for line in head.split(b"\r\n") if line.lower().startswith(b"date: ")]
+    assert len(date) == 1
+    assert abs(parsedate_to_datetime(date[0].decode()).timestamp() - time.time()) < 30
 
 
 @pytest.mark.parametrize("cc", ["no-store", "private, max-age=60", "max-age=60, no-store"])

@@ -85,8 +85,8 @@ OVERRIDES = [
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
      "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header"),
-    (response_writer.HTTP2Response, http2_response.HTTP2Response, ["send_headers"],
-     "rproxy/server/response_writer.py: rproxy's Server and Date over HTTP/2"),
+    (response_writer.HTTP2Response, http2_response.HTTP2Response, ["process_headers", "send_headers"],
+     "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, and the application's Date or its own"),
     (http2.ConcurrentConnection, h2_connection.HTTP2ServerConnection,
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
       "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
@@ -369,6 +369,10 @@ def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does(
         "gunicorn's send_response_headers changed: rproxy/server/response_writer.py's HTTP2Response calls it")
     assert "self.stream_id = stream_id" in source(http2_response.HTTP2Response.__init__)
     assert "self.h2_conn = h2_conn" in source(http2_response.HTTP2Response.__init__)
+    # rproxy's HTTP/2 response adds the application's Date back itself: two if gunicorn kept it.
+    assert "date" in util.hop_headers and "is_hoppish" in source(GUNICORN_RESPONSE.process_headers), (
+        "gunicorn's Response.process_headers no longer drops Date: rproxy/server/response_writer.py's "
+        "HTTP2Response would send it twice")
 
 
 # --- gunicorn's HTTP/2 connection, as rproxy/server/http2.py drives it ----------------

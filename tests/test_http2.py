@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import time
+from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
@@ -232,10 +233,14 @@ def test_middleware_works_over_http2(start_proxy, upstream, certs):
         assert c.get(https(proxy) + "/admin/x").status_code == 404
         codes = [c.get(https(proxy) + "/echo/limited").status_code for _ in range(3)]
         assert codes == [200, 200, 429]
-        url = https(proxy) + f"/cacheable?cc=max-age%3D60&t={time.monotonic_ns()}"
+        url = https(proxy) + f"/cacheable?cc=max-age%3D600&date=100&t={time.monotonic_ns()}"
         first, second = c.get(url), c.get(url)
         assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
         assert first.json()["n"] == second.json()["n"] == 1
+        # The origin's Date, stored and replayed, alone.
+        assert second.headers.get_list("date") == first.headers.get_list("date")
+        assert time.time() - parsedate_to_datetime(second.headers["date"]).timestamp() > 95
+        assert c.get(https(proxy) + "/admin/x").headers.get_list("date")  # the proxy's own answer has one
         assert second.headers["strict-transport-security"].startswith("max-age=")
         assert second.headers["x-content-type-options"] == "nosniff"
 

@@ -237,7 +237,8 @@ def app(environ, start_response):
 
 def cacheable(environ, start_response, query):
     """Answers as the query says (cc, etag, lm, expires, age, vary, cookie,
-    status, size, delay, tags: Surrogate-Key, cachetag: Cache-Tag); the
+    status, size, delay, tags: Surrogate-Key, cachetag: Cache-Tag, date:
+    a Date so many seconds ago); the
     body counts how often the upstream answered.
     An id set failing with /_fail sleeps first, and/or answers that error
     status instead, uncacheable."""
@@ -261,6 +262,8 @@ def cacheable(environ, start_response, query):
         headers.append(("Expires", formatdate(time.time() + float(query["expires"]), usegmt=True)))
     if query.get("age"):
         headers.append(("Age", query["age"]))
+    if query.get("date"):
+        headers.append(("Date", formatdate(time.time() - float(query["date"]), usegmt=True)))
     if query.get("sc"):
         headers.append(("Surrogate-Control", query["sc"]))
     if query.get("vary"):

@@ -16,18 +16,18 @@ X-Cache: HIT, MISS, EXPIRED (stale, asked the upstream), STALE (answered
 from a stale entry: see httpcache/stale.py) or BYPASS; and Cache-Status (RFC
 9211) says the same in the standard's terms. Under stale-while-revalidate, a
 stale entry answers at once and one background greenlet per key and worker
-revalidates it; when the upstream fails (down, timing out, 5xx) and the
-response's or request's stale-if-error or the `use_stale` switch allows, the
-stale entry answers instead of the error, and a log line says so.
-A response too large for an entry streams through untouched. When Redis
-fails, the cache is bypassed, logged once, and left alone for
+revalidates it (httpcache/revalidation.py); when the upstream fails (down,
+timing out, 5xx) and the response's or request's stale-if-error or the
+`use_stale` switch allows, the stale entry answers instead of the error, and
+a log line says so. A response too large for an entry streams through
+untouched (httpcache/bodies.py). When Redis fails, the cache is bypassed,
+logged once, and left alone for
 `storage_retry` (storage_guard.py), so that requests do not each wait for a
 hung Redis; it is used again when Redis is back.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -36,7 +36,9 @@ import gevent
 from gevent.event import Event
 
 from rproxy.httpcache import stale
+from rproxy.httpcache.bodies import Tee, discard, drain
 from rproxy.httpcache.disk import DiskStore, body_chunks
+from rproxy.httpcache.revalidation import CONDITIONALS, refreshed, revalidate_later
 from rproxy.httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
 from rproxy.httpcache.store import MemoryStore, RedisStore, Retention
 from rproxy.messages import Request, Response
@@ -49,13 +51,9 @@ CACHE_STATUS = "rproxy"  # this cache's name in Cache-Status
 
 # Any other method, known or not, invalidates what it succeeds on (RFC 9111 4.4).
 SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-CONDITIONALS = ("If-None-Match", "If-Modified-Since")
 # Sent with a 304 from the cache (RFC 9110 15.4.5).
 NOT_MODIFIED_HEADERS = frozenset({"etag", "cache-control", "expires", "vary", "content-location",
                                   "last-modified", "age", "x-cache", "cache-status"})
-# Never copied from a 304 onto the stored response (RFC 9111 3.2).
-NOT_UPDATED = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range",
-                         "etag", "content-md5"})
 
 
 @dataclass(frozen=True)
@@ -90,43 +88,6 @@ class CacheConfig:
                                 "(and as long as their stale-while-revalidate/stale-if-error asks).")
 
 
-class _Tee:
-    """Passes a body through, keeping a copy up to `limit`, for the cache."""
-
-    __slots__ = ("body", "iterator", "kept", "limit", "done", "on_end")
-
-    def __init__(self, body, limit: int, on_end):
-        self.body, self.iterator, self.limit, self.on_end = body, iter(body), limit, on_end
-        self.kept: bytearray | None = bytearray()
-        self.done = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            chunk = next(self.iterator)
-        except StopIteration:
-            self._end(bytes(self.kept) if self.kept is not None else None)
-            raise
-        if self.kept is not None:
-            self.kept += chunk
-            if len(self.kept) > self.limit:
-                self.kept = None  # too large for the cache: stream on, keep nothing
-        return chunk
-
-    def close(self) -> None:
-        close = getattr(self.body, "close", None)
-        if close is not None:
-            close()
-        self._end(None)
-
-    def _end(self, body: bytes | None) -> None:
-        if not self.done:
-            self.done = True
-            self.on_end(body)
-
-
 class HTTPCache:
     def __init__(self, config: CacheConfig, shared: dict):
         stores = shared.setdefault("cache_stores", {})
@@ -153,7 +114,7 @@ class HTTPCache:
             return _tag(request, call_next(request), "BYPASS", "fwd=bypass")
         key = self._key(request)
         looked = time.perf_counter()
-        found = self._lookup(key, request)
+        found = self.lookup(key, request)
         request.record.cache_ms = (time.perf_counter() - looked) * 1000
         if found is None:  # storage down
             return _tag(request, call_next(request), "BYPASS", "fwd=bypass")
@@ -163,12 +124,12 @@ class HTTPCache:
                 return self._serve(request, entry, "HIT")
             if not request.has_body and stale.while_revalidating(entry, request.headers):
                 if key not in self.revalidating:
-                    self._revalidate_later(request, call_next, key, entry)
+                    revalidate_later(self, request, call_next, key, entry)
                 return self._serve(request, entry, "STALE", "hit; detail=stale-while-revalidate")
         if entry is None and key in self.inflight:
             # Someone in this worker is fetching it already: wait, then look again.
             self.inflight[key].wait(self.config.collapse_timeout)
-            found = self._lookup(key, request)
+            found = self.lookup(key, request)
             if found is not None and found[1] is not None and fresh_enough(found[1], request.headers):
                 return self._serve(request, found[1], "HIT")
             entries, entry = found if found is not None else ([], None)
@@ -176,7 +137,7 @@ class HTTPCache:
             self.inflight[key] = Event()  # this worker's others wait for us, we for the host
             try:
                 if self._wait_for_host(key):
-                    found = self._lookup(key, request)
+                    found = self.lookup(key, request)
                     if found is not None and found[1] is not None and fresh_enough(found[1], request.headers):
                         self._finish(key, True)
                         return self._serve(request, found[1], "HIT")
@@ -235,10 +196,10 @@ class HTTPCache:
         response_time = time.time()
 
         if entry is not None and response.status == 304:
-            _drain(response)
-            refreshed = _refreshed(entry, response, request_time, response_time)
-            self._save(key, [e for e in entries if e is not entry], refreshed)
-            return self._serve(request, refreshed, "EXPIRED", "fwd=stale; fwd-status=304")
+            drain(response)
+            renewed = refreshed(entry, response, request_time, response_time)
+            self.save(key, [e for e in entries if e is not entry], renewed)
+            return self._serve(request, renewed, "EXPIRED", "fwd=stale; fwd-status=304")
         if entry is not None and response.status >= 500:
             stand_in = self._instead_of_failure(request, response, entry)
             if stand_in is not None:
@@ -251,7 +212,7 @@ class HTTPCache:
         if not ok:
             self._finish(key, leader)
             if entry is not None and response.status < 500:
-                self._save(key, [e for e in entries if e is not entry], None)
+                self.save(key, [e for e in entries if e is not entry], None)
             return _tag(request, response, label, status)
 
         upstream_headers = list(response.headers)  # before _tag trims them for the client
@@ -261,9 +222,9 @@ class HTTPCache:
                 fresh = Entry(response.status, response.reason, upstream_headers, body,
                               request_time, response_time, vary_keys(upstream_headers, headers),
                               self.config.targeted_fields)
-                self._save(key, [e for e in entries if e.vary != fresh.vary], fresh)
+                self.save(key, [e for e in entries if e.vary != fresh.vary], fresh)
             self._finish(key, leader)
-        response.body = _Tee(response.body, self.config.max_entry_size, store)
+        response.body = Tee(response.body, self.config.max_entry_size, store)
         return _tag(request, response, label, status)
 
     def _instead_of_failure(self, request: Request, response: Response, entry: Entry) -> Response | None:
@@ -276,7 +237,7 @@ class HTTPCache:
                                             self.config.stale_keep)
         if not allowed:
             return None
-        _discard(response)
+        discard(response)
         served = self._serve(request, entry, "STALE",
                              "fwd=stale" + ("" if generated else f"; fwd-status={response.status}")
                              + f"; detail={what}")
@@ -285,48 +246,6 @@ class HTTPCache:
                     request.method, request.target, f"{stale.staleness(entry):.0f}s", allowed,
                     request.request_id)
         return served
-
-    def _revalidate_later(self, request: Request, call_next, key: str, entry: Entry) -> None:
-        """Revalidate `entry` in a background greenlet (stale-while-revalidate)."""
-        plain = {k: v for k, v in request.headers.items() if k not in CONDITIONALS}
-        background = copy.copy(request)
-        background.method = "GET"  # a HEAD's stale answer is refreshed with the body too
-        background.environ = dict(request.environ)
-        background.headers = {**plain, **dict(entry.validators())}
-        self.revalidating.add(key)
-        gevent.spawn(self._revalidate, background, plain, call_next, key, entry)
-
-    def _revalidate(self, request: Request, plain: dict[str, str], call_next, key: str, entry: Entry) -> None:
-        try:
-            request_time = time.time()
-            response = call_next(request)
-            response_time = time.time()
-            fresh: Entry | None = None
-            if response.status == 304:
-                _drain(response)
-                fresh = _refreshed(entry, response, request_time, response_time)
-            elif storable("GET", plain, response.status, response.headers, self.config.targeted_fields)[0]:
-                body = _read(response, self.config.max_entry_size)
-                if body is not None:
-                    fresh = Entry(response.status, response.reason, list(response.headers), body,
-                                  request_time, response_time, vary_keys(response.headers, plain),
-                                  self.config.targeted_fields)
-            else:
-                _discard(response)
-            found = self._lookup(key, request)  # as stored now, not as when it went stale
-            if found is None:
-                return
-            if fresh is not None:
-                self._save(key, [e for e in found[0] if e.vary != fresh.vary], fresh)
-            elif response.status < 500:  # no longer cacheable: the stale entry goes too
-                self._save(key, [e for e in found[0] if e.vary != entry.vary], None)
-            log.debug("cache: revalidated %s in the background: %s, request_id=%s",
-                      request.target, response.status, request.request_id)
-        except Exception:
-            log.exception("cache: background revalidation of %s failed, request_id=%s",
-                          request.target, request.request_id)
-        finally:
-            self.revalidating.discard(key)
 
     def _serve(self, request: Request, entry: Entry, label: str, status: str = "hit") -> Response:
         _count(request, label, len(entry.body) if label == "HIT" and request.method == "GET" else 0)
@@ -343,7 +262,7 @@ class HTTPCache:
     def _key(self, request: Request) -> str:
         return cache_key(request)
 
-    def _lookup(self, key: str, request: Request):
+    def lookup(self, key: str, request: Request):
         """The stored variants of `key` and the one for this request; None
         when the storage is down or left alone."""
         if not self.guard.allow():
@@ -358,7 +277,7 @@ class HTTPCache:
             entry.targets = self.config.targeted_fields
         return entries, next((e for e in entries if selects(e, request.headers)), None)
 
-    def _save(self, key: str, others: list[Entry], entry: Entry | None) -> None:
+    def save(self, key: str, others: list[Entry], entry: Entry | None) -> None:
         if not self.guard.allow():
             return
         try:
@@ -431,41 +350,6 @@ def _tag(request: Request, response: Response, label: str, status: str) -> Respo
     # Cache-Status lists caches from the origin's side: ours comes last.
     response.headers += [("X-Cache", label), ("Cache-Status", f"{CACHE_STATUS}; {status}")]
     return response
-
-
-def _drain(response: Response) -> None:
-    """Reads a 304's empty body: that releases the connection for reuse."""
-    for _ in response.body:
-        pass
-
-
-def _discard(response: Response) -> None:
-    """Done with an upstream response unread: its connection is not reused."""
-    close = getattr(response.body, "close", None)
-    if close is not None:
-        close()
-
-
-def _read(response: Response, limit: int) -> bytes | None:
-    """The whole body, or None when it is larger than `limit`."""
-    kept = bytearray()
-    try:
-        for chunk in response.body:
-            kept += chunk
-            if len(kept) > limit:
-                return None
-    finally:
-        _discard(response)
-    return bytes(kept)
-
-
-def _refreshed(entry: Entry, response: Response, request_time: float, response_time: float) -> Entry:
-    """The stored response, with the headers of a 304 that revalidated it."""
-    updates = {k.lower(): (k, v) for k, v in response.headers if k.lower() not in NOT_UPDATED}
-    headers = [(k, v) for k, v in entry.headers if k.lower() not in updates]
-    headers += [pair for pair in updates.values() if pair[0].lower() not in ("x-cache", "cache-status")]
-    return Entry(entry.status, entry.reason, headers, entry.body, request_time, response_time, entry.vary,
-                 entry.targets)
 
 
 def make(config: CacheConfig, shared: dict) -> HTTPCache:

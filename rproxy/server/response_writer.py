@@ -2,7 +2,9 @@
 the head held back until the first piece of the body, so that both go out
 in one send (one syscall and one greenlet round through the socket instead
 of two: for a small response that was a tenth of the worker's CPU), and the
-Date header rendered once a second instead of once a response. And the
+Date header rendered once a second instead of once a response, and added
+only when the application set none: a response the cache stored keeps the
+origin's Date when it is served again (RFC 9110 6.6.1, RFC 9111 4). And the
 Server header of both HTTP/1.x and HTTP/2 responses: `[server]
 server_header`, or none, chosen once per worker (install()).
 """
@@ -22,8 +24,8 @@ _date = [0, ""]
 # gunicorn's rules: names are tokens, values printable (or tab, space, obs-text).
 _valid_names = re.compile(r"(?:%s\n)+" % message.TOKEN_RE.pattern).fullmatch
 _valid_values = wsgi.HEADER_VALUE_RE.fullmatch
-# What gunicorn's writer drops (hop-by-hop, and Server and Date: its own go
-# out), and Content-Length, which it reads.
+# What gunicorn's writer drops (hop-by-hop, and Server: its own goes out),
+# Content-Length, which it reads, and Date, which it keeps.
 _SPECIAL = frozenset(util.hop_headers) | {"content-length"}
 
 
@@ -56,6 +58,7 @@ class Response(wsgi.Response):
         super().__init__(req, sock, cfg)
         self._held_head: bytes | None = None
         self._holding = False
+        self._has_date = False
 
     def process_headers(self, headers):
         try:
@@ -72,6 +75,10 @@ class Response(wsgi.Response):
                 value = value.strip(" \t")
                 if lname == "content-length":
                     self.response_length = int(value)
+                elif lname == "date":
+                    if self._has_date:
+                        continue  # one Date: the first
+                    self._has_date = True
                 else:
                     if lname == "connection":
                         if value.lower() == "upgrade":
@@ -92,7 +99,7 @@ class Response(wsgi.Response):
             connection = "keep-alive"
         version = self.req.version
         headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n", _server_line,
-                   f"Date: {http_date()}\r\n", f"Connection: {connection}\r\n"]
+                   "" if self._has_date else f"Date: {http_date()}\r\n", f"Connection: {connection}\r\n"]
         if self.chunked:
             headers.append("Transfer-Encoding: chunked\r\n")
         return headers
@@ -132,14 +139,19 @@ class Response(wsgi.Response):
 
 
 class HTTP2Response(http2_response.HTTP2Response):
-    """gunicorn's HTTP/2 response, with rproxy's Server (or none) and Date."""
+    """gunicorn's HTTP/2 response, with rproxy's Server (or none), and the
+    application's Date or else the proxy's."""
+
+    _date: str | None = None
+
+    def process_headers(self, headers):
+        super().process_headers(headers)  # drops Server and Date as it does over HTTP/1
+        self._date = next((value.strip(" \t") for name, value in headers if name.lower() == "date"), None)
 
     def send_headers(self):
         if self.headers_sent:
             return
-        # The application's Server and Date never get here (gunicorn drops
-        # them as it does over HTTP/1): the proxy's own go out.
-        headers = [*self.headers, *_server_fields, ("date", http_date())]
+        headers = [*self.headers, *_server_fields, ("date", self._date or http_date())]
         if not self.h2_conn.send_response_headers(self.stream_id, self.status_code, headers, end_stream=False):
             self._aborted("stream closed before headers were sent")
         self.headers_sent = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from conftest import raw_exchange, single_route
 from scripted_upstream import ScriptedUpstream
+from test_http2 import client, https, tls
 
 from rproxy.forwarding.exchange import request_head
 from rproxy.server import header_case
@@ -81,6 +82,33 @@ def test_each_request_on_a_connection_keeps_its_own_spelling(start_proxy):
         heads = sorted(recorder.received)  # GET /1 first
         assert b"\r\nHost: x\r\n" in heads[0] and b"\r\nX-Token: 1\r\n" in heads[0], heads
         assert b"\r\nHOST: x\r\n" in heads[1] and b"\r\nx-TOKEN: 2\r\n" in heads[1], heads
+    finally:
+        recorder.stop()
+
+
+def test_over_http2_names_go_upstream_as_the_proxy_writes_them(start_proxy, mixed_case_upstream, certs):
+    # HTTP/2 names are lower-case on the wire (RFC 9113 8.2.1): no case to keep.
+    proxy = start_proxy(single_route(mixed_case_upstream.port), server=tls(certs, preserve_header_case="yes"))
+    with client(certs) as c:
+        r = c.get(https(proxy) + "/case", headers={"X-Api-KEY": "k"})
+    assert r.http_version == "HTTP/2" and r.status_code == 200 and r.text == "ok"
+    sent = names_received(mixed_case_upstream)
+    assert b"X-Api-Key" in sent and b"Host" in sent, sent
+    assert r.headers["x-upstream-token"] == "t"  # lower-case, as HTTP/2 wants
+
+
+def test_an_upgrade_request_keeps_the_clients_spelling_too(start_proxy):
+    recorder = ScriptedUpstream(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    try:
+        proxy = start_proxy(single_route(recorder.port, route_extra="upgrade = websocket"),
+                            server={"preserve_header_case": "yes"})
+        reply = raw_exchange(proxy.port, b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\n"
+                                         b"upgrade: websocket\r\nsec-websocket-KEY: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                         b"sec-websocket-version: 13\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 403 "), reply
+        sent = names_received(recorder)
+        for name in (b"host", b"connection", b"upgrade", b"sec-websocket-KEY", b"sec-websocket-version"):
+            assert name in sent, sent
     finally:
         recorder.stop()
 

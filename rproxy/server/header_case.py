@@ -57,21 +57,33 @@ def install(cfg) -> None:
         _recording = module
 
 
+# name as sent -> (the core's name, the name as sent), for the names clients
+# send: working them out was most of what the option costs a request.
+_known: dict[bytes, tuple[str, str]] = {}
+
+
+def _learn(raw: bytes) -> tuple[str, str]:
+    if len(_known) >= 2048:  # clients choose the names: bounded
+        _known.clear()
+    sent = raw.decode("latin-1")
+    # The core's name, as messages.header_name makes it of the environ key.
+    pair = _known[raw] = (sent.replace("_", "-").title(), sent)
+    return pair
+
+
 def spellings(names) -> dict[str, str]:
-    """{X-Api-Key: x-api-key} for the names (bytes) a client sent. The
+    """{X-Api-Key: x-api-KEY} for the names (bytes) a client sent. The
     first spelling of a name sent twice wins."""
-    spelled: dict[str, str] = {}
-    for raw in names:
-        sent = raw.decode("latin-1")
-        # The core's name, as messages.header_name makes it of the environ key.
-        spelled.setdefault(sent.replace("_", "-").title(), sent)
-    return spelled
+    known = _known
+    # Reversed: of a name sent twice, the first spelling is put in last.
+    return dict([known.get(raw) or _learn(raw) for raw in reversed(names)])
 
 
 def fast_parsed() -> dict[str, str]:
     """The spellings of the head gunicorn_h1c parsed last."""
     fields, _recording.fields = _recording.fields, []
-    return spellings([name for name, _ in fields])
+    known = _known
+    return dict([known.get(name) or _learn(name) for name, _ in reversed(fields)])
 
 
 def head_parsed(head: bytes) -> dict[str, str]:

@@ -5,10 +5,12 @@ spelling table itself, in-process."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from conftest import raw_exchange, single_route
 from scripted_upstream import ScriptedUpstream
-from test_http2 import client, https, tls
+from test_http2 import client, curl, https, tls
 
 from rproxy.forwarding.exchange import request_head
 from rproxy.server import header_case
@@ -95,6 +97,17 @@ def test_over_http2_names_go_upstream_as_the_proxy_writes_them(start_proxy, mixe
     sent = names_received(mixed_case_upstream)
     assert b"X-Api-Key" in sent and b"Host" in sent, sent
     assert r.headers["x-upstream-token"] == "t"  # lower-case, as HTTP/2 wants
+
+
+def test_an_h2c_upgrade_request_is_served_with_the_option_on(start_proxy, mixed_case_upstream):
+    # The HTTP/1.1 request that asks for h2c becomes stream 1 of the
+    # HTTP/2 connection, names as any HTTP/2 request's.
+    proxy = start_proxy(single_route(mixed_case_upstream.port),
+                        server={"http2": "yes", "http2_cleartext": "yes", "preserve_header_case": "yes"})
+    out = subprocess.run([curl(), "--http2", "-sS", "-H", "x-api-KEY: k", "-w", " %{http_version} %{http_code}",
+                          proxy.url + "/case"], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "ok 2 200", (out.stdout, out.stderr)
+    assert b"X-Api-Key" in names_received(mixed_case_upstream)
 
 
 def test_an_upgrade_request_keeps_the_clients_spelling_too(start_proxy):

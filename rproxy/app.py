@@ -19,7 +19,7 @@ from rproxy import middleware
 from rproxy.client_address import Forwarding
 from rproxy.config import Config
 from rproxy.forwarding.forwarder import Forwarder
-from rproxy.forwarding.tunnel import TAKEN_OVER, Tunnels
+from rproxy.forwarding.tunnel import Tunnels
 from rproxy.messages import BadRequest, Request, Response, error_response
 from rproxy.middleware import compose
 from rproxy.middleware.security_headers import SecurityHeaders
@@ -29,6 +29,7 @@ from rproxy.routing import Router
 from rproxy.server.lingering_close import LingeringClose
 from rproxy.server.plain_http import PlainHttp
 from rproxy.server.settings import serving_config
+from rproxy.server.takeover import TAKEN_OVER
 from rproxy.upstreams.servers import Upstream
 from rproxy.values import host_port
 
@@ -87,11 +88,11 @@ class Proxy:
             response = self.respond(environ)
         body = response.body
         if body is TAKEN_OVER:
-            # A tunnel owns the connection now: end gunicorn's handling of it
-            # quietly (its connection loop treats StopIteration as "close").
+            # A tunnel owns the connection now: the worker ends gunicorn's
+            # handling of it without a write (server/takeover.py).
             if environ.pop("rproxy.in_flight", False):
                 self.metrics.in_flight.dec()
-            raise StopIteration("connection handed over to a tunnel")
+            return TAKEN_OVER
         if response.close_connection:
             body = LingeringClose(body, environ)
         # The upstream's Date and Server stay for the cache's sake up to here:

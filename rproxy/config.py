@@ -275,15 +275,14 @@ class CertificateConfig:
     keyfile: str = setting(None, values.readable_file, "Its private key (PEM).", required=True)
 
 
-ACME_CHALLENGES = ("tls-alpn-01", "http-01")
+ACME_CHALLENGES = ("tls-alpn-01", "http-01", "dns-01")
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
 
 
 def _acme_challenges(raw: str) -> tuple[str, ...]:
     """ACME challenge types, in order of preference, each once."""
     names = values.lower_words(raw)
     for name in names:
-        if name == "dns-01":
-            raise ValueError("dns-01 is not supported: use tls-alpn-01 or http-01")
         if name not in ACME_CHALLENGES:
             raise ValueError(f"{name!r} is not one of: {', '.join(ACME_CHALLENGES)}")
     if len(set(names)) != len(names):
@@ -299,12 +298,14 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 @dataclass(frozen=True)
 class AcmeConfig:
     domains: tuple[str, ...] = setting(None, values.domain_names,
-                                       "Domains to obtain certificates for (one each).", required=True)
+                                       "Domains to obtain certificates for (one each); a wildcard "
+                                       "(*.example.com) needs dns-01.", required=True)
     challenges: tuple[str, ...] = setting("tls-alpn-01 http-01", _acme_challenges,
                                           "Challenge types in order of preference: the first one the CA "
                                           "offers that the listeners allow is used. tls-alpn-01: on the "
                                           "TLS port (bind, 443 as the CA sees it); http-01: on http_bind "
-                                          "(port 80 as the CA sees it).")
+                                          "(port 80 as the CA sees it); dns-01: a TXT record published by dns_provider "
+                                          "(the only one for wildcards).")
     email: str = setting("", values.text, "Contact address given to the CA (expiry notices); empty = none.")
     directory: str = setting(LETS_ENCRYPT, values.url,
                              "The CA's ACME directory URL; Let's Encrypt's staging one is "
@@ -321,6 +322,28 @@ class AcmeConfig:
     ca_file: str | None = setting(None, values.readable_file,
                                   "CA certificates (PEM) the directory's HTTPS is verified against; "
                                   "default: the system's.")
+    dns_provider: str | None = setting(None, values.one_of("rfc2136", "exec"),
+                                "How dns-01 publishes its TXT records: rfc2136 (dynamic updates signed "
+                                "with a TSIG key) or exec (dns_exec). Required by dns-01.")
+    dns_server: tuple[str, int] | None = setting(None, values.ip_port,
+                                                 "rfc2136: the primary server taking the updates (IP[:port], "
+                                                 "port 53 by default); both providers then wait for the record "
+                                                 "there, else at the zone's NS.")
+    dns_zone: str = setting("", values.dns_name,
+                            "rfc2136: the zone to update; default: found by asking dns_server for the SOA.")
+    dns_tsig_key_name: str = setting("", values.dns_name,
+                                     "rfc2136: the name of the TSIG key allowed to update the zone.")
+    dns_tsig_algorithm: str = setting("hmac-sha256", values.one_of(*TSIG_ALGORITHMS),
+                                      "rfc2136: the TSIG key's algorithm.")
+    dns_tsig_secret: str = setting("", values.base64_secret,
+                                   "rfc2136: the TSIG key's secret (base64); keep it out of the file with "
+                                   "${NAME}.")
+    dns_exec: str | None = setting(None, values.executable_file,
+                                   "exec: a program run as `PROGRAM present|cleanup DOMAIN TXT_NAME VALUE`; "
+                                   "exit status 0 is success.")
+    dns_propagation_timeout: float = setting("120s", values.positive_duration,
+                                             "dns-01: how long to wait for the authoritative servers to answer "
+                                             "the TXT record (asked every second) before giving up the attempt.")
 
 
 SINGLE_SECTIONS: dict[str, type] = {"server": ServerConfig, "log": LogConfig, "admin": AdminConfig,
@@ -461,6 +484,25 @@ def _check_tls(config: Config) -> None:
         problem = _not_writable(config.acme.cache_dir)
         if problem:
             raise ConfigError(path, "acme", "cache_dir", problem)
+        _check_dns01(path, config.acme)
+
+
+def _check_dns01(path: str, acme: AcmeConfig) -> None:
+    """The keys dns-01 needs, and dns-01 for wildcards (only it can prove one, RFC 8555 §7.1.3)."""
+    if "dns-01" not in acme.challenges:
+        wildcard = next((d for d in acme.domains if d.startswith("*.")), None)
+        if wildcard:
+            raise ConfigError(path, "acme", "domains", f"{wildcard!r}: a wildcard can only be validated by "
+                                                       "dns-01: add it to [acme] challenges")
+        if acme.dns_provider:
+            raise ConfigError(path, "acme", "dns_provider", "is set, but [acme] challenges does not name dns-01")
+        return
+    needed = {"": ("dns_provider",), "rfc2136": ("dns_server", "dns_tsig_key_name", "dns_tsig_secret"),
+              "exec": ("dns_exec",)}[acme.dns_provider or ""]
+    for key in needed:
+        if not getattr(acme, key):
+            why = "dns-01 needs it" if key == "dns_provider" else f"dns_provider = {acme.dns_provider} needs it"
+            raise ConfigError(path, "acme", key, f"is required: {why}")
 
 
 def _not_writable(directory: str) -> str | None:

@@ -4,8 +4,11 @@ raises ValueError with a message that says what a valid value looks like."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -399,6 +402,56 @@ def host_port(raw: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def ip_port(raw: str) -> tuple[str, int]:
+    """'192.0.2.1', '192.0.2.1:5353', '2001:db8::1' or '[2001:db8::1]:5353' -> (address, port), port 53 by default."""
+    value = raw.strip()
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(\d{1,5}))?", value)
+    if bracketed:
+        host, number = bracketed.group(1), bracketed.group(2) or "53"
+    elif value.count(":") == 1:
+        host, _, number = value.partition(":")
+    else:
+        host, number = value, "53"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an IP address with an optional port (192.0.2.1:53, "
+                         "[2001:db8::1]:53)") from None
+    if not number.isdigit() or not 0 < int(number) < 65536:
+        raise ValueError(f"{raw!r}: the port must be 1 to 65535")
+    return host, int(number)
+
+
+def dns_name(raw: str) -> str:
+    """A DNS name such as a zone or a TSIG key's (underscores allowed, unlike host names); empty allowed."""
+    value = raw.strip().lower().rstrip(".")
+    if value and not all(re.fullmatch(r"[a-z0-9_-]{1,63}", label) for label in value.split(".")):
+        raise ValueError(f"{raw!r} is not a DNS name (labels of letters, digits, '-' and '_')")
+    return value
+
+
+def base64_secret(raw: str) -> str:
+    """A secret in base64 (a TSIG key's, as `tsig-keygen` prints it)."""
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        if not base64.b64decode(value, validate=True):
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise ValueError("is not base64 (as tsig-keygen prints it)") from None
+    return value
+
+
+def executable_file(raw: str) -> str:
+    path = raw.strip()
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a file")
+    if not os.access(path, os.X_OK):
+        raise ValueError(f"{path!r} is not executable")
+    return path
+
+
 def port(raw: str) -> int:
     value = raw.strip()
     if not value.isdigit() or not 0 < int(value) < 65536:
@@ -453,12 +506,9 @@ def url(raw: str) -> str:
 
 
 def domain_names(raw: str) -> tuple[str, ...]:
-    """Host names without wildcards (an HTTP-01 challenge cannot prove a wildcard)."""
+    """Host names, and wildcards of one label (`*.example.com`)."""
     names = host_patterns(raw)
     for name in names:
-        if name.startswith("*."):
-            raise ValueError(f"{name!r}: a wildcard cannot be validated over HTTP (HTTP-01); serve "
-                             "wildcard certificates with a [certificate:NAME] section")
         if re.fullmatch(r"[0-9.]+", name):
             raise ValueError(f"{name!r} is an IP address, not a domain name")
     if not names:

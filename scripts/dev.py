@@ -26,7 +26,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 # System programs the test suite drives, by the Debian package that brings them.
 TEST_PROGRAMS = {"curl": "curl", "redis-server": "redis-server", "chromium": "chromium",
-                 "pebble": "pebble", "pebble-challtestsrv": "pebble", "systemd-analyze": "systemd"}
+                 "pebble": "pebble", "pebble-challtestsrv": "pebble", "systemd-analyze": "systemd",
+                 "named": "bind9"}
 
 
 def say(message: str) -> None:

@@ -55,10 +55,11 @@ def program(name: str) -> str:
 
 
 class Pebble:
-    """pebble and its mock DNS, each a process on free loopback ports."""
+    """pebble and its mock DNS, each a process on free loopback ports; with
+    `dns` (127.0.0.1:PORT), pebble asks that DNS server instead."""
 
     def __init__(self, tmp_dir, http_port: int, validity: int | None = None, tls_port: int | None = None,
-                 start: bool = True):
+                 start: bool = True, dns: str | None = None):
         self.tmp_dir, self.http_port, self.validity = tmp_dir, http_port, validity
         self.tls_port = tls_port or free_port()
         self.port, self.management = free_port(), free_port()
@@ -71,11 +72,13 @@ class Pebble:
         cert.cert_chain_pems[0].write_to_path(self.certfile)
         cert.private_key_pem.write_to_path(self.keyfile)
         self.directory = f"https://127.0.0.1:{self.port}/dir"
-        self.dns_server = Process([program("pebble-challtestsrv"), "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+        self.dns_address = dns or f"127.0.0.1:{self.dns}"
+        self.dns_server = None if dns else Process([program("pebble-challtestsrv"), "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
                                    "-dns01", f"127.0.0.1:{self.dns}", "-http01", "", "-https01", "",
                                    "-tlsalpn01", "", "-management", f"127.0.0.1:{self.dns_management}"],
                                   tmp_dir / f"challtestsrv-{self.dns}.log")
-        wait_for_port(self.dns_management, self.dns_server.proc)
+        if self.dns_server is not None:
+            wait_for_port(self.dns_management, self.dns_server.proc)
         self.ca = None
         if start:
             self.start()
@@ -93,7 +96,7 @@ class Pebble:
         config.write_text(json.dumps({"pebble": settings}))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0",
                    PEBBLE_VA_ALWAYS_VALID="0")
-        self.ca = Process([program("pebble"), "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns}"],
+        self.ca = Process([program("pebble"), "-config", str(config), "-dnsserver", self.dns_address],
                           self.tmp_dir / f"pebble-{self.port}-{time.monotonic_ns()}.log", env=env)
         wait_for_port(self.port, self.ca.proc)
         wait_for_port(self.management, self.ca.proc)
@@ -115,7 +118,8 @@ class Pebble:
     def stop(self) -> None:
         if self.ca is not None:
             self.ca.stop()
-        self.dns_server.stop()
+        if self.dns_server is not None:
+            self.dns_server.stop()
 
 
 @pytest.fixture

@@ -42,10 +42,9 @@ from gunicorn.workers import base, base_async, ggevent
 from hyperframe.frame import GoAwayFrame
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, connectionpool
 
-from rproxy.forwarding import tunnel
-from rproxy.observability import status_feed
 from rproxy.messages import HEADER_CASE
-from rproxy.server import accesslog, header_case, http2, response_writer, worker
+from rproxy.observability import status_feed
+from rproxy.server import accesslog, header_case, http2, response_writer, sockets, takeover, worker
 from rproxy.upstreams import servers
 
 
@@ -74,8 +73,8 @@ def parsed(head: bytes, peer=("127.0.0.1", 1)) -> message.Request:
 OVERRIDES = [
     (worker.Worker, ggevent.GeventWorker,
      ["init_signals", "run", "timeout_ctx", "handle", "handle_http2", "handle_http2_request",
-      "handle_request", "handle_error"],
-     "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side"),
+      "handle_request", "handle_error", "is_already_handled"],
+     "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side, takeovers"),
     (worker.RequestParser, parser.RequestParser, ["__init__", "__next__"],
      "rproxy/server/worker.py: an idle keep-alive connection's light wait for its next request"),
     (worker.Request, message.Request, ["_parse_fast", "parse_headers"],
@@ -83,7 +82,7 @@ OVERRIDES = [
      "spelling of header names (preserve_header_case)"),
     (worker.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
      "rproxy/server/worker.py: a chunk size judged (413/400) before its data goes upstream"),
-    (worker.Server, StreamServer, ["do_handle"],
+    (worker.Acceptor, StreamServer, ["do_handle"],
      "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
@@ -232,17 +231,17 @@ def test_gunicorn_puts_a_request_fields_value_into_the_environ_as_it_is():
 
 
 def test_the_gevent_worker_starts_its_servers_from_the_module_global():
-    # worker.py: ggevent.StreamServer = Server
+    # worker.py: ggevent.StreamServer = Acceptor
     assert ggevent.GeventWorker.server_class is None and re.search(
         r"server = StreamServer\(s, handle=hfun", source(ggevent.GeventWorker.run)), (
-        "gunicorn's GeventWorker.run no longer builds ggevent.StreamServer: rproxy/server/worker.py's Server "
+        "gunicorn's GeventWorker.run no longer builds ggevent.StreamServer: rproxy/server/worker.py's Acceptor "
         "(one level of C stack less per connection) is not used")
 
 
 def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
-    # worker.py's Server.do_handle reads _spawn, _handle and do_close as gevent's own does.
+    # worker.py's Acceptor.do_handle reads _spawn, _handle and do_close as gevent's own does.
     assert params(BaseServer.do_handle) == ["self", "args"], (
-        "gevent's BaseServer.do_handle changed: rproxy/server/worker.py's Server overrides it")
+        "gevent's BaseServer.do_handle changed: rproxy/server/worker.py's Acceptor overrides it")
     pool = Pool(2)
 
     def handle(sock, address):
@@ -250,13 +249,13 @@ def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
 
     server = StreamServer(("127.0.0.1", 0), handle=handle, spawn=pool)
     assert server._spawn == pool.spawn and server._handle == handle, (
-        "gevent's StreamServer no longer keeps _spawn and _handle: rproxy/server/worker.py's Server.do_handle "
+        "gevent's StreamServer no longer keeps _spawn and _handle: rproxy/server/worker.py's Acceptor.do_handle "
         "cannot start connections")
     assert StreamServer(("127.0.0.1", 0), handle=handle, spawn=None)._spawn is None
     assert params(StreamServer.do_close)[:2] == ["self", "sock"], (
-        "gevent's StreamServer.do_close changed: rproxy/server/worker.py's Server closes a connection it cannot start")
+        "gevent's StreamServer.do_close changed: rproxy/server/worker.py's Acceptor closes a connection it cannot start")
     assert "self.do_handle(*args)" in source(BaseServer._do_read), (
-        "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Server is not used")
+        "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Acceptor is not used")
 
 
 def test_gevent_reports_accept_errors_through_the_hubs_handle_error_attribute():
@@ -313,9 +312,14 @@ def test_gunicorns_connection_loop_calls_the_hooks_where_the_worker_expects():
     assert "except StopIteration" in handle and "self.handle_error(req, client, addr, e)" in handle, (
         "gunicorn's AsyncWorker.handle no longer treats StopIteration as close and other errors via "
         "handle_error: rproxy/app.py's tunnel takeover and rproxy/server/worker.py's 408/429 answers break")
-    assert "except StopIteration:\n            raise" in source(base_async.AsyncWorker.handle_request), (
-        "gunicorn's handle_request no longer lets StopIteration through: a tunnel takeover (rproxy/app.py) "
-        "would be logged as an error")
+    handle_request = source(base_async.AsyncWorker.handle_request)
+    assert "except StopIteration:\n            raise" in handle_request, (
+        "gunicorn's handle_request no longer lets StopIteration through: a takeover (rproxy/server/takeover.py, "
+        "ended by rproxy/server/worker.py's is_already_handled) would be logged as an error")
+    assert re.search(r"respiter = self\.wsgi\(environ, resp\.start_response\)\s*"
+                     r"if self\.is_already_handled\(respiter\):", handle_request), (
+        "gunicorn no longer asks is_already_handled about the app's answer before writing it: a connection "
+        "taken over by a tunnel (rproxy/server/takeover.py) would get a response written over it")
     assert "self.handle_http2(listener, client, addr" in handle, (
         "gunicorn no longer hands HTTP/2 connections to handle_http2: rproxy/server/http2.py is not used")
     assert params(base_async.AsyncWorker._serve_http2_stream) == [
@@ -343,15 +347,15 @@ def test_the_keep_alive_wait_reads_the_parsers_buffer_and_socket():
 
 
 def test_buffered_bytes_behind_an_upgrade_head_are_found_where_the_tunnel_looks():
-    # tunnel.py / status_feed.py: body.reader.unreader.take_buffered() and body.buf
+    # server/takeover.py, for tunnels and the status feed: body.reader.unreader.take_buffered() and body.buf
     req = parsed(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nFRAME")
     assert type(req.body.reader) is body.LengthReader and req.body.reader.length == 0, (
         "gunicorn no longer gives a request without a body a LengthReader of 0: rproxy/server/worker.py's "
         "_nothing_left and rproxy/forwarding/tunnel.py's takeover read it")
     assert not req.body.failed
-    assert tunnel.buffered_client_bytes({"wsgi.input": req.body}) == b"FRAME", (
+    assert takeover.buffered_client_bytes({"wsgi.input": req.body}) == b"FRAME", (
         "the bytes a client sent behind its upgrade head are no longer in gunicorn's unreader buffer: "
-        "rproxy/forwarding/tunnel.py's takeover (and status_feed.py's) would lose them")
+        "rproxy/server/takeover.py would lose them for tunnels and the status feed")
 
 
 # --- gunicorn: the response writers -----------------------------------------
@@ -509,21 +513,22 @@ def test_urllib3s_pool_methods_keep_the_parameters_rproxy_calls():
 
 
 def test_gevent_sockets_keep_the_real_socket_in_sock():
-    # servers.py's _closed_or_stray peeks at conn.sock._sock, non-blocking, without a greenlet switch.
+    # server/sockets.py's readable_now peeks at sock._sock, non-blocking, without a greenlet switch.
     a, b = gevent.socket.socketpair()
     with a, b:
         raw = getattr(a, "_sock", None)
         assert isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0, (
-            "gevent's socket no longer keeps the real, non-blocking socket in _sock: rproxy/upstreams/servers.py's idle "
-            "connection check falls back to urllib3's poll (a greenlet switch per request)")
+            "gevent's socket no longer keeps the real, non-blocking socket in _sock: rproxy/server/sockets.py's idle "
+            "connection check (upstream pools) falls back to urllib3's poll (a greenlet switch per request)")
         with pytest.raises(BlockingIOError):
             raw.recv(1, socket.MSG_PEEK)
         b.sendall(b"x")
         gevent.socket.wait_read(a.fileno(), 5)
         assert raw.recv(1, socket.MSG_PEEK) == b"x"
-    # tunnel.py's _shutdown half-closes a TLS connection's TCP socket with gevent.socket.socket.shutdown.
+        assert sockets.readable_now(a) is True
+    # server/sockets.py's shutdown_tcp half-closes a TLS connection's TCP socket with gevent.socket.socket.shutdown.
     assert issubclass(gevent.ssl.SSLSocket, gevent.socket.socket), (
-        "gevent's SSLSocket is no longer a gevent socket: rproxy/forwarding/tunnel.py's half-close of TLS tunnels breaks")
+        "gevent's SSLSocket is no longer a gevent socket: rproxy/server/sockets.py's half-close of TLS tunnels breaks")
 
 
 # --- the rest: gevent-websocket, gunicorn's logger, the stdlib ------------------

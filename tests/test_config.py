@@ -96,13 +96,40 @@ def test_defaults_apply_when_sections_are_absent(tmp_path):
     (ROUTE + "[server]\nhttps_port = 0\n", "server", "https_port", "not a port number"),
     (ROUTE + "[server]\ntls_min_version = 1.1\n", "server", "tls_min_version", "not one of: 1.2, 1.3"),
     (ROUTE + "[acme]\ncache_dir = /tmp/x\n", "acme", "domains", "is required"),
-    (ROUTE + "[acme]\ndomains = *.example.com\n", "acme", "domains", "a wildcard cannot be validated"),
+    (ROUTE + "[acme]\ndomains = *.example.com\ncache_dir = /tmp/x\n", "acme", "domains",
+     "'*.example.com': a wildcard can only be validated by dns-01: add it to [acme] challenges"),
+    (ROUTE + "[acme]\ndomains = *.*.example.com\n", "acme", "domains", "not a host name"),
     (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\nchallenges = http-01\n", "acme", "challenges",
      "set [server] http_bind"),
-    (ROUTE + "[acme]\ndomains = example.com\nchallenges = dns-01\n", "acme", "challenges",
-     "dns-01 is not supported: use tls-alpn-01 or http-01"),
+    (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\nchallenges = dns-01\n", "acme", "dns_provider",
+     "is required: dns-01 needs it"),
+    (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\ndns_provider = rfc2136\n", "acme", "dns_provider",
+     "is set, but [acme] challenges does not name dns-01"),
+    (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\nchallenges = dns-01\ndns_provider = rfc2136\n",
+     "acme", "dns_server", "is required: dns_provider = rfc2136 needs it"),
+    (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\nchallenges = dns-01\ndns_provider = rfc2136\n"
+             "dns_server = 127.0.0.1:53\ndns_tsig_key_name = k\n", "acme", "dns_tsig_secret",
+     "is required: dns_provider = rfc2136 needs it"),
+    (ROUTE + "[acme]\ndomains = example.com\ncache_dir = /tmp/x\nchallenges = dns-01\ndns_provider = exec\n",
+     "acme", "dns_exec", "is required: dns_provider = exec needs it"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_provider = route53\n", "acme", "dns_provider",
+     "'route53' is not one of: rfc2136, exec"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_server = ns1.example.com\n", "acme", "dns_server",
+     "'ns1.example.com' is not an IP address with an optional port"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_server = 127.0.0.1:99999\n", "acme", "dns_server",
+     "the port must be 1 to 65535"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_tsig_key_name = acme key\n", "acme", "dns_tsig_key_name",
+     "'acme key' is not a DNS name"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_tsig_secret = not*base64\n", "acme", "dns_tsig_secret",
+     "is not base64"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_tsig_algorithm = rot13\n", "acme", "dns_tsig_algorithm",
+     "'rot13' is not one of: hmac-sha256"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_exec = /nonexistent/hook\n", "acme", "dns_exec",
+     "'/nonexistent/hook' is not a file"),
+    (ROUTE + "[acme]\ndomains = example.com\ndns_propagation_timeout = 0s\n", "acme", "dns_propagation_timeout",
+     "must be more than"),
     (ROUTE + "[acme]\ndomains = example.com\nchallenges = tls-sni-01\n", "acme", "challenges",
-     "'tls-sni-01' is not one of: tls-alpn-01, http-01"),
+     "'tls-sni-01' is not one of: tls-alpn-01, http-01, dns-01"),
     (ROUTE + "[acme]\ndomains = example.com\nchallenges = http-01 HTTP-01\n", "acme", "challenges", "twice"),
     (ROUTE + "[acme]\ndomains = example.com\ndirectory = ftp://x\n", "acme", "directory", "not an http(s)://"),
     (ROUTE + "[acme]\ndomains = example.com\nrenew_before = soon\n", "acme", "renew_before",
@@ -143,6 +170,25 @@ def test_readme_reference_matches_the_declarations():
     text = open(readme).read()
     block = text.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->", 1)[0]
     assert block.strip() == config.reference().strip(), "run `rproxy reference` into README.md"
+
+
+def test_acme_dns01_with_rfc2136_and_a_secret_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSIG_SECRET", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+    c = load_text(tmp_path, "[upstream:a]\nservers = 127.0.0.1:1\n[route:r]\nupstream = a\n"
+                            f"[acme]\ndomains = *.example.com example.com\ncache_dir = {tmp_path}/acme\n"
+                            "challenges = dns-01\ndns_provider = rfc2136\ndns_server = 192.0.2.1\n"
+                            "dns_tsig_key_name = rproxy_acme.\ndns_tsig_secret = ${TSIG_SECRET}\n")
+    assert c.acme.domains == ("*.example.com", "example.com")
+    assert c.acme.dns_server == ("192.0.2.1", 53) and c.acme.dns_tsig_key_name == "rproxy_acme"
+    assert c.acme.dns_tsig_secret == "c2VjcmV0LXNlY3JldC1zZWNyZXQ="
+    assert c.acme.dns_tsig_algorithm == "hmac-sha256" and c.acme.dns_propagation_timeout == 120
+
+
+def test_acme_dns_server_takes_ipv6_and_a_port():
+    from rproxy import values
+    assert values.ip_port("[2001:db8::1]:5353") == ("2001:db8::1", 5353)
+    assert values.ip_port("2001:db8::1") == ("2001:db8::1", 53)
+    assert values.ip_port(" 127.0.0.1:5353 ") == ("127.0.0.1", 5353)
 
 
 def test_acme_defaults_and_durations_in_days(tmp_path):

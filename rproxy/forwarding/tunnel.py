@@ -37,6 +37,8 @@ from rproxy.forwarding.exchange import UpstreamResponse, request_head
 from rproxy.messages import Request, Response, clean_response_headers, error_response
 from rproxy.observability import metrics
 from rproxy.server import accesslog
+from rproxy.server.sockets import shutdown_tcp
+from rproxy.server.takeover import TAKEN_OVER, buffered_client_bytes, client_socket
 from rproxy.upstreams.servers import Server
 
 log = logging.getLogger("rproxy.tunnel")
@@ -44,10 +46,6 @@ log = logging.getLogger("rproxy.tunnel")
 MAX_HEAD = 64 * 1024
 CHUNK = 256 * 1024
 GOING_AWAY_GRACE = 2.0
-
-# The body of the Response that says: the connection now belongs to a tunnel.
-TAKEN_OVER = object()
-
 
 class FrameTracker:
     """Follows WebSocket frame boundaries in one direction of a tunnel, so a
@@ -176,7 +174,7 @@ class Tunnel:
         if all(self.eof):
             self.end()
         else:
-            _shutdown(self.socks[1 - direction], socket.SHUT_WR)
+            shutdown_tcp(self.socks[1 - direction], socket.SHUT_WR)
 
     def end(self) -> None:
         """Close both sides, once; write the access-log line."""
@@ -186,7 +184,7 @@ class Tunnel:
         for watcher in self.watchers:
             watcher.stop()
         client, upstream = self.socks
-        _shutdown(client, socket.SHUT_RDWR)
+        shutdown_tcp(client, socket.SHUT_RDWR)
         upstream.close()
         self.keeper.close()  # the client socket really closes once gunicorn let go too
         self.registry.discard(self)
@@ -203,8 +201,8 @@ class Tunnel:
                 _send_quietly(client, close_frame(1001, masked=False))
             if self.trackers[0].at_boundary:
                 _send_quietly(upstream, close_frame(1001, masked=True))
-        _shutdown(client, socket.SHUT_WR)
-        _shutdown(upstream, socket.SHUT_WR)
+        shutdown_tcp(client, socket.SHUT_WR)
+        shutdown_tcp(upstream, socket.SHUT_WR)
 
 
 def _send_all(sock, data: bytes, timeout: float) -> None:
@@ -223,18 +221,6 @@ def _send_all(sock, data: bytes, timeout: float) -> None:
 def _send_quietly(sock, data: bytes) -> None:
     try:
         _send_all(sock, data, 1.0)
-    except OSError:
-        pass
-
-
-def _shutdown(sock, how) -> None:
-    # On a TLS socket, SSLSocket.shutdown() also drops the TLS layer, which
-    # would break the direction still running: shut the TCP socket underneath.
-    try:
-        if isinstance(sock, gevent.socket.socket):
-            gevent.socket.socket.shutdown(sock, how)
-        else:
-            sock.shutdown(how)
     except OSError:
         pass
 
@@ -329,27 +315,14 @@ def switching_head(head: bytes) -> bytes:
     return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 
 
-def buffered_client_bytes(environ) -> bytes:
-    """Bytes the client sent right behind its request head, already read
-    into gunicorn's buffer behind wsgi.input."""
-    body = environ.get("wsgi.input")
-    unreader = getattr(getattr(body, "reader", None), "unreader", None)
-    take = getattr(unreader, "take_buffered", None)
-    data = take() if take else b""
-    pending = getattr(body, "buf", None)
-    if pending is not None and pending.tell():
-        data = pending.getvalue() + data
-    return data
-
-
 def open_tunnel(request: Request, server: Server, forwarder, target: str,
                 headers: dict[str, str]) -> Response:
     """Handle an upgrade request end to end, for `forwarder`'s route: its
     timeouts and tunnels, and its ways of answering errors (`failure`) and
     relaying ordinary responses (`proxied`)."""
     environ = request.environ
-    client = environ.get("gunicorn.socket")
-    if client is None or environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
+    client = client_socket(environ)
+    if client is None:
         return error_response(request, 400, "protocol upgrades need HTTP/1.1")
     if request.has_body:
         return error_response(request, 400, "an upgrade request cannot carry a body")

@@ -3,7 +3,7 @@ WebSocket over which the worker pushes what /status.json says, once a
 second. The page falls back to polling /status.json when the socket drops.
 
 The handshake is answered here; the connection is then taken over from
-gunicorn as a tunnel's is (tunnel.TAKEN_OVER) and served by a greenlet of
+gunicorn as a tunnel's is (server/takeover.py) and served by a greenlet of
 its own, with gevent-websocket's framing. One status is made per interval
 and worker, however many pages watch.
 """
@@ -26,8 +26,9 @@ from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
-from rproxy.forwarding.tunnel import TAKEN_OVER, buffered_client_bytes, close_frame
+from rproxy.forwarding.tunnel import close_frame
 from rproxy.messages import Response, error_response
+from rproxy.server.takeover import TAKEN_OVER, buffered_client_bytes, client_socket
 
 log = logging.getLogger("rproxy.admin")
 
@@ -80,7 +81,7 @@ def handshake_problem(environ) -> tuple[int, str, list] | None:
     if environ.get("HTTP_UPGRADE", "").lower() != "websocket" or "upgrade" not in [
             token.strip().lower() for token in environ.get("HTTP_CONNECTION", "").split(",")]:
         return 426, "the live status feed is a WebSocket", [("Upgrade", "websocket")]
-    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1" or environ.get("gunicorn.socket") is None:
+    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1" or client_socket(environ) is None:
         return 400, "WebSockets need HTTP/1.1", []
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
         return 426, "only WebSocket version 13 is spoken", [("Sec-WebSocket-Version", "13")]
@@ -125,7 +126,7 @@ class StatusFeed:
         if len(self.feeds) >= self.limit or self.stopping:
             return error_response(None, 503, "too many live status feeds in this worker",
                                   [("Retry-After", "5")], environ=environ)
-        sock = environ["gunicorn.socket"]
+        sock = client_socket(environ)
         accept = accept_key(environ["HTTP_SEC_WEBSOCKET_KEY"].strip())
         sock.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode("ascii"))

@@ -22,7 +22,7 @@ And what gunicorn's own per-request and per-connection work costs, trimmed
 where it runs in this process (docs/performance.md): settings read as plain
 attributes, the forwarding trust remembered per address, a keep-alive
 connection's wait for its next request at the top of its stack, holding no
-finished request (RequestParser, Server), the response writer of
+finished request (RequestParser, Acceptor), the response writer of
 response_writer.py.
 
 And no signal sent to a worker is lost while it boots (hold_signals_across_fork).
@@ -54,6 +54,7 @@ from rproxy.messages import BadRequest
 from rproxy.server import header_case, http2, response_writer
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
+from rproxy.server.takeover import TAKEN_OVER
 
 log = logging.getLogger("rproxy.worker")
 
@@ -255,7 +256,7 @@ def _disarm(timer) -> None:
         timer.close()
 
 
-class Server(StreamServer):
+class Acceptor(StreamServer):
     """gevent's, starting each connection's greenlet on the worker's handler
     itself. gevent's own start wraps it in a function that closes the socket
     after (Worker.handle does), called with *args: a level of C stack more
@@ -337,7 +338,7 @@ class Worker(GeventWorker):
             header_case.install(self.cfg)
             Request.keep_case = True
         message.ChunkedReader = ChunkedReader
-        ggevent.StreamServer = Server
+        ggevent.StreamServer = Acceptor
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         settle_settings(self.cfg)
         # gevent records each greenlet's spawning stack and parent for its
@@ -401,6 +402,16 @@ class Worker(GeventWorker):
     def handle_http2_request(self, listener_name, req, sock, addr, h2_conn):
         http2.http1_framing(req)
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
+
+    def is_already_handled(self, respiter) -> bool:
+        # The core took the connection over (server/takeover.py): gunicorn
+        # must neither write to it nor read another request from it, and its
+        # keep-alive loop ignores handle_request's answer, so end the loop as
+        # gunicorn ends it for "close" (its socket object is closed; the new
+        # owner keeps its own reference to the connection).
+        if respiter is TAKEN_OVER:
+            raise StopIteration("connection taken over")
+        return super().is_already_handled(respiter)
 
     def handle_request(self, listener_name, req, sock, addr):
         me = gevent.getcurrent()

@@ -6,7 +6,9 @@ seconds). It registers the account, orders one certificate per domain, and
 writes each certificate with its key into cache_dir in one atomic rename.
 Each order answers the first of `[acme] challenges` that the CA offers and
 the listeners allow: TLS-ALPN-01 on the TLS port (alpn_challenge.py), HTTP-01 on
-the plain-HTTP one (plain_http.py). Every worker serves what it finds there: its
+the plain-HTTP one (plain_http.py), DNS-01 by a TXT record that the DNS
+provider publishes and removes (dns01.py), the CA told to look only once the
+zone's authoritative servers answer it. Every worker serves what it finds there: its
 TLS context store notices the new file within a second (see certificates.py),
 so a renewal reaches all workers without a restart, and open connections
 keep the certificate they started with. Challenge answers (HTTP-01 key
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from rproxy.tls import alpn_challenge, ari, certificates
+from rproxy.tls import alpn_challenge, ari, certificates, dns01
 from rproxy.tls.certificates import CertificateProblem
 
 log = logging.getLogger("rproxy.acme")
@@ -168,6 +170,7 @@ class Manager:
         self.cache = CacheDir(config)
         self.alive = alive
         self.client = None
+        self.dns_provider: dns01.Provider | None = None
         self.failures = {domain: 0 for domain in config.domains}
         self.retry_at = {domain: 0.0 for domain in config.domains}
         # Renewal information: the directory's URL ("" = none offered; None = ask
@@ -318,6 +321,8 @@ class Manager:
         key = certificates.new_key()
         order = client.new_order(crypto_util.make_csr(certificates.key_pem(key), [domain]))
         answers = []  # the files that answer the challenges, removed after the order
+        records = []  # the TXT records that answer dns-01 challenges, removed after the order
+        responses = []
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
@@ -325,13 +330,25 @@ class Manager:
                 kind, challenge = self._choose(domain, authz.body.challenges)
                 name = authz.body.identifier.value
                 response, validation = challenge.response_and_validation(client.net.key, domain=name)
-                if kind == "tls-alpn-01":
+                if kind == "dns-01":
+                    record = (domain, dns01.txt_name(name), validation)
+                    self._dns_provider().present(*record)
+                    records.append(record)
+                elif kind == "tls-alpn-01":
                     path = self.cache.tls_alpn_certificate(name)
                     certificates.write_private(path, validation)
+                    answers.append(path)
                 else:
                     path = self.cache.challenge(challenge.chall.encode("token"))
                     certificates.write_private(path, validation.encode(), mode=0o644)
-                answers.append(path)
+                    answers.append(path)
+                responses.append((challenge, response))
+            if records:
+                # The CA asks once: it must find the record on its first look.
+                dns01.wait_until_visible([(name, value) for _, name, value in records],
+                                         [self.config.dns_server] if self.config.dns_server else None,
+                                         self.config.dns_propagation_timeout, self._sleep, self.alive)
+            for challenge, response in responses:
                 client.answer_challenge(challenge, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
             order = client.poll_and_finalize(order, deadline)
@@ -341,6 +358,11 @@ class Manager:
                     os.unlink(path)
                 except OSError:
                     pass
+            for record in records:
+                try:
+                    self._dns_provider().cleanup(*record)
+                except dns01.DnsProblem as e:
+                    log.warning("acme: %s: could not remove the dns-01 record: %s", domain, e)
         leaf = certificates.parse_chain(order.fullchain_pem.encode(), "the CA's answer")[0]
         if domain not in certificates.names_of(leaf) or not certificates.belongs_to(key, leaf):
             raise RuntimeError(f"the CA's certificate (for {' '.join(certificates.names_of(leaf))}) does "
@@ -350,7 +372,7 @@ class Manager:
     def _choose(self, domain: str, offered):
         """The first of our challenge types that the CA offers: (its name, the challenge)."""
         from acme import challenges
-        kinds = {"tls-alpn-01": _tls_alpn01_challenge(), "http-01": challenges.HTTP01}
+        kinds = {"tls-alpn-01": _tls_alpn01_challenge(), "http-01": challenges.HTTP01, "dns-01": challenges.DNS01}
         for kind in self.challenges:
             challenge = next((c for c in offered if isinstance(c.chall, kinds[kind])), None)
             if challenge is not None:
@@ -358,6 +380,11 @@ class Manager:
         names = " ".join(sorted(str(c.chall.typ) for c in offered)) or "none"
         raise RuntimeError(f"the CA offers no challenge rproxy may answer for {domain} "
                            f"(it offers {names}; usable here: {' '.join(self.challenges)})")
+
+    def _dns_provider(self) -> dns01.Provider:
+        if self.dns_provider is None:
+            self.dns_provider = dns01.provider_for(self.config)
+        return self.dns_provider
 
     def _client(self):
         """The ACME client with a registered account, made again after a failure

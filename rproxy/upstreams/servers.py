@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import socket
 import time
 
 from gevent.lock import Semaphore
@@ -34,6 +33,7 @@ from urllib3.util.connection import is_connection_dropped
 from rproxy.config import UpstreamConfig
 from rproxy.messages import Request, header_environ_key
 from rproxy.observability import metrics
+from rproxy.server.sockets import readable_now
 from rproxy.upstreams import client_tls
 from rproxy.upstreams.balancing import POLICIES, ConsistentHash
 from rproxy.upstreams.breaker import Breaker, State
@@ -118,16 +118,8 @@ def _closed_or_stray(conn) -> bool:
     """Has an idle connection become readable: closed by the upstream
     (EOF, reset) or holding bytes nobody asked for? Either way it cannot
     carry the next request."""
-    raw = getattr(conn.sock, "_sock", None)  # gevent's socket: the real one, non-blocking
-    if raw is None:
-        return is_connection_dropped(conn)
-    try:
-        raw.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
+    readable = readable_now(conn.sock)
+    return is_connection_dropped(conn) if readable is None else readable
 
 
 class ServerPool(_QuietSurplus, HTTPConnectionPool):

@@ -1,0 +1,44 @@
+"""What the core does to gevent sockets below their public interface.
+
+Two things, both measured or needed for correctness: peeking at an idle
+upstream connection without a greenlet switch (the pool's check before each
+reuse), and half-closing the TCP connection under a TLS socket (a tunnel
+whose one direction ended keeps the other running).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import gevent.socket
+
+
+def readable_now(sock) -> bool | None:
+    """Is this idle socket readable right now: closed by its peer (EOF,
+    reset) or holding bytes nobody asked for? None when it is not a gevent
+    socket, for the caller's slower check. One non-blocking peek on the
+    real socket gevent keeps in `_sock`: no switch to the hub."""
+    raw = getattr(sock, "_sock", None)
+    if raw is None:
+        return None
+    try:
+        raw.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def shutdown_tcp(sock, how: int) -> None:
+    """Shut one direction of the TCP connection. On a TLS socket,
+    SSLSocket.shutdown() would also drop the TLS layer and break the
+    direction still running: gevent's SSLSocket is a gevent socket, whose
+    own shutdown acts on the TCP socket underneath."""
+    try:
+        if isinstance(sock, gevent.socket.socket):
+            gevent.socket.socket.shutdown(sock, how)
+        else:
+            sock.shutdown(how)
+    except OSError:
+        pass

@@ -141,6 +141,12 @@ class ServerConfig:
                                  "The Server header of every response, over HTTP/1.1 and HTTP/2, the "
                                  "proxy's own answers included (the upstream's is never passed on); "
                                  "off = none.")
+    preserve_header_case: bool = setting("no", values.boolean,
+                                         "Send request header names upstream spelled as the HTTP/1.x "
+                                         "client sent them (x-api-key, not X-Api-Key), for upstreams that "
+                                         "depend on it. HTTP/2 clients send lower-case names, which go "
+                                         "upstream as X-Api-Key as ever. Response header names reach "
+                                         "HTTP/1.x clients as the upstream spelled them, either way.")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,9 @@ def clean_response_headers(pairs, connection: str | None, chunked: bool,
 # rproxy's worker puts an HTTP/2 request's :protocol here (no client header
 # can have this name: HTTP/2 field names never start with a colon).
 EXTENDED_CONNECT = "HTTP_:PROTOCOL"
+# And, with [server] preserve_header_case, {X-Api-Key: the client's spelling}
+# here (see server/header_case.py).
+HEADER_CASE = "HTTP_:HEADER_CASE"
 
 
 class BadRequest(Exception):
@@ -114,12 +117,12 @@ class Request:
 
     __slots__ = ("environ", "method", "target", "path", "query", "host", "headers",
                  "peer", "client_ip", "scheme", "request_id", "content_length", "chunked",
-                 "upgrade", "record")
+                 "upgrade", "header_case", "record")
 
     def __init__(self, environ: dict, method: str, target: str, path: str, query: str,
                  host: str, headers: dict[str, str], peer: str, scheme: str,
                  request_id: str, content_length: int | None, chunked: bool,
-                 upgrade: str | None = None):
+                 upgrade: str | None = None, header_case: dict[str, str] | None = None):
         self.environ = environ
         self.method = method
         self.target = target          # canonical origin-form path?query, as sent upstream (target.py)
@@ -134,6 +137,8 @@ class Request:
         self.content_length = content_length
         self.chunked = chunked
         self.upgrade = upgrade        # the Upgrade header, when Connection asks for it
+        # {name in headers: as the client spelled it}, with preserve_header_case
+        self.header_case = header_case
         self.record = record_of(environ)  # what the proxy learns of it, for the log and metrics
 
     @property
@@ -182,6 +187,7 @@ class Request:
         if environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
             # gunicorn marks HTTP/2 requests with HTTP_VERSION; no client sent it.
             drop = drop | {"version"}
+        header_case = environ.pop(HEADER_CASE, None)  # not a header: out of the loop's way
         headers: dict[str, str] = {}
         for key, value in environ.items():
             if key.startswith("HTTP_"):
@@ -227,7 +233,7 @@ class Request:
 
         return cls(environ, method, target, path, query, hostname, headers,
                    environ.get("REMOTE_ADDR", ""), environ.get("wsgi.url_scheme", "http"),
-                   request_id, content_length, chunked, upgrade)
+                   request_id, content_length, chunked, upgrade, header_case)
 
 
 class Response:

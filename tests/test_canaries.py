@@ -42,8 +42,9 @@ from gunicorn.workers import base, base_async, ggevent
 from hyperframe.frame import GoAwayFrame
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, connectionpool
 
+from rproxy.messages import HEADER_CASE
 from rproxy.observability import status_feed
-from rproxy.server import accesslog, http2, response_writer, sockets, takeover, worker
+from rproxy.server import accesslog, header_case, http2, response_writer, sockets, takeover, worker
 from rproxy.upstreams import servers
 
 
@@ -76,8 +77,9 @@ OVERRIDES = [
      "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side, takeovers"),
     (worker.RequestParser, parser.RequestParser, ["__init__", "__next__"],
      "rproxy/server/worker.py: an idle keep-alive connection's light wait for its next request"),
-    (worker.Request, message.Request, ["_parse_fast"],
-     "rproxy/server/worker.py: 431 for a head with too many fields, whatever their count"),
+    (worker.Request, message.Request, ["_parse_fast", "parse_headers"],
+     "rproxy/server/worker.py: 431 for a head with too many fields, whatever their count; the client's "
+     "spelling of header names (preserve_header_case)"),
     (worker.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
      "rproxy/server/worker.py: a chunk size judged (413/400) before its data goes upstream"),
     (worker.Acceptor, StreamServer, ["do_handle"],
@@ -194,6 +196,38 @@ def test_gunicorn_asks_the_module_global_whether_a_peer_may_forward(monkeypatch)
     assert calls[0][2] is config.forwarded_allow_networks() is config.forwarded_allow_networks(), (
         "gunicorn's Config.forwarded_allow_networks() no longer returns one cached list: rproxy/server/worker.py's "
         "trust cache keyed by id(networks) could answer for the wrong list")
+
+
+def test_gunicorns_parsers_hand_over_header_names_as_the_client_spelled_them(monkeypatch):
+    # header_case.py: message._fast_parser_module wrapped; parse_headers given the head's bytes
+    monkeypatch.setattr(message, "_fast_parser_module", message._fast_parser_module)  # restored after
+    monkeypatch.setattr(header_case, "_recording", None)
+    assert params(message._check_fast_parser) == ["cfg"] and message._check_fast_parser(Config()), (
+        "gunicorn's message._check_fast_parser changed, or gunicorn_h1c is not used: "
+        "rproxy/server/header_case.py cannot keep the client's spelling of header names")
+    header_case.install(Config())
+    assert "_fast_parser_module.parse_request(" in source(message.Request._parse_fast), (
+        "gunicorn's Request._parse_fast no longer calls message._fast_parser_module.parse_request: "
+        "rproxy/server/header_case.py's preserve_header_case sends stale or no spellings")
+    req = parsed(b"GET / HTTP/1.1\r\nhost: x\r\nX-api-KEY: k\r\n\r\n")
+    assert req.headers == [("HOST", "x"), ("X-API-KEY", "k")]
+    assert header_case.fast_parsed() == {"Host": "host", "X-Api-Key": "X-api-KEY"}, (
+        "gunicorn_h1c's parse_request no longer gives header names as sent in result['headers']: "
+        "rproxy/server/header_case.py's preserve_header_case is wrong")
+    assert "self.parse_headers(data[:idx], from_trailer=False)" in source(message.Request._parse_python), (
+        "gunicorn's Python parser no longer hands the head's bytes to parse_headers: rproxy/server/worker.py's "
+        "preserve_header_case misses them with http_parser = python")
+
+
+def test_gunicorn_puts_a_request_fields_value_into_the_environ_as_it_is():
+    # header_case.py: the spellings ride in req.headers as the field SPELLINGS (as http2.py's :PROTOCOL)
+    req = parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    spelled = {"Host": "host"}
+    req.headers.append((header_case.SPELLINGS, spelled))
+    _, environ = wsgi.create(req, None, ("127.0.0.1", 1), ("127.0.0.1", 80), Config())
+    assert environ.get(HEADER_CASE) is spelled, (
+        "gunicorn's wsgi.create no longer puts a request field's value into the environ under HTTP_ + its name: "
+        "rproxy/server/header_case.py's spellings never reach the forwarder (preserve_header_case)")
 
 
 def test_the_gevent_worker_starts_its_servers_from_the_module_global():

@@ -49,11 +49,15 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
 
 
 def request_head(method: str, target: str, headers: dict[str, str], chunked: bool = False,
-                 extra: str = "") -> bytes:
+                 extra: str = "", spelled: dict[str, str] | None = None) -> bytes:
     """The request head, ready to send (the values are checked already:
-    see Forwarder._headers)."""
+    see Forwarder._headers). `spelled` gives names another spelling (the
+    client's, with preserve_header_case)."""
     lines = [f"{method} {target} HTTP/1.1\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if spelled:
+        lines += [f"{spelled.get(name, name)}: {value}\r\n" for name, value in headers.items()]
+    else:
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append(extra)

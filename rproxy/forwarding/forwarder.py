@@ -349,7 +349,7 @@ class Forwarder:
             started = time.monotonic()
             try:
                 response = self._exchange(conn, request.method, target, headers, request_body,
-                                          request.chunked)
+                                          request.chunked, request.header_case)
             except ClientError as e:
                 release(reusable=False)  # the upstream got a cut request: never a whole one
                 return self._client_error(request, e)
@@ -398,7 +398,7 @@ class Forwarder:
         body.start()
         return Response(response.status, headers, body, response.reason or None)
 
-    def _exchange(self, conn, method, target, headers, body, chunked):
+    def _exchange(self, conn, method, target, headers, body, chunked, spelled=None):
         """Send the request on urllib3's pooled connection and read the
         response head (see exchange.py)."""
         sock = conn.sock
@@ -408,7 +408,7 @@ class Forwarder:
             sock = conn.sock
         if sock.gettimeout() != self.read_timeout:
             sock.settimeout(self.read_timeout)
-        head = request_head(method, target, headers, chunked)
+        head = request_head(method, target, headers, chunked, spelled=spelled)
         if body is None:
             sock.sendall(head)
         else:

@@ -320,8 +320,11 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         conn.connect()
         upstream = conn.sock
         upstream.settimeout(forwarder.read_timeout)
+        spelled = request.header_case or {}
         upstream.sendall(request_head(request.method, target, headers,
-                                      extra=f"Connection: Upgrade\r\nUpgrade: {request.upgrade}\r\n"))
+                                      extra=f"{spelled.get('Connection', 'Connection')}: Upgrade\r\n"
+                                            f"{spelled.get('Upgrade', 'Upgrade')}: {request.upgrade}\r\n",
+                                      spelled=spelled))
         head, rest = read_head(upstream)
     except Exception as e:
         conn.close()

@@ -51,7 +51,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from rproxy.client_address import Forwarding
 from rproxy.messages import BadRequest
-from rproxy.server import http2, response_writer
+from rproxy.server import header_case, http2, response_writer
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
 from rproxy.server.takeover import TAKEN_OVER
@@ -178,17 +178,29 @@ class Request(message.Request):
     """gunicorn's request head parser, giving a head with too many fields
     the same 431 whatever their count. gunicorn_h1c's parser holds at most
     256 fields and calls a head with more an invalid request (400); only
-    on that error path are the lines counted."""
+    on that error path are the lines counted. With keep_case, the names'
+    spellings go along (header_case.py)."""
+
+    keep_case = False  # [server] preserve_header_case, set once per worker
 
     def _parse_fast(self, unreader, buf):
         try:
-            return super()._parse_fast(unreader, buf)
+            rest = super()._parse_fast(unreader, buf)
         except InvalidRequestLine:
             end = buf.find(b"\r\n\r\n")
             lines = buf.count(b"\r\n", 0, end if end >= 0 else len(buf))
             if lines > self.limit_request_fields:  # the request line's CRLF, and one per field
                 raise LimitRequestHeaders(f"more than {self.limit_request_fields} header fields") from None
             raise
+        if self.keep_case:
+            self.headers.append((header_case.SPELLINGS, header_case.fast_parsed()))
+        return rest
+
+    def parse_headers(self, data, from_trailer=False):
+        headers = super().parse_headers(data, from_trailer)
+        if self.keep_case and not from_trailer:
+            headers.append((header_case.SPELLINGS, header_case.head_parsed(data)))
+        return headers
 
 
 class RequestParser(parser.RequestParser):
@@ -322,6 +334,9 @@ class Worker(GeventWorker):
         response_writer.install(server.server_header)
         gunicorn.http.RequestParser = RequestParser
         ChunkedReader.max_body_size = server.max_body_size
+        if server.preserve_header_case:
+            header_case.install(self.cfg)
+            Request.keep_case = True
         message.ChunkedReader = ChunkedReader
         ggevent.StreamServer = Acceptor
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)

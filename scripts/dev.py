@@ -71,13 +71,26 @@ def run() -> int:
         demo.wait()
 
 
+# Most tests wait on sockets, timers and process start-up rather than on the
+# CPU, so a few pytest-xdist workers share 2 cores well. Whole files go to one
+# worker (module-scoped fixtures are built once, a file's tests run in order).
+TEST_WORKERS = 3
+
+
+def parallel(pytest_args: list[str]) -> list[str]:
+    """pytest-xdist's flags, unless the arguments choose otherwise (-n, -p no:xdist)."""
+    chosen = any(arg in ("-n", "--numprocesses", "no:xdist") or arg.startswith(("-n", "--numprocesses="))
+                 for arg in pytest_args)
+    return [] if chosen else ["-n", str(TEST_WORKERS), "--dist", "loadfile"]
+
+
 def test(pytest_args: list[str]) -> int:
     ensure_venv("[test]")
     if "--quick" in pytest_args:
         pytest_args = [arg for arg in pytest_args if arg != "--quick"] + ["-m", "not process"]
     else:
         ensure_programs(TEST_PROGRAMS)
-    code = subprocess.call([str(BIN / "python"), "-m", "pytest", *pytest_args], cwd=ROOT)
+    code = subprocess.call([str(BIN / "python"), "-m", "pytest", *parallel(pytest_args), *pytest_args], cwd=ROOT)
     if code == 5:
         say("pytest collected no tests: that is a failure here, not a pass")
         return 1

@@ -27,10 +27,23 @@ BIN = Path(sys.executable).parent
 GUNICORN = str(BIN / "gunicorn")
 
 
+# Under pytest-xdist each worker process takes only the free ports that are
+# its own modulo the number of workers: two workers never pick the same port
+# in the moment between picking it and a server binding it, nor does one
+# start a server on a port another's test keeps as a dead address.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_SHARE = int(_WORKER.removeprefix("gw") or 0) % _WORKERS
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(50 * _WORKERS):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port % _WORKERS == _SHARE:
+            return port
+    raise RuntimeError(f"no free port of worker {_WORKER}'s share after {50 * _WORKERS} tries")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -338,19 +351,36 @@ def redis_server(tmp_path):
     started.stop_all()
 
 
+_hardening_rows: list[tuple[str, str, str]] = []
+# Under pytest-xdist: each worker's rows, by worker id, collected by the controller.
+_worker_rows: dict[str, list] = {}
+
+
 @pytest.fixture(scope="session")
 def hardening_record():
     """Rows of docs/hardening.md's table, as this run found them: each test
     that attacks the proxy adds (what was tried, how many, what happened).
     Written to test-artifacts/hardening.md at the end of the run."""
-    rows: list[tuple[str, str, str]] = []
-    yield rows.append
+    return _hardening_rows.append
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller writes the table
+        workeroutput["hardening"] = [list(row) for row in _hardening_rows]
+        return
+    rows = _hardening_rows + [tuple(row) for worker in sorted(_worker_rows) for row in _worker_rows[worker]]
     if rows:
         out = REPO / "test-artifacts" / "hardening.md"
         out.parent.mkdir(exist_ok=True)
         lines = ["| what was tried | how many | what happened |", "|---|---|---|"]
         lines += [f"| {what} | {count} | {result} |" for what, count, result in rows]
         out.write_text("\n".join(lines) + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _worker_rows[node.gateway.id] = getattr(node, "workeroutput", {}).get("hardening", [])
 
 
 # The fixtures that start servers (and those that start tools from apt);

@@ -4,7 +4,8 @@
                                    on :8081 and rproxy on :8080 (conf/rproxy.ini)
     python3 scripts/dev.py test    install into .venv with the test extras and
                                    the system packages the tests use, run pytest
-                                   (extra arguments go to pytest)
+                                   on 3 pytest-xdist workers (extra arguments go
+                                   to pytest; -n 0 runs in one process)
     python3 scripts/dev.py test --quick
                                    the fast tier: in-process tests only (parsing,
                                    framing, rules, config), no servers started,
@@ -71,9 +72,10 @@ def run() -> int:
         demo.wait()
 
 
-# Most tests wait on sockets, timers and process start-up rather than on the
-# CPU, so a few pytest-xdist workers share 2 cores well. Whole files go to one
-# worker (module-scoped fixtures are built once, a file's tests run in order).
+# The process tests wait on sockets, timers and process start-up rather than
+# on the CPU, so a few pytest-xdist workers share 2 cores well. Whole files go
+# to one worker (module-scoped fixtures are built once, a file's tests run in
+# order). The fast tier is CPU-bound and in-process: it runs in one.
 TEST_WORKERS = 3
 
 
@@ -90,7 +92,8 @@ def test(pytest_args: list[str]) -> int:
         pytest_args = [arg for arg in pytest_args if arg != "--quick"] + ["-m", "not process"]
     else:
         ensure_programs(TEST_PROGRAMS)
-    code = subprocess.call([str(BIN / "python"), "-m", "pytest", *parallel(pytest_args), *pytest_args], cwd=ROOT)
+        pytest_args = parallel(pytest_args) + pytest_args
+    code = subprocess.call([str(BIN / "python"), "-m", "pytest", *pytest_args], cwd=ROOT)
     if code == 5:
         say("pytest collected no tests: that is a failure here, not a pass")
         return 1

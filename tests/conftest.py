@@ -351,26 +351,26 @@ def redis_server(tmp_path):
     started.stop_all()
 
 
-_hardening_rows: list[tuple[str, str, str]] = []
-# Under pytest-xdist: each worker's rows, by worker id, collected by the controller.
-_worker_rows: dict[str, list] = {}
+# (test file, row) of this process; an xdist controller adds its workers'.
+_hardening_rows: list[tuple[str, tuple[str, str, str]]] = []
 
 
-@pytest.fixture(scope="session")
-def hardening_record():
+@pytest.fixture
+def hardening_record(request):
     """Rows of docs/hardening.md's table, as this run found them: each test
     that attacks the proxy adds (what was tried, how many, what happened).
     Written to test-artifacts/hardening.md at the end of the run."""
-    return _hardening_rows.append
+    return lambda row: _hardening_rows.append((request.path.name, tuple(row)))
 
 
 def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: the controller writes the table
-        workeroutput["hardening"] = [list(row) for row in _hardening_rows]
+        workeroutput["hardening"] = [[name, list(row)] for name, row in _hardening_rows]
         return
-    rows = _hardening_rows + [tuple(row) for worker in sorted(_worker_rows) for row in _worker_rows[worker]]
-    if rows:
+    if _hardening_rows:
+        # By file, then in the order the tests ran: the same table whichever worker ran which file.
+        rows = [row for _, row in sorted(_hardening_rows, key=lambda entry: entry[0])]
         out = REPO / "test-artifacts" / "hardening.md"
         out.parent.mkdir(exist_ok=True)
         lines = ["| what was tried | how many | what happened |", "|---|---|---|"]
@@ -380,7 +380,7 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    _worker_rows[node.gateway.id] = getattr(node, "workeroutput", {}).get("hardening", [])
+    _hardening_rows.extend((name, tuple(row)) for name, row in getattr(node, "workeroutput", {}).get("hardening", []))
 
 
 # The fixtures that start servers (and those that start tools from apt);
@@ -390,7 +390,17 @@ PROCESS_FIXTURES = frozenset({"start_proxy", "start_upstream", "upstream", "redi
                               "ws_upstream", "aio_upstream", "start_starting_proxy", "unit"})
 
 
+# The files that took longest (--durations): under pytest-xdist, which hands
+# whole files to workers in collection order, they go first, so that none
+# starts late and runs alone at the end.
+LONGEST_FIRST = ("test_reload.py", "test_client_limits.py", "test_websocket.py", "test_acme.py",
+                 "test_http2.py", "test_packaging.py", "test_middleware.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if PROCESS_FIXTURES.intersection(item.fixturenames):
             item.add_marker(pytest.mark.process)
+    if _WORKERS > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

@@ -4,7 +4,8 @@
                                    on :8081 and rproxy on :8080 (conf/rproxy.ini)
     python3 scripts/dev.py test    install into .venv with the test extras and
                                    the system packages the tests use, run pytest
-                                   (extra arguments go to pytest)
+                                   on 3 pytest-xdist workers (extra arguments go
+                                   to pytest; -n 0 runs in one process)
     python3 scripts/dev.py test --quick
                                    the fast tier: in-process tests only (parsing,
                                    framing, rules, config), no servers started,
@@ -72,12 +73,27 @@ def run() -> int:
         demo.wait()
 
 
+# The process tests wait on sockets, timers and process start-up rather than
+# on the CPU, so a few pytest-xdist workers share 2 cores well. Whole files go
+# to one worker (module-scoped fixtures are built once, a file's tests run in
+# order). The fast tier is CPU-bound and in-process: it runs in one.
+TEST_WORKERS = 3
+
+
+def parallel(pytest_args: list[str]) -> list[str]:
+    """pytest-xdist's flags, unless the arguments choose otherwise (-n, -p no:xdist)."""
+    chosen = any(arg in ("-n", "--numprocesses", "no:xdist") or arg.startswith(("-n", "--numprocesses="))
+                 for arg in pytest_args)
+    return [] if chosen else ["-n", str(TEST_WORKERS), "--dist", "loadfile"]
+
+
 def test(pytest_args: list[str]) -> int:
     ensure_venv("[test]")
     if "--quick" in pytest_args:
         pytest_args = [arg for arg in pytest_args if arg != "--quick"] + ["-m", "not process"]
     else:
         ensure_programs(TEST_PROGRAMS)
+        pytest_args = parallel(pytest_args) + pytest_args
     code = subprocess.call([str(BIN / "python"), "-m", "pytest", *pytest_args], cwd=ROOT)
     if code == 5:
         say("pytest collected no tests: that is a failure here, not a pass")

@@ -27,10 +27,23 @@ BIN = Path(sys.executable).parent
 GUNICORN = str(BIN / "gunicorn")
 
 
+# Under pytest-xdist each worker process takes only the free ports that are
+# its own modulo the number of workers: two workers never pick the same port
+# in the moment between picking it and a server binding it, nor does one
+# start a server on a port another's test keeps as a dead address.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_SHARE = int(_WORKER.removeprefix("gw") or 0) % _WORKERS
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(50 * _WORKERS):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port % _WORKERS == _SHARE:
+            return port
+    raise RuntimeError(f"no free port of worker {_WORKER}'s share after {50 * _WORKERS} tries")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -384,19 +397,36 @@ def redis_cluster(tmp_path):
         started.stop_all()
 
 
-@pytest.fixture(scope="session")
-def hardening_record():
+# (test file, row) of this process; an xdist controller adds its workers'.
+_hardening_rows: list[tuple[str, tuple[str, str, str]]] = []
+
+
+@pytest.fixture
+def hardening_record(request):
     """Rows of docs/hardening.md's table, as this run found them: each test
     that attacks the proxy adds (what was tried, how many, what happened).
     Written to test-artifacts/hardening.md at the end of the run."""
-    rows: list[tuple[str, str, str]] = []
-    yield rows.append
-    if rows:
+    return lambda row: _hardening_rows.append((request.path.name, tuple(row)))
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller writes the table
+        workeroutput["hardening"] = [[name, list(row)] for name, row in _hardening_rows]
+        return
+    if _hardening_rows:
+        # By file, then in the order the tests ran: the same table whichever worker ran which file.
+        rows = [row for _, row in sorted(_hardening_rows, key=lambda entry: entry[0])]
         out = REPO / "test-artifacts" / "hardening.md"
         out.parent.mkdir(exist_ok=True)
         lines = ["| what was tried | how many | what happened |", "|---|---|---|"]
         lines += [f"| {what} | {count} | {result} |" for what, count, result in rows]
         out.write_text("\n".join(lines) + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _hardening_rows.extend((name, tuple(row)) for name, row in getattr(node, "workeroutput", {}).get("hardening", []))
 
 
 # The fixtures that start servers (and those that start tools from apt);
@@ -407,7 +437,17 @@ PROCESS_FIXTURES = frozenset({"start_proxy", "start_upstream", "upstream", "redi
                               "ws_upstream", "aio_upstream", "start_starting_proxy", "unit"})
 
 
+# The files that took longest (--durations): under pytest-xdist, which hands
+# whole files to workers in collection order, they go first, so that none
+# starts late and runs alone at the end.
+LONGEST_FIRST = ("test_reload.py", "test_client_limits.py", "test_websocket.py", "test_acme.py",
+                 "test_http2.py", "test_packaging.py", "test_middleware.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if PROCESS_FIXTURES.intersection(item.fixturenames):
             item.add_marker(pytest.mark.process)
+    if _WORKERS > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

@@ -25,7 +25,8 @@ from rproxy.middleware import compose
 from rproxy.middleware.security_headers import SecurityHeaders
 from rproxy.observability import metrics
 from rproxy.observability.admin import Admin
-from rproxy.record import KEY as RECORD, RequestRecord
+from rproxy.record import KEY as RECORD
+from rproxy.record import RequestRecord
 from rproxy.routing import Router
 from rproxy.server.lingering_close import LingeringClose
 from rproxy.server.plain_http import PlainHttp

@@ -29,10 +29,10 @@ import time
 import gevent
 from urllib3.exceptions import EmptyPoolError
 
-from rproxy.config import RouteConfig, ServerConfig
+from rproxy.config.sections import RouteConfig, ServerConfig
 from rproxy.forwarding.errors import (
-    BodyTimeout,
     EXCHANGE_FAILURES,
+    BodyTimeout,
     BodyTooLarge,
     ClientError,
     ClientGone,

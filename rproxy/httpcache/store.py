@@ -103,7 +103,6 @@ class MemoryStore:
 
 class RedisStore:
     def __init__(self, url: str, timeout: float, retention: Retention | None = None):
-        import redis
         self.retention = retention or Retention()
         self.redis = redis_client(url, timeout)
         self.prefix = "rproxy:cache:"

@@ -45,7 +45,7 @@ def txt_name(domain: str) -> str:
 
 
 def provider_for(config) -> Provider:
-    """The provider `[acme] dns_provider` names (config.py has checked its keys)."""
+    """The provider `[acme] dns_provider` names (the config loader has checked its keys)."""
     if config.dns_provider == "rfc2136":
         return Rfc2136(config.dns_server, config.dns_tsig_key_name, config.dns_tsig_algorithm,
                        config.dns_tsig_secret, config.dns_zone)

@@ -30,7 +30,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ClosedPoolError, EmptyPoolError
 from urllib3.util.connection import is_connection_dropped
 
-from rproxy.config import UpstreamConfig
+from rproxy.config.sections import UpstreamConfig
 from rproxy.messages import Request, header_environ_key
 from rproxy.observability import metrics
 from rproxy.server.sockets import readable_now

@@ -121,6 +121,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self._progress = Event()
         self._loop = get_hub().loop
         self.serving: dict = {}      # stream id -> the greenlet serving it
+        self._holding = False        # frames are queued in h2, not written yet
         self._writer = None          # the greenlet writing to the socket now
         self._cut_after_write: dict = {}  # greenlet -> stream id
 
@@ -204,7 +205,26 @@ class ConcurrentConnection(HTTP2ServerConnection):
         progress, self._progress = self._progress, Event()
         progress.set()
 
+    def queue_response_headers(self, stream_id, status, headers) -> bool:
+        """As send_response_headers, but the HEADERS frame stays in h2's
+        buffer until the next write (the response's first DATA frame, or
+        flush()): a small response goes out in one send, one TLS record,
+        instead of one per frame. Nothing yields in between, so no other
+        greenlet's write is held back by it."""
+        self._holding = True
+        try:
+            return self.send_response_headers(stream_id, status, headers)
+        finally:
+            self._holding = False
+
+    def flush(self) -> None:
+        """Write what h2 has queued (frames held by queue_response_headers)."""
+        if not self._closed:
+            self._send_pending_data()
+
     def _send_pending_data(self):
+        if self._holding:
+            return
         # h2 queues frames in order; taking them and writing them under one
         # lock keeps them in that order on the wire.
         me = getcurrent()

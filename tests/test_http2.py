@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import time
 
+import h2.events
 import httpx
 import pytest
 from conftest import BIN, free_port, single_route
@@ -361,7 +362,6 @@ def test_reload_finishes_the_streams_in_flight(h2_proxy, certs):
 
 def _frames_of(conn: RawH2, stream_id: int) -> list:
     """The h2 events of one stream until it ends or is reset."""
-    import h2.events
     seen = []
     while not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) for e in seen):
         data = conn.sock.recv(65536)
@@ -378,7 +378,6 @@ def _frames_of(conn: RawH2, stream_id: int) -> list:
 def test_a_response_ends_with_its_last_data_frame_and_bodiless_ones_with_their_headers(start_proxy, upstream):
     # No empty DATA frame just to say "end": the frame that completes the
     # Content-Length carries END_STREAM; heads without a body still end.
-    import h2.events
     proxy = start_proxy(single_route(upstream.port), server={"http2": "yes", "http2_cleartext": "yes"})
     conn = RawH2(proxy.port)
     try:
@@ -393,7 +392,8 @@ def test_a_response_ends_with_its_last_data_frame_and_bodiless_ones_with_their_h
         assert all(e.data for e in body) and body[-1].stream_ended is not None
 
         chunked = _frames_of(conn, conn.request("GET", "/bytes?n=1000&chunked=1"))
-        assert b"".join(e.data for e in chunked if isinstance(e, h2.events.DataReceived)) == b"".join(pattern_bytes(1000))
+        data = b"".join(e.data for e in chunked if isinstance(e, h2.events.DataReceived))
+        assert data == b"".join(pattern_bytes(1000))
 
         for method, path, status in (("HEAD", "/head", 200), ("GET", "/status/304", 304),
                                      ("GET", "/status/204", 204)):

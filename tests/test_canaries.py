@@ -87,8 +87,10 @@ OVERRIDES = [
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
      "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header"),
-    (response_writer.HTTP2Response, http2_response.HTTP2Response, ["process_headers", "send_headers"],
-     "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, and the application's Date or its own"),
+    (response_writer.HTTP2Response, http2_response.HTTP2Response,
+     ["process_headers", "send_headers", "write", "_emit_body"],
+     "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, the application's Date or its own, "
+     "a small response in one send"),
     (http2.ConcurrentConnection, h2_connection.HTTP2ServerConnection,
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
       "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
@@ -407,6 +409,18 @@ def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does(
     assert "date" in util.hop_headers and "is_hoppish" in source(GUNICORN_RESPONSE.process_headers), (
         "gunicorn's Response.process_headers no longer drops Date: rproxy/server/response_writer.py's "
         "HTTP2Response would send it twice")
+    # A DATA frame that completes the Content-Length ends the stream: write()
+    # counts `sent` before _emit_body, and close() ends no stream twice.
+    write = source(GUNICORN_RESPONSE.write)
+    assert write.index("self.sent += tosend") < write.index("self._emit_body(arg)"), (
+        "gunicorn's Response.write no longer counts sent before _emit_body(): rproxy/server/response_writer.py's "
+        "HTTP2Response would end a stream early or never")
+    close = source(http2_response.HTTP2Response.close)
+    assert close.index("if self._stream_ended:") < close.index("end_stream("), (
+        "gunicorn's HTTP2Response.close no longer skips an ended stream: rproxy/server/response_writer.py's "
+        "HTTP2Response ends it with its last DATA frame")
+    assert 'getattr(self, "trailers", None)' in close, (
+        "gunicorn's HTTP2Response keeps trailers elsewhere: rproxy/server/response_writer.py reads self.trailers")
 
 
 # --- gunicorn's HTTP/2 connection, as rproxy/server/http2.py drives it ----------------

@@ -213,6 +213,20 @@ def start_upstream(tmp_path):
     started.stop_all()
 
 
+# gunicorn 27 stops its control server around every fork; on Python 3.11 a
+# control client still connected then (gunicornc right after `reload`) leaves
+# asyncio's "Exception in callback ... CancelledError" from gunicorn/ctl/server.py
+# in the log (asyncio asks the cancelled handler task for its exception;
+# Python 3.12 checks first). gunicorn's, not rproxy's: only that block is let pass.
+_GUNICORN_CTL_CANCELLED = re.compile(r"Exception in callback StreamReaderProtocol\.connection_made\.<locals>\.callback"
+                                     r".*?\nasyncio\.exceptions\.CancelledError\n", re.S)
+
+
+def own_log(log: str) -> str:
+    """The proxy's log without the one traceback gunicorn itself may leave."""
+    return _GUNICORN_CTL_CANCELLED.sub(lambda m: "" if "gunicorn/ctl/server.py" in m.group(0) else m.group(0), log)
+
+
 @pytest.fixture
 def start_proxy(tmp_path):
     started = Started(lambda ini, **kwargs: Proxy(tmp_path, ini, **kwargs))
@@ -220,7 +234,7 @@ def start_proxy(tmp_path):
     started.stop_all()
     for proxy in started:
         # Whatever a test did, the proxy never logs a traceback.
-        assert "Traceback" not in proxy.log(), proxy.log()
+        assert "Traceback" not in own_log(proxy.log()), proxy.log()
 
 
 class Certificates:

@@ -30,7 +30,9 @@ GUNICORN = str(BIN / "gunicorn")
 # Under pytest-xdist each worker process takes only the free ports that are
 # its own modulo the number of workers: two workers never pick the same port
 # in the moment between picking it and a server binding it, nor does one
-# start a server on a port another's test keeps as a dead address.
+# start a server on a port another's test keeps as a dead address. Shares
+# go by port // 2: Linux hands out ports of one parity to bind(0), so a plain
+# modulo would leave every other worker none when their count is even.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _SHARE = int(_WORKER.removeprefix("gw") or 0) % _WORKERS
@@ -41,7 +43,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port % _WORKERS == _SHARE:
+        if port // 2 % _WORKERS == _SHARE:
             return port
     raise RuntimeError(f"no free port of worker {_WORKER}'s share after {50 * _WORKERS} tries")
 

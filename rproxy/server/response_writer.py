@@ -11,22 +11,14 @@ server_header`, or none, chosen once per worker (install()).
 
 from __future__ import annotations
 
-import re
 import time
 from email.utils import formatdate
 
-from gunicorn import util
-from gunicorn.http import message, wsgi
+from gunicorn.http import wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
 
 _date = [0, ""]
-# gunicorn's rules: names are tokens, values printable (or tab, space, obs-text).
-_valid_names = re.compile(r"(?:%s\n)+" % message.TOKEN_RE.pattern).fullmatch
-_valid_values = wsgi.HEADER_VALUE_RE.fullmatch
-# What gunicorn's writer drops (hop-by-hop, and Server: its own goes out),
-# Content-Length, which it reads, and Date, which it keeps.
-_SPECIAL = frozenset(util.hop_headers) | {"content-length"}
 
 
 # The Server header line (HTTP/1.x) and field (HTTP/2), or none: install().
@@ -45,6 +37,15 @@ def install(server_header: str) -> None:
     base_async.HTTP2Response = HTTP2Response
 
 
+def _first_date(headers) -> str | None:
+    """The application's Date (the first, if it set several), which gunicorn
+    drops with the hop-by-hop fields: the writer puts it back."""
+    for name, value in headers:
+        if len(name) == 4 and name.lower() == "date":
+            return value.strip(" \t")
+    return None
+
+
 def http_date() -> str:
     second = int(time.time())
     if second != _date[0]:
@@ -58,37 +59,11 @@ class Response(wsgi.Response):
         super().__init__(req, sock, cfg)
         self._held_head: bytes | None = None
         self._holding = False
-        self._has_date = False
+        self._date: str | None = None  # the application's, kept (a cached response's stored Date)
 
     def process_headers(self, headers):
-        try:
-            names = "\n".join([name for name, _ in headers]) + "\n"
-            values = "\t".join([value for _, value in headers])
-        except TypeError:
-            names = values = None
-        if names is None or not headers or not _valid_names(names) or not _valid_values(values):
-            return super().process_headers(headers)  # raises naming the header at fault
-        kept = self.headers
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _SPECIAL:
-                value = value.strip(" \t")
-                if lname == "content-length":
-                    self.response_length = int(value)
-                elif lname == "date":
-                    if self._has_date:
-                        continue  # one Date: the first
-                    self._has_date = True
-                else:
-                    if lname == "connection":
-                        if value.lower() == "upgrade":
-                            self.upgrade = True
-                    elif lname == "upgrade" and value.lower() == "websocket":
-                        kept.append((name, value))
-                    continue
-                kept.append((name, value))
-            else:
-                kept.append((name, value.strip(" \t")))
+        super().process_headers(headers)  # validates each field; drops hop-by-hop ones, Server and Date
+        self._date = _first_date(headers)
 
     def default_headers(self):
         if self.upgrade:
@@ -99,7 +74,7 @@ class Response(wsgi.Response):
             connection = "keep-alive"
         version = self.req.version
         headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n", _server_line,
-                   "" if self._has_date else f"Date: {http_date()}\r\n", f"Connection: {connection}\r\n"]
+                   f"Date: {self._date or http_date()}\r\n", f"Connection: {connection}\r\n"]
         if self.chunked:
             headers.append("Transfer-Encoding: chunked\r\n")
         return headers
@@ -152,7 +127,7 @@ class HTTP2Response(http2_response.HTTP2Response):
 
     def process_headers(self, headers):
         super().process_headers(headers)  # drops Server and Date as it does over HTTP/1
-        self._date = next((value.strip(" \t") for name, value in headers if name.lower() == "date"), None)
+        self._date = _first_date(headers)
 
     def send_headers(self):
         if self.headers_sent:

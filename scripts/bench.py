@@ -5,6 +5,7 @@ gunicorn worker and other Python proxies, measured in one run.
                                               rproxy into .venv and the peers into .bench-venv
     python3 scripts/bench.py                  the comparison table, then feature costs
     python3 scripts/bench.py --only table     just the table (throughput, p99, memory)
+    python3 scripts/bench.py --only cache     cached hits beside hello and nginx proxy_cache
     python3 scripts/bench.py --compare REF    add rproxy as of git REF beside today's (A/B, repeatable)
     python3 scripts/bench.py --profile 10     py-spy on the rproxy worker under load
     python3 scripts/bench.py --soak 10        mixed load for 10 minutes, RSS and fds sampled
@@ -26,6 +27,9 @@ fixed rate (`--rate`, wrk pacing each connection); and memory per idle
 keep-alive client and per held streaming response (RSS growth of the worker
 with `--memory-clients` connections, divided by their number), and whether
 `--many-clients` keep-alive clients on one rproxy worker all get answers.
+
+Cached hits (`--only cache`, bench_cache.py): memory hits of 100 B beside
+hello, disk and memory hits of 1 MiB beside nginx's proxy_cache.
 
 Feature costs (middleware, metrics and JSON logs, tunnels, HTTPS/HTTP/2)
 follow, each beside nginx or beside rproxy with the feature off.
@@ -62,7 +66,7 @@ from bench_common import (
 )
 from bench_memory import many_clients, per_connection_kib
 
-SECTIONS = ("table", "middleware", "observability", "tunnels", "tls")
+SECTIONS = ("table", "cache", "middleware", "observability", "tunnels", "tls")
 
 
 def ensure_tools() -> None:
@@ -279,6 +283,9 @@ def main() -> int:
         for section in chosen:
             if section == "table":
                 run_table(tmp, args)
+            elif section == "cache":
+                from bench_cache import run_cache
+                run_cache(tmp, args)
             elif section == "tls":
                 from bench_tls import run_tls
                 run_tls(tmp, args)

@@ -176,9 +176,10 @@ def start_upstream(tmp: Path, port: int) -> Service:
     www.mkdir(exist_ok=True)
     for name, size in BODIES.items():
         (www / name).write_bytes(b"x" * size)
-    # /nostore/ serves the same files, marked uncacheable.
+    # /nostore/ serves the same files, marked uncacheable; /cached/ fresh for 10 minutes.
     block = (f"server {{ listen 127.0.0.1:{port} backlog=4096; root {www}; "
-             f"location /nostore/ {{ alias {www}/; add_header Cache-Control no-store; }} }}")
+             f"location /nostore/ {{ alias {www}/; add_header Cache-Control no-store; }} "
+             f"location /cached/ {{ alias {www}/; add_header Cache-Control max-age=600; }} }}")
     service = nginx(tmp, f"upstream-{port}", 1, block, "load")
     wait_port(port)
     return service

@@ -64,7 +64,8 @@ class RawH2:
         if body:
             self.conn.send_data(stream_id, body, end_stream=end)
         self.flush()
-        self.streams[stream_id] = {"status": None, "headers": [], "body": b"", "reset": None, "ended": False}
+        self.streams[stream_id] = {"status": None, "headers": [], "body": b"", "reset": None, "ended": False,
+                                   "interim": []}
         return stream_id
 
     def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
@@ -89,7 +90,8 @@ class RawH2:
         return events
 
     def response(self, stream_id: int) -> dict:
-        """Read until the stream ends or is reset: status, headers, body, reset."""
+        """Read until the stream ends or is reset: status, headers, body, reset,
+        and the interim (1xx) answers' headers."""
         state = self.streams[stream_id]
         while not state["ended"] and state["reset"] is None:
             data = self.sock.recv(65536)
@@ -99,7 +101,9 @@ class RawH2:
                 s = self.streams.get(getattr(event, "stream_id", None))
                 if s is None:
                     continue
-                if isinstance(event, h2.events.ResponseReceived):
+                if isinstance(event, h2.events.InformationalResponseReceived):
+                    s["interim"].append(list(event.headers))
+                elif isinstance(event, h2.events.ResponseReceived):
                     s["headers"] = list(event.headers)
                     s["status"] = int(dict(event.headers)[":status"])
                 elif isinstance(event, h2.events.DataReceived):

@@ -12,13 +12,13 @@ from rproxy.forwarding.exchange import UnsupportedCoding, UpstreamResponse, requ
 from rproxy.forwarding.forwarder import response_headers
 
 
-def answer(raw: bytes, method: str = "GET", close: bool = True):
+def answer(raw: bytes, method: str = "GET", close: bool = True, interim=None):
     ours, theirs = socket.socketpair()
     theirs.sendall(raw)
     if close:
         theirs.close()
     ours.settimeout(2)
-    return UpstreamResponse(ours, method)
+    return UpstreamResponse(ours, method, interim=interim)
 
 
 def body(response: UpstreamResponse, n: int = 7) -> bytes:
@@ -48,6 +48,15 @@ def test_interim_answers_are_skipped():
                       b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
     assert response.status == 201
     assert body(response) == b"ok"
+
+
+def test_interim_answers_are_shown_to_the_caller_in_order():
+    seen = []
+    response = answer(b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                      interim=lambda status, headers: seen.append((status, list(headers))))
+    assert seen == [(102, []), (103, [("Link", "</a>")])]
+    assert response.status == 200 and body(response) == b"ok"
 
 
 @pytest.mark.parametrize("status, method", [(204, "GET"), (304, "GET"), (200, "HEAD")])

@@ -9,8 +9,9 @@ fifth of the proxy's CPU per request:
 
 - the request head goes out in one send;
 - the response head is read into one buffer (read_head, the tunnel's reader
-  too) and split by hand; 1xx interim answers (100 Continue, 103 Early
-  Hints) are skipped;
+  too) and split by hand; 1xx interim answers (100 Continue, 102, 103 Early
+  Hints) are skipped, each shown to `interim` first (early_hints.py passes
+  103s on to the client);
 - the body is framed as RFC 9112 section 6.3 says (none for HEAD, 1xx, 204
   and 304; chunked; Content-Length; else until the upstream closes) and read
   as it arrives, in pieces of up to `n` bytes.
@@ -103,9 +104,10 @@ class UpstreamResponse:
     __slots__ = ("sock", "status", "reason", "version", "headers", "chunked", "will_close",
                  "_buffer", "_left", "_chunk_left", "_done")
 
-    def __init__(self, sock, method: str, buffered: bytes = b""):
+    def __init__(self, sock, method: str, buffered: bytes = b"", interim=None):
         """Read the head from `sock` (after `buffered`, bytes of it already
-        read)."""
+        read); `interim(status, headers)` is called for each 1xx before the
+        final answer."""
         self.sock = sock
         buf = buffered
         while True:
@@ -115,6 +117,8 @@ class UpstreamResponse:
             # the final one. (101 on a plain request ends the exchange.)
             if not 100 <= self.status < 200 or self.status == 101:
                 break
+            if interim is not None:
+                interim(self.status, self.headers)
         self._buffer = buf
         self._chunk_left = 0
         self._done = False

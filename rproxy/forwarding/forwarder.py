@@ -42,6 +42,7 @@ from rproxy.forwarding.errors import (
     describe,
     upstream_error,
 )
+from rproxy.forwarding import early_hints
 from rproxy.forwarding.exchange import UpstreamResponse, request_head
 from rproxy.forwarding.tunnel import Tunnels, open_tunnel
 from rproxy.messages import (
@@ -349,7 +350,7 @@ class Forwarder:
             started = time.monotonic()
             try:
                 response = self._exchange(conn, request.method, target, headers, request_body,
-                                          request.chunked, request.header_case)
+                                          request.chunked, request.header_case, request.environ)
             except ClientError as e:
                 release(reusable=False)  # the upstream got a cut request: never a whole one
                 return self._client_error(request, e)
@@ -398,9 +399,10 @@ class Forwarder:
         body.start()
         return Response(response.status, headers, body, response.reason or None)
 
-    def _exchange(self, conn, method, target, headers, body, chunked, spelled=None):
+    def _exchange(self, conn, method, target, headers, body, chunked, spelled=None, environ=None):
         """Send the request on urllib3's pooled connection and read the
-        response head (see exchange.py)."""
+        response head (see exchange.py); a 103 goes on to the client of
+        `environ` (early_hints.py)."""
         sock = conn.sock
         if sock is None:
             conn.timeout = self.connect_timeout
@@ -427,7 +429,8 @@ class Forwarder:
                 # (e.g. 413 or 401): its answer is still worth reading.
                 if body.sent == 0:
                     raise
-        return UpstreamResponse(sock, method)
+        interim = None if environ is None else lambda status, pairs: early_hints.relay(environ, status, pairs)
+        return UpstreamResponse(sock, method, interim=interim)
 
     def _headers(self, request: Request, server: Server) -> dict[str, str]:
         headers = dict(request.headers)

@@ -14,7 +14,8 @@ carries an open file and streams it in chunks (FileBody); the open file keeps
 the response readable even when another worker replaces or evicts it
 meanwhile.
 
-The total size is bounded by `max_size`: a read touches the file's mtime, and
+The total size is bounded by `max_size`: a read touches the file's mtime
+(at most every TOUCH seconds: a metadata write per hit costs), and
 when a worker's count of the directory's size (its last scan plus what it
 wrote since) goes over the bound, or its last scan is older than
 RESCAN seconds, it scans the directory and deletes the least recently used
@@ -40,6 +41,7 @@ import json
 import os
 import secrets
 import time
+from collections import OrderedDict
 
 from rproxy.httpcache.purge import tags_of
 from rproxy.httpcache.rules import Entry
@@ -53,6 +55,9 @@ RESCAN = 5.0        # seconds: how stale a worker's view of the directory's size
 TEMP_PREFIX = ".tmp."
 LOCK_PREFIX = ".lock."
 TEMP_MAX_AGE = 3600.0  # a temporary file this old is left over, whoever wrote it
+TOUCH = 1.0         # seconds: a read renews its file's mtime (the LRU order) at most this often
+HEADS = 512         # decoded file headers a worker keeps, by key: a hit whose header bytes
+                    # are the same skips the JSON and the freshness arithmetic
 
 
 class FileBody:
@@ -87,6 +92,7 @@ class DiskStore:
         self.max_size = max_size
         self.retention = retention or Retention()
         os.makedirs(path, exist_ok=True)
+        self.heads: OrderedDict[str, tuple[bytes, list[Entry], list[int]]] = OrderedDict()
         self.known = 0           # the directory's size as this worker last counted it, plus its writes
         self.scanned = 0.0       # when it last counted
         self._remove_leftovers()
@@ -106,7 +112,8 @@ class DiskStore:
         except FileNotFoundError:
             return []
         try:
-            entries = self._read(file, key)
+            stat = os.fstat(file.fileno())
+            entries = self._read(file, key, stat.st_size)
         except (ValueError, KeyError, TypeError, OSError):
             entries = None
         if entries is None:  # torn or foreign: never served
@@ -118,32 +125,45 @@ class DiskStore:
         if self.retention.keep_for(entries) <= 0:
             self._unlink(path)
             return []
-        try:
-            os.utime(path)  # recently used: evicted last
-        except FileNotFoundError:
-            pass
+        if time.time() - stat.st_mtime >= TOUCH:
+            try:
+                os.utime(path)  # recently used: evicted last
+            except FileNotFoundError:
+                pass
         return entries
 
-    def _read(self, file, key: str) -> list[Entry] | None:
+    def _read(self, file, key: str, total: int) -> list[Entry] | None:
         fd = file.fileno()
-        total = os.fstat(fd).st_size
         start = os.pread(fd, 8, 0)
         if len(start) < 8 or start[:4] != MAGIC:
             return None
         head_size = int.from_bytes(start[4:], "big")
-        head = json.loads(os.pread(fd, head_size, 8))
-        if head["key"] != key:  # a hash collision, or another file renamed here
-            return None
+        raw = os.pread(fd, head_size, 8)
+        known = self.heads.get(key)
+        if known is not None and known[0] == raw:
+            self.heads.move_to_end(key)
+            metas, sizes = known[1], known[2]
+        else:
+            head = json.loads(raw)
+            if head["key"] != key:  # a hash collision, or another file renamed here
+                return None
+            sizes = [m["size"] for m in head["entries"]]
+            metas = [Entry(m["status"], m["reason"], [tuple(h) for h in m["headers"]], b"",
+                           m["request_time"], m["response_time"], m["vary"]) for m in head["entries"]]
+            self.heads[key] = (raw, metas, sizes)
+            if len(self.heads) > HEADS:
+                self.heads.popitem(last=False)
         pos = 8 + head_size
-        if pos + sum(m["size"] for m in head["entries"]) != total:
+        if pos + sum(sizes) != total:
             return None
         entries = []
-        for m in head["entries"]:
-            size = m["size"]
+        for meta, size in zip(metas, sizes):
             body = os.pread(fd, size, pos) if size <= INLINE else FileBody(file, pos, size)
             pos += size
-            entries.append(Entry(m["status"], m["reason"], [tuple(h) for h in m["headers"]], body,
-                                 m["request_time"], m["response_time"], m["vary"]))
+            entry = Entry(meta.status, meta.reason, meta.headers, body, meta.request_time,
+                          meta.response_time, meta.vary, meta.targets)
+            entry._derived = meta.derived()  # computed once per head read, not per hit
+            entries.append(entry)
         return entries
 
     def put(self, key: str, entries: list[Entry]) -> None:

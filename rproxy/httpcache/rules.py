@@ -167,6 +167,58 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
     return ", ".join(values) if values else None
 
 
+class _Derived:
+    """What an Entry's rules read from its headers, computed once: a hit
+    asks for its age and lifetime several times, and headers never change
+    once stored (a 304 makes a new Entry). Kept in memory only: the stores
+    serialise the response, never this."""
+
+    __slots__ = ("targets", "fields", "date", "cc", "lifetime", "base_age", "served_headers")
+
+    def __init__(self, entry: Entry):
+        fields: dict[str, list[str]] = {}
+        for name, value in entry.headers:
+            fields.setdefault(name.lower(), []).append(value)
+        self.targets = entry.targets
+        self.fields = {name: ", ".join(values) for name, values in fields.items()}
+        self.date = http_date(self.fields.get("date")) or entry.response_time
+        self.cc, targeted = response_directives(entry.headers, entry.targets)
+        self.lifetime = _lifetime(entry, self, targeted)
+        # RFC 9111 4.2.3: the age when it was received; it grows with the clock.
+        apparent = max(0.0, entry.response_time - self.date)
+        corrected = age_value(entry.headers) + (entry.response_time - entry.request_time)
+        self.base_age = max(apparent, corrected)
+        # What a hit sends of the stored headers (Age and the cache's own are new on each).
+        self.served_headers = [(k, v) for k, v in entry.headers
+                               if k.lower() not in ("age", "x-cache", "surrogate-control")]
+
+
+def _lifetime(entry: Entry, derived: _Derived, targeted: str | None) -> float:
+    """RFC 9111 4.2.1, for a shared cache; Surrogate-Control (a gateway's
+    own directives) first, then a targeted field (which makes Expires
+    ignored, RFC 9213 2.1), then Cache-Control and Expires."""
+    surrogate = surrogate_directives(entry.headers)
+    if "max-age" in surrogate and seconds(surrogate["max-age"]) is not None:
+        return float(seconds(surrogate["max-age"]))
+    cc = derived.cc
+    for name in ("s-maxage", "max-age"):
+        value = seconds(cc.get(name)) if name in cc else None
+        if value is not None:
+            return float(value)
+    expires = derived.fields.get("expires") if targeted is None else None
+    if expires is not None:
+        # RFC 9111 5.3: an invalid date, "0" included, means already
+        # expired; so do several Expires lines (a singleton field, joined
+        # here into one value that is no HTTP-date).
+        expiry = http_date(expires)
+        return max(0.0, expiry - derived.date) if expiry is not None else 0.0
+    if entry.status in HEURISTIC_STATUSES or "public" in cc:
+        modified = http_date(derived.fields.get("last-modified"))
+        if modified is not None:
+            return min(HEURISTIC_CAP, max(0.0, (derived.date - modified) * HEURISTIC_FRACTION))
+    return 0.0
+
+
 @dataclass
 class Entry:
     """A stored response and what its freshness is computed from."""
@@ -180,49 +232,35 @@ class Entry:
     vary: dict[str, str | None] = field(default_factory=dict)  # request header -> value it was stored for
     # The targeted fields ([cache] targeted_fields) this cache reads, in order.
     targets: tuple[str, ...] = ()
+    _derived: _Derived | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 200
 
+    def derived(self) -> _Derived:
+        derived = self._derived
+        # The targets are config, set by the cache that reads the entry.
+        if derived is None or derived.targets != self.targets:
+            derived = self._derived = _Derived(self)
+        return derived
+
+    def header(self, name: str) -> str | None:
+        """All values of a stored header, joined as one list; None when absent."""
+        return self.derived().fields.get(name.lower())
+
     def cache_control(self) -> dict[str, str | None]:
-        """The directives this cache obeys (a targeted field, or Cache-Control)."""
-        return response_directives(self.headers, self.targets)[0]
+        """The directives this cache obeys (a targeted field, or Cache-Control); not to be changed."""
+        return self.derived().cc
 
     def freshness_lifetime(self) -> float:
-        """RFC 9111 4.2.1, for a shared cache; Surrogate-Control (a gateway's
-        own directives) first, then a targeted field (which makes Expires
-        ignored, RFC 9213 2.1), then Cache-Control and Expires."""
-        surrogate = surrogate_directives(self.headers)
-        if "max-age" in surrogate and seconds(surrogate["max-age"]) is not None:
-            return float(seconds(surrogate["max-age"]))
-        cc, targeted = response_directives(self.headers, self.targets)
-        for name in ("s-maxage", "max-age"):
-            value = seconds(cc.get(name)) if name in cc else None
-            if value is not None:
-                return float(value)
-        expires = header(self.headers, "Expires") if targeted is None else None
-        if expires is not None:
-            # RFC 9111 5.3: an invalid date, "0" included, means already
-            # expired; so do several Expires lines (a singleton field, joined
-            # here into one value that is no HTTP-date).
-            expiry = http_date(expires)
-            date = http_date(header(self.headers, "Date")) or self.response_time
-            return max(0.0, expiry - date) if expiry is not None else 0.0
-        if self.status in HEURISTIC_STATUSES or "public" in cc:
-            modified = http_date(header(self.headers, "Last-Modified"))
-            if modified is not None:
-                date = http_date(header(self.headers, "Date")) or self.response_time
-                return min(HEURISTIC_CAP, max(0.0, (date - modified) * HEURISTIC_FRACTION))
-        return 0.0
+        """RFC 9111 4.2.1 (see _lifetime)."""
+        return self.derived().lifetime
 
     def age(self, now: float | None = None) -> float:
         """RFC 9111 4.2.3."""
         now = time.time() if now is None else now
-        date = http_date(header(self.headers, "Date")) or self.response_time
-        apparent = max(0.0, self.response_time - date)
-        corrected = age_value(self.headers) + (self.response_time - self.request_time)
-        return max(apparent, corrected) + (now - self.response_time)
+        return self.derived().base_age + (now - self.response_time)
 
     def must_revalidate_when_stale(self) -> bool:
         cc = self.cache_control()
@@ -230,10 +268,10 @@ class Entry:
 
     def validators(self) -> list[tuple[str, str]]:
         out = []
-        etag = header(self.headers, "ETag")
+        etag = self.header("ETag")
         if etag:
             out.append(("If-None-Match", etag))
-        modified = header(self.headers, "Last-Modified")
+        modified = self.header("Last-Modified")
         if modified:
             out.append(("If-Modified-Since", modified))
         return out
@@ -337,7 +375,7 @@ def not_modified(entry: Entry, request_headers: dict[str, str]) -> bool:
     """Does the client's conditional GET match the stored response? (RFC 9110 13.1)"""
     if_none_match = request_headers.get("If-None-Match")
     if if_none_match is not None:
-        etag = header(entry.headers, "ETag")
+        etag = entry.header("ETag")
         if etag is None:
             return False
         if if_none_match.strip() == "*":
@@ -346,6 +384,6 @@ def not_modified(entry: Entry, request_headers: dict[str, str]) -> bool:
         return weak(etag) in {weak(t) for t in if_none_match.split(",")}
     since = http_date(request_headers.get("If-Modified-Since"))
     if since is not None:
-        modified = http_date(header(entry.headers, "Last-Modified"))
+        modified = http_date(entry.header("Last-Modified"))
         return modified is not None and modified <= since
     return False

@@ -249,7 +249,7 @@ class HTTPCache:
 
     def _serve(self, request: Request, entry: Entry, label: str, status: str = "hit") -> Response:
         _count(request, label, len(entry.body) if label == "HIT" and request.method == "GET" else 0)
-        headers = [(k, v) for k, v in entry.headers if k.lower() not in ("age", "x-cache", "surrogate-control")]
+        headers = entry.derived().served_headers.copy()
         age = entry.age()
         if status[:3] == "hit":
             status += f"; ttl={int(entry.freshness_lifetime() - age)}"

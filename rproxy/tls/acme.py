@@ -400,6 +400,8 @@ class Manager:
     def share_certificates(self) -> None:
         """Hand the certificates obtained here to the fleet's store (again
         after it failed: meanwhile the other instances serve their own)."""
+        if self.store is None:  # no fleet: nothing to share
+            return
         for domain in sorted(self.unshared):
             try:
                 with open(self.cache.certificate(domain), "rb") as f:

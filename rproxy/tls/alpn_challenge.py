@@ -68,7 +68,7 @@ class Challenges:
     def __init__(self, directory: str, configure):
         self.directory = directory
         self.configure = configure  # applies the server's TLS versions and ciphers
-        self._mtime = None
+        self._mtime: int | None = None
         self._names: frozenset[str] = frozenset()
 
     def pending(self) -> frozenset[str]:

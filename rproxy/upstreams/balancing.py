@@ -103,6 +103,8 @@ class RandomTwo:
 class Policy(Protocol):
     name: str
 
+    def __init__(self, servers: Sequence[Server]) -> None: ...
+
     def pick(self, available: list[Server], key: str | None = None) -> Server: ...
 
 

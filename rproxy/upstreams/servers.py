@@ -25,7 +25,7 @@ import math
 import queue
 import time
 import ssl
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any, Collection, cast
 
 from gevent.lock import Semaphore
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
@@ -99,7 +99,7 @@ class _QuietSurplus(_Pool):
         # What urllib3 calls of its queue (get, put, qsize), on a list.
         return _IdleStack(maxsize)  # type: ignore[return-value]
 
-    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
+    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
         in_use = self._in_use
         if in_use is not None and not in_use.acquire(timeout=timeout):
             raise EmptyPoolError(self, "every connection is in use (max_connections)")
@@ -115,7 +115,7 @@ class _QuietSurplus(_Pool):
             conn = None
         if conn is not None and conn.sock is not None and _closed_or_stray(conn):
             conn.close()  # reconnects when used
-        return conn or self._new_conn()
+        return conn or cast(HTTPConnection, self._new_conn())  # ConnectionCls: HTTP(S)Connection
 
     def _put_conn(self, conn: BaseHTTPConnection | None) -> None:
         if self._in_use is not None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import re
 import time
 from email.utils import formatdate
+from typing import Any
 
 from gunicorn import util
 from gunicorn.http import message, wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
 
-_date = [0, ""]
+_date: list[Any] = [0, ""]  # the second, and its Date
 # gunicorn's rules: names are tokens, values printable (or tab, space, obs-text).
 _valid_names = re.compile(r"(?:%s\n)+" % message.TOKEN_RE.pattern).fullmatch
 _valid_values = wsgi.HEADER_VALUE_RE.fullmatch
@@ -61,6 +62,7 @@ class Response(wsgi.Response):
         self._has_date = False
 
     def process_headers(self, headers):
+        names: str | None
         try:
             names = "\n".join([name for name, _ in headers]) + "\n"
             values = "\t".join([value for _, value in headers])

@@ -36,12 +36,13 @@ class RoundRobin:
     def pick(self, available: list[Server], key: str | None = None) -> Server:
         if len(available) == 1:
             return available[0]
-        total, best = 0, available[0]
+        total, best = 0, None
         for server in available:
             server.current_weight += server.weight
             total += server.weight
-            if server.current_weight > best.current_weight:
+            if best is None or server.current_weight > best.current_weight:
                 best = server
+        assert best is not None  # `available` is never empty
         best.current_weight -= total
         return best
 

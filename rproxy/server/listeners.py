@@ -32,13 +32,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from gunicorn.config import Config as GunicornConfig
-
 from rproxy.tls import acme, alpn_challenge
 from rproxy.tls.certificates import CertificateFiles, CertificateStore
 from rproxy.values import listener_key
 
 if TYPE_CHECKING:
+    from gunicorn.config import Config as GunicornConfig
+
     from rproxy.config import Config
 
 MakeContext = Callable[[str, "str | None"], ssl.SSLContext]

@@ -17,11 +17,7 @@ import os
 import resource
 import signal
 import sys
-from typing import Any
-
-from gunicorn import glogging
-from gunicorn.arbiter import Arbiter
-from gunicorn.workers.base import Worker
+from typing import TYPE_CHECKING, Any
 
 from rproxy import config as config_module
 from rproxy import instance
@@ -29,6 +25,12 @@ from rproxy.config import Config, ConfigError
 from rproxy.observability import metrics
 from rproxy.server import listeners
 from rproxy.tls import acme, certificates
+
+if TYPE_CHECKING:
+    # Not at run time: paste.py tells a gunicorn worker by its modules being loaded.
+    from gunicorn import glogging
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 # Certificates from files closer to expiry than this get a warning at start.
 EXPIRY_WARNING = datetime.timedelta(days=14)

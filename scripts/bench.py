@@ -46,6 +46,7 @@ import bench_peers
 from bench_common import (
     GUNICORN,
     Stack,
+    compared,
     free_port,
     interleave,
     median,
@@ -78,15 +79,6 @@ def rate_script(tmp: Path, rate: float, connections: int) -> Path:
     script = tmp / "rate.lua"
     script.write_text(f"function delay() return math.random({pause * 0.5:.0f}, {pause * 1.5:.0f}) end\n")
     return script
-
-
-def compared(args) -> list[tuple[str, str, str]]:
-    """(target name, git ref, gunicorn flags) of each `--compare "REF [FLAGS]"`."""
-    out = []
-    for spec in args.compare or ():
-        ref, _, flags = spec.partition(" ")
-        out.append((f"rproxy@{ref}" + (f" {flags}" if flags else ""), ref, flags))
-    return out
 
 
 def start_targets(stack: Stack, tmp: Path, upstream: int, args, peers: bool) -> dict[str, int]:

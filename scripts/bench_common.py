@@ -235,6 +235,15 @@ def source_tree(tmp: Path, ref: str) -> Path:
     return dest
 
 
+def compared(args) -> list[tuple[str, str, str]]:
+    """(target name, git ref, gunicorn flags) of each `--compare "REF [FLAGS]"`."""
+    out = []
+    for spec in args.compare or ():
+        ref, _, flags = spec.partition(" ")
+        out.append((f"rproxy@{ref}" + (f" {flags}" if flags else ""), ref, flags))
+    return out
+
+
 def start_rproxy(tmp: Path, port: int, upstream: int, workers: int = 1, upgrade: str = "websocket",
                  extra: str = "", log_format: str = "combined", server_extra: str = "",
                  upstream_extra: str = "", tree: Path | None = None, gunicorn_args: str = "") -> Service:

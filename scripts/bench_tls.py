@@ -6,7 +6,10 @@ of the same upstream, one worker each, interleaved round by round.
 - new-handshake rate: wrk with `Connection: close`, so every request is a
   new TCP connection and a full TLS handshake (wrk resumes no sessions);
 - HTTP/2 throughput: h2load (Debian's nghttp2-client, installed when
-  missing and run as root), several connections with many streams each.
+  missing and run as root), several connections with many streams each,
+  and each one's HTTP/2 rate over its own HTTP/1.1 rate.
+
+`--compare REF` adds rproxy as of a git ref to every measurement.
 
 Prints medians and the ratios rproxy/nginx.
 """
@@ -81,11 +84,16 @@ def run_tls(tmp: Path, args) -> None:
     cert, key = make_certificate(tmp)
     up, ng, rp = bench.free_port(), bench.free_port(), bench.free_port()
     services = [bench.start_upstream(tmp, up)]
+    tls_extra = f"certfile = {cert}\nkeyfile = {key}\nhttp2 = yes\n"
     try:
         services += [start_nginx_tls(tmp, ng, up, cert, key),
-                     bench.start_rproxy(tmp, rp, up, 1, server_extra=f"certfile = {cert}\nkeyfile = {key}\n"
-                                                                    "http2 = yes\n")]
+                     bench.start_rproxy(tmp, rp, up, 1, server_extra=tls_extra)]
         urls = {"nginx": f"https://127.0.0.1:{ng}/100B", "rproxy": f"https://127.0.0.1:{rp}/100B"}
+        for name, ref, gunicorn_args in bench.compared(args):  # --compare: rproxy as of REF beside
+            port = bench.free_port()
+            services.append(bench.start_rproxy(tmp, port, up, 1, server_extra=tls_extra,
+                                               tree=bench.source_tree(tmp, ref), gunicorn_args=gunicorn_args))
+            urls[name] = f"https://127.0.0.1:{port}/100B"
         keepalive = bench.interleave(urls, args)
         print("\nHTTPS keep-alive, 1 worker, 100-byte responses (median req/s, p50/p99 ms)")
         for target, runs in keepalive.items():
@@ -106,6 +114,10 @@ def run_tls(tmp: Path, args) -> None:
         h2 = rounds(urls, args, lambda url: h2load(binary, url, args.duration, 10, 10))
         print("\nHTTP/2, h2load: 10 connections x 10 streams, 100-byte responses (median req/s)")
         report(h2, extra=lambda runs: runs[0]["protocol"])
+        print("\nHTTP/2 over HTTP/1.1 on the same listener (h2load median / wrk keep-alive median)")
+        for target in urls:
+            ratio = statistics.median(r["rps"] for r in h2[target]) / bench.median(keepalive[target], "rps")
+            print(f"  {target:<8} {ratio:.2f}", flush=True)
     finally:
         for service in services:
             service.stop()

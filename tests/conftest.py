@@ -30,7 +30,9 @@ GUNICORN = str(BIN / "gunicorn")
 # Under pytest-xdist each worker process takes only the free ports that are
 # its own modulo the number of workers: two workers never pick the same port
 # in the moment between picking it and a server binding it, nor does one
-# start a server on a port another's test keeps as a dead address.
+# start a server on a port another's test keeps as a dead address. Shares
+# go by port // 2: Linux hands out ports of one parity to bind(0), so a plain
+# modulo would leave every other worker none when their count is even.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _SHARE = int(_WORKER.removeprefix("gw") or 0) % _WORKERS
@@ -41,7 +43,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port % _WORKERS == _SHARE:
+        if port // 2 % _WORKERS == _SHARE:
             return port
     raise RuntimeError(f"no free port of worker {_WORKER}'s share after {50 * _WORKERS} tries")
 
@@ -213,6 +215,20 @@ def start_upstream(tmp_path):
     started.stop_all()
 
 
+# gunicorn 27 stops its control server around every fork; on Python 3.11 a
+# control client still connected then (gunicornc right after `reload`) leaves
+# asyncio's "Exception in callback ... CancelledError" from gunicorn/ctl/server.py
+# in the log (asyncio asks the cancelled handler task for its exception;
+# Python 3.12 checks first). gunicorn's, not rproxy's: only that block is let pass.
+_GUNICORN_CTL_CANCELLED = re.compile(r"Exception in callback StreamReaderProtocol\.connection_made\.<locals>\.callback"
+                                     r".*?\nasyncio\.exceptions\.CancelledError\n", re.S)
+
+
+def own_log(log: str) -> str:
+    """The proxy's log without the one traceback gunicorn itself may leave."""
+    return _GUNICORN_CTL_CANCELLED.sub(lambda m: "" if "gunicorn/ctl/server.py" in m.group(0) else m.group(0), log)
+
+
 @pytest.fixture
 def start_proxy(tmp_path):
     started = Started(lambda ini, **kwargs: Proxy(tmp_path, ini, **kwargs))
@@ -220,7 +236,7 @@ def start_proxy(tmp_path):
     started.stop_all()
     for proxy in started:
         # Whatever a test did, the proxy never logs a traceback.
-        assert "Traceback" not in proxy.log(), proxy.log()
+        assert "Traceback" not in own_log(proxy.log()), proxy.log()
 
 
 class Certificates:

@@ -87,8 +87,10 @@ OVERRIDES = [
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
      "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header"),
-    (response_writer.HTTP2Response, http2_response.HTTP2Response, ["process_headers", "send_headers"],
-     "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, and the application's Date or its own"),
+    (response_writer.HTTP2Response, http2_response.HTTP2Response,
+     ["process_headers", "send_headers", "write", "_emit_body"],
+     "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, the application's Date or its own, "
+     "a small response in one send"),
     (http2.ConcurrentConnection, h2_connection.HTTP2ServerConnection,
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
       "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
@@ -390,10 +392,15 @@ def test_gunicorns_response_write_sends_the_head_then_emits_the_body():
         for name in ("headers", "headers_sent", "response_length", "upgrade", "chunked", "sock", "req", "sent"):
             assert hasattr(resp, name), (
                 f"gunicorn's Response has no {name}: rproxy/server/response_writer.py (and accesslog.py) read it")
-    assert isinstance(message.TOKEN_RE, re.Pattern) and isinstance(wsgi.HEADER_VALUE_RE, re.Pattern), (
-        "gunicorn's TOKEN_RE / HEADER_VALUE_RE moved: rproxy/server/response_writer.py validates headers with them")
-    assert {"connection", "transfer-encoding", "upgrade"} <= set(util.hop_headers), (
-        "gunicorn's util.hop_headers changed: rproxy/server/response_writer.py drops what gunicorn drops")
+    # rproxy's writer leaves each field's validation and the hop-by-hop ones to gunicorn's process_headers.
+    resp = GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config())
+    resp.process_headers([("Connection", "close"), ("Transfer-Encoding", "chunked"), ("X-A", " 1 ")])
+    assert resp.headers == [("X-A", "1")], (
+        "gunicorn's Response.process_headers no longer drops hop-by-hop fields or trims values: "
+        "rproxy/server/response_writer.py relies on it")
+    with pytest.raises(Exception):
+        GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config()).process_headers(
+            [("X-A", "1\r\nSet-Cookie: x=1")])
 
 
 def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does():
@@ -407,6 +414,18 @@ def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does(
     assert "date" in util.hop_headers and "is_hoppish" in source(GUNICORN_RESPONSE.process_headers), (
         "gunicorn's Response.process_headers no longer drops Date: rproxy/server/response_writer.py's "
         "HTTP2Response would send it twice")
+    # A DATA frame that completes the Content-Length ends the stream: write()
+    # counts `sent` before _emit_body, and close() ends no stream twice.
+    write = source(GUNICORN_RESPONSE.write)
+    assert write.index("self.sent += tosend") < write.index("self._emit_body(arg)"), (
+        "gunicorn's Response.write no longer counts sent before _emit_body(): rproxy/server/response_writer.py's "
+        "HTTP2Response would end a stream early or never")
+    close = source(http2_response.HTTP2Response.close)
+    assert close.index("if self._stream_ended:") < close.index("end_stream("), (
+        "gunicorn's HTTP2Response.close no longer skips an ended stream: rproxy/server/response_writer.py's "
+        "HTTP2Response ends it with its last DATA frame")
+    assert 'getattr(self, "trailers", None)' in close, (
+        "gunicorn's HTTP2Response keeps trailers elsewhere: rproxy/server/response_writer.py reads self.trailers")
 
 
 # --- gunicorn's HTTP/2 connection, as rproxy/server/http2.py drives it ----------------

@@ -13,6 +13,7 @@ import subprocess
 import time
 from email.utils import parsedate_to_datetime
 
+import h2.events
 import httpx
 import pytest
 from conftest import BIN, free_port, single_route
@@ -362,3 +363,46 @@ def test_reload_finishes_the_streams_in_flight(h2_proxy, certs):
     answer, after = asyncio.run(_through_reload(https(h2_proxy), certs.ca_file, h2_proxy.pid))
     assert answer.status_code == 200 and answer.json() == {"slept": 2.0}
     assert [r.status_code for r in after] == [200, 200, 200]
+
+
+def _frames_of(conn: RawH2, stream_id: int) -> list:
+    """The h2 events of one stream until it ends or is reset."""
+    seen = []
+    while not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) for e in seen):
+        data = conn.sock.recv(65536)
+        assert data, "the server closed the connection"
+        for event in conn.conn.receive_data(data):
+            if getattr(event, "stream_id", None) == stream_id:
+                seen.append(event)
+            if isinstance(event, h2.events.DataReceived):
+                conn.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        conn.flush()
+    return seen
+
+
+def test_a_response_ends_with_its_last_data_frame_and_bodiless_ones_with_their_headers(start_proxy, upstream):
+    # No empty DATA frame just to say "end": the frame that completes the
+    # Content-Length carries END_STREAM; heads without a body still end.
+    proxy = start_proxy(single_route(upstream.port), server={"http2": "yes", "http2_cleartext": "yes"})
+    conn = RawH2(proxy.port)
+    try:
+        small = _frames_of(conn, conn.request("GET", "/bytes?n=100"))
+        assert [type(e) for e in small] == [h2.events.ResponseReceived, h2.events.DataReceived,
+                                            h2.events.StreamEnded]
+        assert small[1].data == b"".join(pattern_bytes(100)) and small[1].stream_ended is not None
+
+        big = _frames_of(conn, conn.request("GET", f"/bytes?n={200000}"))
+        body = [e for e in big if isinstance(e, h2.events.DataReceived)]
+        assert b"".join(e.data for e in body) == b"".join(pattern_bytes(200000))
+        assert all(e.data for e in body) and body[-1].stream_ended is not None
+
+        chunked = _frames_of(conn, conn.request("GET", "/bytes?n=1000&chunked=1"))
+        data = b"".join(e.data for e in chunked if isinstance(e, h2.events.DataReceived))
+        assert data == b"".join(pattern_bytes(1000))
+
+        for method, path, status in (("HEAD", "/head", 200), ("GET", "/status/304", 304),
+                                     ("GET", "/status/204", 204)):
+            state = conn.response(conn.request(method, path))
+            assert (state["status"], state["body"], state["ended"]) == (status, b"", True), (method, path)
+    finally:
+        conn.close()

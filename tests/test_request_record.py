@@ -82,3 +82,33 @@ def test_server_timing_splits_proxy_and_upstream_time():
 
 def test_server_timing_without_upstream_or_cache():
     assert re.fullmatch(r"proxy;dur=[\d.]+", server_timing(RequestRecord(), time.perf_counter()))
+
+
+def test_a_background_revalidation_records_its_facts_apart_from_the_request_answered_stale():
+    import gevent
+
+    from rproxy.httpcache.revalidation import revalidate_later
+    from rproxy.httpcache.rules import Entry
+    from rproxy.messages import Response
+    from rproxy.middleware.cache import CacheConfig, HTTPCache
+
+    cache = HTTPCache(CacheConfig(name="c"), {})
+    request = Request.from_environ(environ())
+    request.record.upstream, request.record.upstream_ms = "app", 3.0
+    stale = Entry(200, "OK", [("Date", "Mon, 30 Nov 2026 10:00:00 GMT"), ("ETag", '"v1"')], b"x",
+                  time.time() - 60, time.time() - 60, {}, ())
+    background = []
+
+    def upstream(req):
+        req.record.upstream, req.record.upstream_ms, req.record.error = "app", 99.0, "late"
+        background.append(req)
+        return Response(304, [("ETag", '"v1"')], [])
+
+    revalidate_later(cache, request, upstream, "key", stale)
+    deadline = time.monotonic() + 5
+    while "key" in cache.revalidating and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert background and background[0].record is not request.record
+    assert background[0].environ[KEY] is background[0].record
+    assert background[0].record.request_id == request.request_id
+    assert (request.record.upstream_ms, request.record.error) == (3.0, None)

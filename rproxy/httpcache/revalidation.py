@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
+from rproxy import record
 from rproxy.httpcache.bodies import discard, drain, read_whole
 from rproxy.httpcache.rules import Entry, storable, vary_keys
 from rproxy.messages import Request, Response
@@ -44,6 +45,10 @@ def revalidate_later(cache: HTTPCache, request: Request, call_next, key: str, en
     background = copy.copy(request)
     background.method = "GET"  # a HEAD's stale answer is refreshed with the body too
     background.environ = dict(request.environ)
+    # Its own record: what the background exchange learns must not land in
+    # the log line or metrics of the request that was answered stale.
+    background.record = background.environ[record.KEY] = record.RequestRecord(
+        client=request.record.client, request_id=request.request_id)
     background.headers = {**plain, **dict(entry.validators())}
     cache.revalidating.add(key)
     gevent.spawn(_revalidate, cache, background, plain, call_next, key, entry)

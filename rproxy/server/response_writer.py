@@ -11,23 +11,15 @@ server_header`, or none, chosen once per worker (install()).
 
 from __future__ import annotations
 
-import re
 import time
 from email.utils import formatdate
 from typing import Any
 
-from gunicorn import util
-from gunicorn.http import message, wsgi
+from gunicorn.http import wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
 
 _date: list[Any] = [0, ""]  # the second, and its Date
-# gunicorn's rules: names are tokens, values printable (or tab, space, obs-text).
-_valid_names = re.compile(r"(?:%s\n)+" % message.TOKEN_RE.pattern).fullmatch
-_valid_values = wsgi.HEADER_VALUE_RE.fullmatch
-# What gunicorn's writer drops (hop-by-hop, and Server: its own goes out),
-# Content-Length, which it reads, and Date, which it keeps.
-_SPECIAL = frozenset(util.hop_headers) | {"content-length"}
 
 
 # The Server header line (HTTP/1.x) and field (HTTP/2), or none: install().
@@ -46,6 +38,15 @@ def install(server_header: str) -> None:
     base_async.HTTP2Response = HTTP2Response
 
 
+def _first_date(headers) -> str | None:
+    """The application's Date (the first, if it set several), which gunicorn
+    drops with the hop-by-hop fields: the writer puts it back."""
+    for name, value in headers:
+        if len(name) == 4 and name.lower() == "date":
+            return value.strip(" \t")
+    return None
+
+
 def http_date() -> str:
     second = int(time.time())
     if second != _date[0]:
@@ -59,38 +60,11 @@ class Response(wsgi.Response):
         super().__init__(req, sock, cfg)
         self._held_head: bytes | None = None
         self._holding = False
-        self._has_date = False
+        self._date: str | None = None  # the application's, kept (a cached response's stored Date)
 
     def process_headers(self, headers):
-        names: str | None
-        try:
-            names = "\n".join([name for name, _ in headers]) + "\n"
-            values = "\t".join([value for _, value in headers])
-        except TypeError:
-            names = values = None
-        if names is None or not headers or not _valid_names(names) or not _valid_values(values):
-            return super().process_headers(headers)  # raises naming the header at fault
-        kept = self.headers
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _SPECIAL:
-                value = value.strip(" \t")
-                if lname == "content-length":
-                    self.response_length = int(value)
-                elif lname == "date":
-                    if self._has_date:
-                        continue  # one Date: the first
-                    self._has_date = True
-                else:
-                    if lname == "connection":
-                        if value.lower() == "upgrade":
-                            self.upgrade = True
-                    elif lname == "upgrade" and value.lower() == "websocket":
-                        kept.append((name, value))
-                    continue
-                kept.append((name, value))
-            else:
-                kept.append((name, value.strip(" \t")))
+        super().process_headers(headers)  # validates each field; drops hop-by-hop ones, Server and Date
+        self._date = _first_date(headers)
 
     def default_headers(self):
         if self.upgrade:
@@ -101,7 +75,7 @@ class Response(wsgi.Response):
             connection = "keep-alive"
         version = self.req.version
         headers = [f"HTTP/{version[0]}.{version[1]} {self.status}\r\n", _server_line,
-                   "" if self._has_date else f"Date: {http_date()}\r\n", f"Connection: {connection}\r\n"]
+                   f"Date: {self._date or http_date()}\r\n", f"Connection: {connection}\r\n"]
         if self.chunked:
             headers.append("Transfer-Encoding: chunked\r\n")
         return headers
@@ -141,19 +115,42 @@ class Response(wsgi.Response):
 
 
 class HTTP2Response(http2_response.HTTP2Response):
-    """gunicorn's HTTP/2 response, with rproxy's Server (or none), and the
-    application's Date or else the proxy's."""
+    """gunicorn's HTTP/2 response, with rproxy's Server (or none) and the
+    application's Date or else the proxy's, written in as few sends as it has
+    frames to spare: the HEADERS frame goes out with the first DATA frame, and
+    the DATA frame that completes a Content-Length ends the stream itself, so
+    a small response is one send (one TLS record) where it was three (HEADERS,
+    DATA, an empty DATA with END_STREAM). Trailers need a body without
+    Content-Length, as over HTTP/1.1 (where they need chunked coding)."""
 
     _date: str | None = None
+    _queued = False  # the HEADERS frame waits in h2 for the first DATA frame
 
     def process_headers(self, headers):
         super().process_headers(headers)  # drops Server and Date as it does over HTTP/1
-        self._date = next((value.strip(" \t") for name, value in headers if name.lower() == "date"), None)
+        self._date = _first_date(headers)
 
     def send_headers(self):
         if self.headers_sent:
             return
         headers = [*self.headers, *_server_fields, ("date", self._date or http_date())]
-        if not self.h2_conn.send_response_headers(self.stream_id, self.status_code, headers, end_stream=False):
+        if not self.h2_conn.queue_response_headers(self.stream_id, self.status_code, headers):
             self._aborted("stream closed before headers were sent")
-        self.headers_sent = True
+        self.headers_sent = self._queued = True
+
+    def write(self, arg):
+        super().write(arg)
+        if self._queued:  # no DATA frame took the head along (HEAD, 304, an empty piece)
+            self._queued = False
+            self.h2_conn.flush()
+
+    def _emit_body(self, data):
+        if not data or self._stream_ended:
+            return
+        self._queued = False
+        last = (self.response_length is not None and self.sent >= self.response_length
+                and not getattr(self, "trailers", None))
+        if not self.h2_conn.send_data(self.stream_id, data, end_stream=last):
+            self._aborted("stream closed or stalled while sending the body")
+        if last:
+            self._stream_ended = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any, Iterable
 
 from gevent import monkey
 
@@ -35,6 +36,12 @@ from rproxy.server.takeover import TAKEN_OVER
 from rproxy.upstreams.servers import Upstream
 from rproxy.values import host_port
 
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse
+
+    from rproxy.config.sections import RouteConfig
+    from rproxy.middleware import Handler
+
 log = logging.getLogger("rproxy")
 
 
@@ -43,19 +50,19 @@ class Route:
 
     __slots__ = ("config", "name", "handler")
 
-    def __init__(self, route_config, handler):
+    def __init__(self, route_config: RouteConfig, handler: Handler) -> None:
         self.config = route_config
         self.name = route_config.name
         self.handler = handler
 
 
 class Proxy:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.forwarding = Forwarding(config.server.trusted_proxies, config.server.spoofable_headers)
         self.upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
         self.tunnels = Tunnels(config.server.max_tunnels)
-        shared: dict = {}
+        shared: dict[str, Any] = {}
         entries = []
         for rc in config.routes:
             forwarder = Forwarder(rc, self.upstreams[rc.upstream], config.server,
@@ -64,7 +71,7 @@ class Proxy:
             entries.append((rc.host, rc.path, Route(rc, compose(chain, forwarder))))
         self.metrics = metrics.get()
         self.admin = Admin(config, self.upstreams)
-        self.admin_address = None
+        self.admin_address: tuple[str, str] | None = None
         if config.admin.bind:
             host, port = host_port(config.admin.bind)
             self.admin_address = (host, str(port))
@@ -77,7 +84,7 @@ class Proxy:
             for upstream in self.upstreams.values():
                 upstream.start()
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if self.admin_address is not None and (environ.get("SERVER_NAME"), environ.get("SERVER_PORT")) \
                 == self.admin_address:
             response = self.admin(environ)
@@ -93,11 +100,11 @@ class Proxy:
         if body is TAKEN_OVER:
             # A tunnel owns the connection now: the worker ends gunicorn's
             # handling of it without a write (server/takeover.py).
-            record = environ.get(RECORD)  # none for the admin's live status feed
-            if record is not None:
-                record.taken_over = True
-                if record.in_flight:
-                    record.in_flight = False
+            taken: RequestRecord | None = environ.get(RECORD)  # none for the admin's live status feed
+            if taken is not None:
+                taken.taken_over = True
+                if taken.in_flight and self.metrics is not None:
+                    taken.in_flight = False
                     self.metrics.in_flight.dec()
             return TAKEN_OVER
         if response.close_connection:
@@ -108,20 +115,20 @@ class Proxy:
         start_response(response.status_line, response.headers)
         return body
 
-    def respond(self, environ, record: RequestRecord) -> Response:
+    def respond(self, environ: dict[str, Any], record: RequestRecord) -> Response:
         try:
             request = Request.from_environ(environ)
         except BadRequest as e:
-            response = error_response(None, e.status, str(e), environ=environ)
-            response.close_connection = True
+            refusal = error_response(None, e.status, str(e), environ=environ)
+            refusal.close_connection = True
             if self.security_headers is not None:
-                self.security_headers.decorate(response, environ.get("wsgi.url_scheme") == "https")
-            return response
+                self.security_headers.decorate(refusal, environ.get("wsgi.url_scheme") == "https")
+            return refusal
         self.forwarding.apply(request)
         record.client = request.client_ip
         record.request_id = request.request_id
         # On plain listeners: ACME challenges and the redirect to HTTPS come first.
-        response = self.plain_http.answer(request) if self.plain_http is not None else None
+        response: Response | None = self.plain_http.answer(request) if self.plain_http is not None else None
         match = self.router.match(request.host, request.path) if response is None else None
         if match is None:
             if response is None:
@@ -181,7 +188,7 @@ def build(path: str | None = None) -> Proxy:
     return Proxy(config_module.load(path or config_module.config_path()))
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Proxy:
     # Built on first access, i.e. when gunicorn loads the app in a worker,
     # so that importing this module never reads a config by surprise.
     if name == "application":

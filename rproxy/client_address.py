@@ -16,6 +16,7 @@ than mapping them onto the dashed ones; names are compared in lower case.
 from __future__ import annotations
 
 import ipaddress
+from typing import Iterable
 
 from rproxy.messages import Request, header_environ_key, valid_host
 
@@ -25,7 +26,8 @@ _FORWARDING_PREFIX = "x-forwarded-"
 
 
 class Forwarding:
-    def __init__(self, trusted_networks, spoofable_headers=()):
+    def __init__(self, trusted_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                 spoofable_headers: Iterable[str] = ()) -> None:
         self.trusted = tuple(trusted_networks)
         self._verdicts: dict[str, bool] = {}
         self.spoofable = frozenset((*_FORWARDING, *(name.lower() for name in spoofable_headers)))

@@ -7,6 +7,8 @@ matched, what the route does with the request, and which server it would go to.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from rproxy import config as config_module
 from rproxy.client_address import Forwarding
 from rproxy.messages import BadRequest, Request
@@ -39,7 +41,7 @@ def _seconds(value: float) -> str:
 
 
 def explain(config: config_module.Config, url: str, method: str = "GET",
-            headers: list[tuple[str, str]] = (), client: str = "127.0.0.1") -> tuple[int, str]:
+            headers: Sequence[tuple[str, str]] = (), client: str = "127.0.0.1") -> tuple[int, str]:
     """(exit code, text): 0 when a route matches, 1 when the proxy would answer itself."""
     environ = _environ(url, method, list(headers), client)
     out = [f"{environ['REQUEST_METHOD']} {url}"]
@@ -99,6 +101,7 @@ def explain(config: config_module.Config, url: str, method: str = "GET",
         out.append(f"upstream     {upstream.name}: {len(upstream.servers)} server(s), "
                    f"balance = {upstream_config.balance}")
         server = upstream.pick(request)
+        assert server is not None  # a fresh upstream's servers are all available
         policy = upstream_config.balance
         if policy in ("hash", "ip_hash"):
             key_name = upstream_config.hash_key if policy == "hash" else "ip"

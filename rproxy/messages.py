@@ -15,7 +15,7 @@ import os
 import re
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Iterable
+from typing import Any, Iterable
 
 from rproxy.record import of as record_of
 from rproxy.target import TargetError
@@ -42,7 +42,7 @@ _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://").match
 valid_method = re.compile(r"[A-Z0-9!#$%&'*+\-.^_`|~]{1,32}").fullmatch
 
 
-def clean_response_headers(pairs, connection: str | None, chunked: bool,
+def clean_response_headers(pairs: Iterable[tuple[str, str]], connection: str | None, chunked: bool,
                            dropped: list[str] | None = None,
                            keep: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """An upstream's response headers as they may go to the client: no
@@ -119,7 +119,7 @@ class Request:
                  "peer", "client_ip", "scheme", "request_id", "content_length", "chunked",
                  "upgrade", "header_case", "record")
 
-    def __init__(self, environ: dict, method: str, target: str, path: str, query: str,
+    def __init__(self, environ: dict[str, Any], method: str, target: str, path: str, query: str,
                  host: str, headers: dict[str, str], peer: str, scheme: str,
                  request_id: str, content_length: int | None, chunked: bool,
                  upgrade: str | None = None, header_case: dict[str, str] | None = None):
@@ -149,7 +149,7 @@ class Request:
         return self.headers.get(name.title())
 
     @classmethod
-    def from_environ(cls, environ: dict) -> "Request":
+    def from_environ(cls, environ: dict[str, Any]) -> "Request":
         method = environ["REQUEST_METHOD"]
         if method == "CONNECT" and EXTENDED_CONNECT in environ:
             # RFC 8441, e.g. WebSocket over HTTP/2: the tunnel would need the
@@ -199,7 +199,7 @@ class Request:
             headers["Content-Type"] = content_type
         coding = environ.get("HTTP_TRANSFER_ENCODING")
         chunked = coding is not None
-        if chunked and coding.strip().lower() != "chunked":
+        if coding is not None and coding.strip().lower() != "chunked":
             # gunicorn decodes chunked alone: any other coding would reach the
             # upstream still applied, and be read as something else there.
             raise BadRequest("only the chunked transfer coding is supported", 501)
@@ -273,7 +273,7 @@ def _reason(status: int) -> str:
 
 
 def error_response(request: Request | None, status: int, message: str,
-                   extra_headers: Iterable[tuple[str, str]] = (), environ: dict | None = None) -> Response:
+                   extra_headers: Iterable[tuple[str, str]] = (), environ: dict[str, Any] | None = None) -> Response:
     """The proxy's own answer: short, JSON when the client asks for JSON.
 
     Without a Request (it could not be built), `environ` supplies the Accept

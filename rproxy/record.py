@@ -9,6 +9,7 @@ answer is out. Times are floats in milliseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 KEY = "rproxy.record"
 
@@ -33,9 +34,9 @@ class RequestRecord:
 NOTHING = RequestRecord()
 
 
-def of(environ: dict) -> RequestRecord:
+def of(environ: dict[str, Any]) -> RequestRecord:
     """The record of the request `environ` carries, attached on first use."""
-    record = environ.get(KEY)
+    record: RequestRecord | None = environ.get(KEY)
     if record is None:
         record = environ[KEY] = RequestRecord()
     return record

@@ -72,7 +72,7 @@ class Router(Generic[T]):
         return Match(found[1], found[0], "") if found else None
 
     @staticmethod
-    def _first(table: list[tuple[str, T]], path: str):
+    def _first(table: list[tuple[str, T]], path: str) -> tuple[str, T] | None:
         for prefix, target in table:
             if prefix_matches(prefix, path):
                 return prefix, target

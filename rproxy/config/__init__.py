@@ -166,7 +166,7 @@ def _check_tls(config: Config) -> None:
     pairs = [("server", server.certfile, server.keyfile)]
     pairs += [(f"certificate:{name}", c.certfile, c.keyfile) for name, c in config.certificates.items()]
     for section, certfile, keyfile in pairs:
-        if certfile:
+        if certfile and keyfile:  # one without the other was refused above
             try:
                 certificates.check_pair(certfile, keyfile)
             except certificates.CertificateProblem as e:

@@ -169,7 +169,7 @@ class UpstreamConfig:
     fail_status: frozenset = setting("", values.statuses,
                                      "Response statuses that count as failures, e.g. 502-504 (the "
                                      "response is still relayed).")
-    health_check: tuple | None = setting("", values.health_check,
+    health_check: tuple[str, str] | None = setting("", values.health_check,
                                          "Active health check, e.g. GET /healthz; empty = none.")
     health_interval: float = setting("5s", values.positive_duration, "Time between health checks.")
     health_timeout: float = setting("2s", values.positive_duration, "Time a health check may take.")

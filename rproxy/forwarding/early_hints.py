@@ -12,14 +12,16 @@ reaches the response the cache sees.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from rproxy.forwarding.exchange import Headers
 from rproxy.messages import clean_response_headers
 
 log = logging.getLogger("rproxy.forward")
 EARLY_HINTS = 103
 
 
-def relay(environ: dict, status: int, headers) -> None:
+def relay(environ: dict[str, Any], status: int, headers: Headers) -> None:
     """Pass the interim answer `status` with `headers` (exchange.Headers) on
     to the client of `environ`, when it is a 103 with hints."""
     send = environ.get("wsgi.early_hints")

@@ -141,7 +141,7 @@ def upstream_error(error: Exception, connect_timeout: float, read_timeout: float
     return kind(status, message, describe(error), stale=isinstance(error, _STALE))
 
 
-def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> tuple[type, int, str]:
+def _classify(error: Exception, connect_timeout: float, read_timeout: float) -> tuple[type[UpstreamError], int, str]:
     if isinstance(error, EmptyPoolError):
         return PoolFull, 503, "upstream server is at max_connections"
     if isinstance(error, NewConnectionError):  # a ConnectTimeoutError too: tested first

@@ -36,7 +36,9 @@ errors.py turns them into the client's answers.
 from __future__ import annotations
 
 import re
+import socket
 from http.client import BadStatusLine, HTTPException, IncompleteRead, LineTooLong, RemoteDisconnected
+from typing import Callable
 
 
 class UnsupportedCoding(HTTPException):
@@ -66,21 +68,21 @@ def request_head(method: str, target: str, headers: dict[str, str], chunked: boo
     return "".join(lines).encode("latin-1")
 
 
-class Headers(list):
+class Headers(list[tuple[str, str]]):
     """The response's header pairs, in order, as received."""
 
-    def get(self, name: str, default=None):
+    def get(self, name: str, default: str | None = None) -> str | None:
         lname = name.lower()
         for key, value in self:
             if key.lower() == lname:
                 return value
         return default
 
-    def items(self):
+    def items(self) -> Headers:  # the pairs, as urllib3's HTTPHeaderDict gives them
         return self
 
 
-def read_head(sock, buf: bytes = b"") -> tuple[bytes, bytes]:
+def read_head(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
     """Read from `sock` (after `buf`, bytes already read) to the end of a
     response head: the head without its blank line, and the bytes after it.
     The one reader of response heads, for exchanges and tunnels alike."""
@@ -104,7 +106,8 @@ class UpstreamResponse:
     __slots__ = ("sock", "status", "reason", "version", "headers", "chunked", "will_close",
                  "_buffer", "_left", "_chunk_left", "_done")
 
-    def __init__(self, sock, method: str, buffered: bytes = b"", interim=None):
+    def __init__(self, sock: socket.socket, method: str, buffered: bytes = b"",
+                 interim: Callable[[int, Headers], None] | None = None) -> None:
         """Read the head from `sock` (after `buffered`, bytes of it already
         read); `interim(status, headers)` is called for each 1xx before the
         final answer."""
@@ -122,6 +125,7 @@ class UpstreamResponse:
         self._buffer = buf
         self._chunk_left = 0
         self._done = False
+        self._left: int | None  # body bytes left: None until the upstream closes
         status = self.status
         if method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
             self.chunked = False

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Iterable, Protocol
 
 import gevent
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import EmptyPoolError
 
 from rproxy.config.sections import RouteConfig, ServerConfig
+from rproxy.forwarding import early_hints
 from rproxy.forwarding.errors import (
     EXCHANGE_FAILURES,
     BodyTimeout,
@@ -42,7 +45,6 @@ from rproxy.forwarding.errors import (
     describe,
     upstream_error,
 )
-from rproxy.forwarding import early_hints
 from rproxy.forwarding.exchange import UpstreamResponse, request_head
 from rproxy.forwarding.tunnel import Tunnels, open_tunnel
 from rproxy.messages import (
@@ -95,10 +97,10 @@ class RequestBody:
     def replayable(self) -> bool:
         return self.buffered is not None or not self.streaming
 
-    def payload(self):
+    def payload(self) -> bytes | RequestBody:
         return self.buffered if self.buffered is not None else self
 
-    def __iter__(self):
+    def __iter__(self) -> RequestBody:
         return self
 
     def __next__(self) -> bytes:
@@ -141,6 +143,12 @@ class RequestBody:
         return data
 
 
+class Release(Protocol):
+    """Hands an exchange's connection back: to its pool when `reusable`, else closed."""
+
+    def __call__(self, reusable: bool) -> None: ...
+
+
 class UpstreamBody:
     """The upstream's response body, read as it arrives. The WSGI server
     calls close() when done, also when the client went away mid-way.
@@ -148,7 +156,7 @@ class UpstreamBody:
 
     __slots__ = ("response", "request", "label", "release", "finished", "first")
 
-    def __init__(self, response, request: Request, label: str, release):
+    def __init__(self, response: UpstreamResponse, request: Request, label: str, release: Release) -> None:
         self.response = response
         self.request = request
         self.label = label
@@ -177,7 +185,7 @@ class UpstreamBody:
         if response.complete:
             self._done(reusable=response.reusable)
 
-    def __iter__(self):
+    def __iter__(self) -> UpstreamBody:
         return self
 
     def __next__(self) -> bytes:
@@ -223,7 +231,7 @@ class _Lease:
 
     __slots__ = ("server", "conn", "returned")
 
-    def __init__(self, server: Server, conn):
+    def __init__(self, server: Server, conn: HTTPConnection) -> None:
         self.server, self.conn, self.returned = server, conn, False
 
     def __call__(self, reusable: bool) -> None:
@@ -232,7 +240,7 @@ class _Lease:
             _release(self.server, self.conn, reusable)
 
 
-def _release(server: Server, conn, reusable: bool) -> None:
+def _release(server: Server, conn: HTTPConnection, reusable: bool) -> None:
     """Back to the pool; a connection in an unknown state goes back closed."""
     server.end()
     if not reusable:
@@ -316,7 +324,8 @@ class Forwarder:
                 continue
             return self.failure(request, server, outcome, record=False)
 
-    def _attempt(self, server: Server, request: Request, target: str, request_body):
+    def _attempt(self, server: Server, request: Request, target: str,
+                 request_body: RequestBody | None) -> Response | UpstreamError:
         """One server's go at the request: a Response, or the error that stopped it."""
         headers = self._headers(request, server)
         try:
@@ -340,8 +349,8 @@ class Forwarder:
         finally:
             waiting.discard(me)
 
-    def _exchange_on(self, server: Server, conn, release, request: Request, target: str, headers,
-                     request_body):
+    def _exchange_on(self, server: Server, conn: HTTPConnection, release: Release, request: Request, target: str,
+                     headers: dict[str, str], request_body: RequestBody | None) -> Response | UpstreamError:
         """The exchange on a connection taken from the server's pool: a
         Response (its body releases the connection), or the error that
         stopped it (the connection released already)."""
@@ -376,13 +385,13 @@ class Forwarder:
             self.upstream.failed(server, f"status {response.status}")
         else:
             self.upstream.succeeded(server)
-        if request.has_body and not request_body.complete:
+        if request.has_body and request_body is not None and not request_body.complete:
             # The upstream answered before reading the whole body; the rest
             # is still on the client connection, which cannot be reused.
             proxied.close_connection = True
         return proxied
 
-    def proxied(self, request: Request, label: str, response: UpstreamResponse, release) -> Response:
+    def proxied(self, request: Request, label: str, response: UpstreamResponse, release: Release) -> Response:
         """The client's Response for an upstream's response head; its body
         streams from the upstream. An upstream that fails before the first
         body byte gets the client a 502 or 504 (see UpstreamBody.start)."""
@@ -392,14 +401,16 @@ class Forwarder:
             return self._error_answer(request, label, self._upstream_error(e))
 
     @staticmethod
-    def _relay(request: Request, label: str, response: UpstreamResponse, release) -> Response:
+    def _relay(request: Request, label: str, response: UpstreamResponse, release: Release) -> Response:
         headers = response_headers(response.headers.items(), response.headers.get("Connection"),
                                    response.chunked)
         body = UpstreamBody(response, request, label, release)
         body.start()
         return Response(response.status, headers, body, response.reason or None)
 
-    def _exchange(self, conn, method, target, headers, body, chunked, spelled=None, environ=None):
+    def _exchange(self, conn: HTTPConnection, method: str, target: str, headers: dict[str, str],
+                  body: RequestBody | None, chunked: bool, spelled: dict[str, str] | None = None,
+                  environ: dict[str, Any] | None = None) -> UpstreamResponse:
         """Send the request on urllib3's pooled connection and read the
         response head (see exchange.py); a 103 goes on to the client of
         `environ` (early_hints.py)."""
@@ -500,7 +511,8 @@ class Forwarder:
         return response
 
 
-def response_headers(pairs, connection: str | None, chunked: bool) -> list[tuple[str, str]]:
+def response_headers(pairs: Iterable[tuple[str, str]], connection: str | None,
+                     chunked: bool) -> list[tuple[str, str]]:
     dropped: list[str] = []
     out = clean_response_headers(pairs, connection, chunked, dropped)
     for name in dropped:

@@ -28,9 +28,11 @@ import re
 import socket
 import ssl
 import time
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.socket
+from urllib3.connection import HTTPConnection
 
 from rproxy.forwarding.exchange import UpstreamResponse, read_head, request_head
 from rproxy.messages import Request, Response, clean_response_headers, error_response
@@ -39,6 +41,9 @@ from rproxy.server import accesslog
 from rproxy.server.sockets import shutdown_tcp
 from rproxy.server.takeover import TAKEN_OVER, buffered_client_bytes, client_socket
 from rproxy.upstreams.servers import Server
+
+if TYPE_CHECKING:
+    from rproxy.forwarding.forwarder import Forwarder
 
 log = logging.getLogger("rproxy.tunnel")
 
@@ -51,7 +56,7 @@ class FrameTracker:
 
     __slots__ = ("remaining", "pending")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.remaining = 0          # payload bytes left in the current frame
         self.pending = b""          # a frame header split across reads
 
@@ -105,8 +110,8 @@ class Tunnel:
                  "last_active", "closing", "ended", "idle_timeout", "registry", "server", "facts",
                  "started", "__weakref__")
 
-    def __init__(self, client, upstream, websocket: bool, idle_timeout: float,
-                 registry: "Tunnels", server: Server, facts: dict):
+    def __init__(self, client: socket.socket, upstream: socket.socket, websocket: bool, idle_timeout: float,
+                 registry: Tunnels, server: Server, facts: dict[str, Any]) -> None:
         for sock in (client, upstream):
             sock.settimeout(0.0)  # pumps wait for readiness themselves
         self.socks = (client, upstream)
@@ -194,7 +199,7 @@ class Tunnel:
         between frames, then end the tunnel."""
         self.closing = True
         client, upstream = self.socks
-        if self.websocket:
+        if self.trackers is not None:  # a WebSocket
             if self.trackers[1].at_boundary:
                 _send_quietly(client, close_frame(1001, masked=False))
             if self.trackers[0].at_boundary:
@@ -203,7 +208,7 @@ class Tunnel:
         shutdown_tcp(upstream, socket.SHUT_WR)
 
 
-def _send_all(sock, data: bytes, timeout: float) -> None:
+def _send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
     """sendall for a non-blocking (possibly TLS) socket; a peer that reads
     nothing for `timeout` raises socket.timeout."""
     view = memoryview(data)
@@ -216,7 +221,7 @@ def _send_all(sock, data: bytes, timeout: float) -> None:
             gevent.socket.wait_read(sock.fileno(), timeout)
 
 
-def _send_quietly(sock, data: bytes) -> None:
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
     try:
         _send_all(sock, data, 1.0)
     except OSError:
@@ -298,12 +303,14 @@ def switching_head(head: bytes) -> bytes:
     return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 
 
-def open_tunnel(request: Request, server: Server, forwarder, target: str,
+def open_tunnel(request: Request, server: Server, forwarder: Forwarder, target: str,
                 headers: dict[str, str]) -> Response:
     """Handle an upgrade request end to end, for `forwarder`'s route: its
     timeouts and tunnels, and its ways of answering errors (`failure`) and
     relaying ordinary responses (`proxied`)."""
     environ = request.environ
+    upgrade = request.upgrade
+    assert upgrade is not None  # only upgrade requests come here
     client = client_socket(environ)
     if client is None:
         return error_response(request, 400, "protocol upgrades need HTTP/1.1")
@@ -314,6 +321,7 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         return error_response(request, 503, "too many open tunnels in this worker", [("Retry-After", "1")])
 
     conn = server.pool._new_conn()
+    assert isinstance(conn, HTTPConnection)  # the pool classes' ConnectionCls (or its HTTPS subclass)
     conn.timeout = forwarder.connect_timeout
     started = time.monotonic()
     try:
@@ -323,7 +331,7 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
         spelled = request.header_case or {}
         upstream.sendall(request_head(request.method, target, headers,
                                       extra=f"{spelled.get('Connection', 'Connection')}: Upgrade\r\n"
-                                            f"{spelled.get('Upgrade', 'Upgrade')}: {request.upgrade}\r\n",
+                                            f"{spelled.get('Upgrade', 'Upgrade')}: {upgrade}\r\n",
                                       spelled=spelled))
         head, rest = read_head(upstream)
     except Exception as e:
@@ -343,7 +351,7 @@ def open_tunnel(request: Request, server: Server, forwarder, target: str,
 
     client.sendall(switching_head(head))
     facts = {key: environ.get(key) for key in accesslog.FACTS}
-    tunnel = Tunnel(client, upstream, request.upgrade.lower() == "websocket", forwarder.idle_timeout,
+    tunnel = Tunnel(client, upstream, upgrade.lower() == "websocket", forwarder.idle_timeout,
                     tunnels, server, facts)
     tunnel.start(buffered_client_bytes(environ), rest)
     return Response(101, [], TAKEN_OVER)

@@ -12,6 +12,7 @@ takes, so that one URI configures the rate limit and the cache alike:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
@@ -77,8 +78,9 @@ def client(uri: str, timeout: float):
     from redis.cluster import ClusterNode, RedisCluster
     from redis.sentinel import Sentinel
     parsed = parse(uri)
-    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    auth = {"username": parsed.username, "password": parsed.password}
+    # Any: redis-py's constructors take dozens of differently typed keywords.
+    timeouts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
     if parsed.scheme == "redis+sentinel":
         sentinel = Sentinel(list(parsed.nodes), sentinel_kwargs={**timeouts, **auth}, **timeouts)
         return sentinel.master_for(parsed.service, db=parsed.db, **auth, **timeouts)

@@ -11,6 +11,10 @@ import calendar
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rproxy.httpcache.disk import FileBody
 
 # RFC 9110 15.1: statuses cacheable by default (heuristic freshness allowed).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -124,7 +128,9 @@ def targeted_directives(value: str) -> dict[str, str | None] | None:
             if found is None:
                 return None
             pos, item = found.end(), found.group()
-        pos = _SF_PARAMETERS.match(text, pos).end()
+        parameters = _SF_PARAMETERS.match(text, pos)
+        assert parameters is not None  # the pattern matches the empty string too
+        pos = parameters.end()
         result[key.group()] = item  # a repeated key: the last one counts (RFC 8941 4.2.2)
         while text.startswith((" ", "\t"), pos):
             pos += 1
@@ -198,8 +204,9 @@ def _lifetime(entry: Entry, derived: _Derived, targeted: str | None) -> float:
     own directives) first, then a targeted field (which makes Expires
     ignored, RFC 9213 2.1), then Cache-Control and Expires."""
     surrogate = surrogate_directives(entry.headers)
-    if "max-age" in surrogate and seconds(surrogate["max-age"]) is not None:
-        return float(seconds(surrogate["max-age"]))
+    surrogate_age = seconds(surrogate["max-age"]) if "max-age" in surrogate else None
+    if surrogate_age is not None:
+        return float(surrogate_age)
     cc = derived.cc
     for name in ("s-maxage", "max-age"):
         value = seconds(cc.get(name)) if name in cc else None
@@ -226,7 +233,7 @@ class Entry:
     status: int
     reason: str
     headers: list[tuple[str, str]]
-    body: bytes
+    body: bytes | FileBody  # a disk store's large bodies stay in their file
     request_time: float
     response_time: float
     vary: dict[str, str | None] = field(default_factory=dict)  # request header -> value it was stored for

@@ -25,7 +25,8 @@ def _encode(entries: list[Entry]) -> bytes:
     meta = [{"status": e.status, "reason": e.reason, "headers": e.headers, "request_time": e.request_time,
              "response_time": e.response_time, "vary": e.vary, "size": len(e.body)} for e in entries]
     head = json.dumps(meta).encode()
-    return len(head).to_bytes(4, "big") + head + b"".join(e.body for e in entries)
+    # Only the disk store's entries hold a FileBody; this store's hold bytes.
+    return len(head).to_bytes(4, "big") + head + b"".join(e.body for e in entries)  # type: ignore[misc]
 
 
 def _decode(blob: bytes) -> list[Entry]:

@@ -7,17 +7,21 @@ calls. Each middleware lives in its own module with its config.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from rproxy.messages import Request, Response
 from rproxy.middleware import cache, filter, rate_limit, security_headers
 
 Handler = Callable[[Request], Response]
-Middleware = Callable[[Request, Handler], Response]
+
+
+class Middleware(Protocol):
+    def __call__(self, request: Request, call_next: Handler) -> Response: ...
+
 
 # kind -> (config class, factory), in chain order: security headers wrap the
 # rest, so they reach every response, the 429s and 404s of the others too.
-_KINDS = {
+_KINDS: dict[str, tuple[type, Callable[[Any, dict[str, Any]], Middleware]]] = {
     "security_headers": (security_headers.SecurityHeadersConfig, security_headers.make),
     "rate_limit": (rate_limit.RateLimitConfig, rate_limit.make),
     "filter": (filter.FilterConfig, filter.make),

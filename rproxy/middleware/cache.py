@@ -37,10 +37,10 @@ from gevent.event import Event
 
 from rproxy.httpcache import stale
 from rproxy.httpcache.bodies import Tee, discard, drain
-from rproxy.httpcache.disk import DiskStore, body_chunks
+from rproxy.httpcache.disk import DiskStore, KeyLock, body_chunks
 from rproxy.httpcache.revalidation import CONDITIONALS, refreshed, revalidate_later
 from rproxy.httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
-from rproxy.httpcache.store import MemoryStore, RedisStore, Retention
+from rproxy.httpcache.store import MemoryStore, RedisLock, RedisStore, Retention
 from rproxy.messages import Request, Response
 from rproxy.observability import metrics
 from rproxy.storage_guard import StorageGuard
@@ -97,7 +97,7 @@ class HTTPCache:
         self.store = stores[store_key]
         self.config = config
         self.inflight: dict[str, Event] = {}
-        self.held: dict[str, object] = {}  # key -> the store's lock its fetch holds (disk, Redis)
+        self.held: dict[str, KeyLock | RedisLock] = {}  # key -> the store's lock its fetch holds (disk, Redis)
         self.lockable = hasattr(self.store, "lock")
         self.revalidating: set[str] = set()  # keys revalidated in the background now
         self.guard = StorageGuard(f"cache:{config.name}", config.storage, config.storage_retry,

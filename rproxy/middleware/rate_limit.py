@@ -26,7 +26,7 @@ from rproxy.observability import metrics
 from rproxy.storage_guard import StorageGuard
 from rproxy.values import boolean, limit_key, limits, one_of, positive_duration, setting, storage_uri
 
-STRATEGIES = {
+STRATEGIES: dict[str, type[strategies.RateLimiter]] = {
     "moving-window": strategies.MovingWindowRateLimiter,
     "fixed-window": strategies.FixedWindowRateLimiter,
     "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter,
@@ -113,6 +113,7 @@ class RateLimiter:
             candidate = (stats.remaining, max(0, math.ceil(stats.reset_time - now)), item.amount)
             if worst is None or candidate[0] < worst[0]:
                 worst = candidate
+        assert worst is not None  # parse_many gives at least one limit
         remaining, reset, amount = worst
         return allowed, amount, max(0, remaining), reset
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 from rproxy.httpcache.purge import parse_request
 from rproxy.messages import Response, error_response
@@ -24,15 +25,19 @@ from rproxy.observability.status_page import PAGE
 from rproxy.storage_guard import redacted
 from rproxy.tls import acme
 
+if TYPE_CHECKING:
+    from rproxy.config import Config
+    from rproxy.upstreams.servers import Upstream
+
 
 class Admin:
-    def __init__(self, config, upstreams=None):
+    def __init__(self, config: Config, upstreams: dict[str, Upstream] | None = None) -> None:
         self.config = config
         self.upstreams = upstreams or {}
         self.feed = StatusFeed(self.status)
         self.purge_stores: dict | None = None  # cache name -> its store, opened at the first purge
 
-    def __call__(self, environ) -> Response:
+    def __call__(self, environ: dict[str, Any]) -> Response:
         path = environ.get("PATH_INFO", "/")
         if path == "/purge":
             if environ.get("REQUEST_METHOD") != "POST":

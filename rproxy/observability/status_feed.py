@@ -127,6 +127,7 @@ class StatusFeed:
             return error_response(None, 503, "too many live status feeds in this worker",
                                   [("Retry-After", "5")], environ=environ)
         sock = client_socket(environ)
+        assert sock is not None  # handshake_problem refused a request without one
         accept = accept_key(environ["HTTP_SEC_WEBSOCKET_KEY"].strip())
         sock.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode("ascii"))

@@ -16,38 +16,41 @@ import json
 import logging
 import select
 import time
+from datetime import timedelta
+from typing import Any
 
 import gevent
 from gevent import monkey
 from gunicorn import glogging
-from gunicorn.config import AccessLogFormat
+from gunicorn.config import AccessLogFormat, Config
 
 from rproxy.observability import metrics
 from rproxy.record import KEY as RECORD
-from rproxy.record import NOTHING
+from rproxy.record import NOTHING, RequestRecord
 
 _DEFAULT_FORMAT = AccessLogFormat.default
 
 
-def _quote(value) -> str:
+def _quote(value: object) -> str:
     if not value:
         return "-"
-    value = str(value)
-    if '"' in value or "\\" in value or not value.isprintable():
-        value = value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return value
+    text = str(value)
+    if '"' in text or "\\" in text or not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return text
 
 
-_clock = [0, "", ""]  # the second, and its two renderings: computed once a second
+_clock = (0, "", "")  # the second, and its two renderings: computed once a second
 
 
 def _now() -> tuple[str, str]:
     """(common log format time, ISO 8601 time) for this second."""
+    global _clock
     second = int(time.time())
     if second != _clock[0]:
         local = time.localtime(second)
-        _clock[:] = [second, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", local),
-                     time.strftime("%Y-%m-%dT%H:%M:%S%z", local)]
+        _clock = (second, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", local),
+                  time.strftime("%Y-%m-%dT%H:%M:%S%z", local))
     return _clock[1], _clock[2]
 
 
@@ -55,9 +58,9 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def line(environ, status, sent, total_ms: float) -> str:
+def line(environ: dict[str, Any], status: str | int, sent: int | None, total_ms: float) -> str:
     """One access-log line, combined format plus the proxy's facts."""
-    record = environ.get(RECORD) or NOTHING
+    record: RequestRecord = environ.get(RECORD) or NOTHING
     text = (
         f'{record.client or environ.get("REMOTE_ADDR", "-")} - - '
         f'{_now()[0]} '
@@ -79,9 +82,10 @@ FACTS = (RECORD, "REMOTE_ADDR", "REQUEST_METHOD", "RAW_URI", "SERVER_PROTOCOL", 
          "HTTP_USER_AGENT")
 
 
-def json_line(environ, status, sent, total_ms: float, **extra) -> str:
+def json_line(environ: dict[str, Any], status: str | int, sent: int | None, total_ms: float,
+              **extra: int) -> str:
     """The same facts as one JSON object."""
-    record = environ.get(RECORD) or NOTHING
+    record: RequestRecord = environ.get(RECORD) or NOTHING
     entry = {
         "time": _now()[1],
         "request_id": record.request_id,
@@ -104,10 +108,10 @@ def json_line(environ, status, sent, total_ms: float, **extra) -> str:
     return json.dumps(entry, separators=(",", ":"))
 
 
-def environ_atoms(environ: dict) -> dict:
+def environ_atoms(environ: dict[str, Any]) -> dict[str, Any]:
     """`environ` with the record's facts as the `rproxy.*` keys that
     gunicorn's own access_log_format names as %({rproxy.upstream}e)s etc."""
-    record = environ.get(RECORD)
+    record: RequestRecord | None = environ.get(RECORD)
     if record is None:
         return environ
     facts = {"rproxy.client": record.client, "rproxy.request_id": record.request_id,
@@ -121,7 +125,7 @@ def environ_atoms(environ: dict) -> dict:
     return {**environ, **{key: value for key, value in facts.items() if value is not None}}
 
 
-def tunnel_line(facts, seconds: float, upstream_bytes: int, client_bytes: int) -> None:
+def tunnel_line(facts: dict[str, Any], seconds: float, upstream_bytes: int, client_bytes: int) -> None:
     """The access line of a finished tunnel: status 101, bytes each way."""
     metrics.observe_request(facts, 101, seconds)
     if _lines_in_json[0]:
@@ -143,7 +147,7 @@ class AccessLogger(glogging.Logger):
 
     json_lines = False
 
-    def setup(self, cfg):
+    def setup(self, cfg: Config) -> None:
         super().setup(cfg)
         # At a reload gunicorn sets this same logger up again with the new
         # settings: the class they name says the format now.
@@ -196,7 +200,7 @@ class AccessLogger(glogging.Logger):
         except Exception:
             self.exception("cannot write the access log")
 
-    def access(self, resp, req, environ, request_time):
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
         # Every request ends here, logged or not: the moment to count it.
         metrics.observe_request(environ, resp.status, request_time.total_seconds())
         if not self.access_log_enabled:
@@ -204,7 +208,8 @@ class AccessLogger(glogging.Logger):
         if self.cfg.access_log_format != _DEFAULT_FORMAT:
             if self._record_atoms:
                 environ = environ_atoms(environ)
-            return super().access(resp, req, environ, request_time)
+            super().access(resp, req, environ, request_time)
+            return
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         sent, total_ms = getattr(resp, "sent", None), request_time.total_seconds() * 1000
         text = json_line(environ, status, sent, total_ms) if self.json_lines else line(environ, status, sent, total_ms)
@@ -220,23 +225,26 @@ class JsonAccessLogger(AccessLogger):
     json_lines = True
 
 
-def _event_loop():
+def _event_loop() -> Any:
     """The gevent loop of this worker, or None outside a gevent worker."""
     if not monkey.is_module_patched("socket"):
         return None
     return gevent.get_hub().loop
 
 
-def _plain_streams(logger: logging.Logger) -> list[logging.StreamHandler] | None:
+def _plain_streams(logger: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
     """The handlers of gunicorn's own access log set-up (files or stdout,
     the message alone, nothing filtering), or None when a logconfig made
     something else of it: then lines go through logging as usual."""
     handlers = logger.handlers
     if not handlers or logger.filters or not logger.isEnabledFor(logging.INFO):
         return None
+    streams: list[logging.StreamHandler[Any]] = []
     for handler in handlers:
         formatter = handler.formatter
-        if (type(handler) not in (logging.StreamHandler, logging.FileHandler) or handler.filters
+        if (type(handler) not in (logging.StreamHandler, logging.FileHandler)
+                or not isinstance(handler, logging.StreamHandler) or handler.filters
                 or handler.level > logging.INFO or formatter is None or formatter._fmt != "%(message)s"):
             return None
-    return list(handlers)
+        streams.append(handler)
+    return streams

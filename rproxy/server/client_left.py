@@ -12,7 +12,12 @@ gunicorn's master imports uses it, and the master must not import urllib3
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gevent
+
+if TYPE_CHECKING:
+    from greenlet import greenlet
 
 
 class ClientLeft(BaseException):
@@ -23,24 +28,24 @@ class ClientLeft(BaseException):
 
 
 class Waiting:
-    def __init__(self):
-        self._now: set = set()          # waiting on an upstream now
-        self._client_left: set = set()  # client left before their next wait
+    def __init__(self) -> None:
+        self._now: set[greenlet] = set()          # waiting on an upstream now
+        self._client_left: set[greenlet] = set()  # client left before their next wait
 
-    def begins(self):
+    def begins(self) -> greenlet:
         """The current greenlet is about to wait on its upstream: returns it
         for discard(), or raises ClientLeft when its client has left."""
-        me = gevent.getcurrent()
+        me: greenlet = gevent.getcurrent()
         if me in self._client_left:
             raise ClientLeft()
         self._now.add(me)
         return me
 
-    def discard(self, greenlet) -> None:
+    def discard(self, greenlet: greenlet) -> None:
         """The wait begun by begins() is over."""
         self._now.discard(greenlet)
 
-    def cut_short(self, greenlet) -> None:
+    def cut_short(self, greenlet: greenlet) -> None:
         """The client of the request `greenlet` serves has left: stop its
         upstream wait now if it is in one, else when it begins the next.
         Called from the hub (a loop callback), never by the greenlet itself."""
@@ -49,7 +54,7 @@ class Waiting:
         elif not greenlet.dead:
             self._client_left.add(greenlet)
 
-    def forget(self, greenlet) -> None:
+    def forget(self, greenlet: greenlet) -> None:
         """The greenlet is done with its request."""
         self._client_left.discard(greenlet)
 

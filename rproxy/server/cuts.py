@@ -6,6 +6,7 @@ over HTTP/1.1, a quiet RST_STREAM of just that stream over HTTP/2)."""
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http2.errors import HTTP2StreamError
@@ -27,6 +28,8 @@ class StreamCut(HTTP2StreamError):
     """ConnectionCut over HTTP/2: the worker resets just this stream,
     quietly; the connection's other streams go on."""
 
+    message: str  # set by HTTP2StreamError
+
     def __init__(self, message: str):
         super().__init__(0, message)
 
@@ -34,7 +37,7 @@ class StreamCut(HTTP2StreamError):
         return self.message
 
 
-def cut_client(environ: dict, message: str) -> Exception:
+def cut_client(environ: dict[str, Any], message: str) -> Exception:
     """The exception that cuts this client's response short."""
     if environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
         return StreamCut(message)

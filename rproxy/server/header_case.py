@@ -16,6 +16,10 @@ HTTP/2 has no case to keep: its names are lower-case on the wire (RFC 9113
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
+from gunicorn.config import Config
 from gunicorn.http import message
 
 from rproxy.messages import HEADER_CASE
@@ -30,15 +34,15 @@ class _Recording:
     turn (nothing in between waits on I/O), so no other connection's parse
     comes in between."""
 
-    def __init__(self, module):
+    def __init__(self, module: ModuleType) -> None:
         self._module = module
-        self.fields: list = []
+        self.fields: list[tuple[bytes, bytes]] = []
 
-    def __getattr__(self, name):  # its exceptions, looked up when one is raised
+    def __getattr__(self, name: str) -> Any:  # its exceptions, looked up when one is raised
         return getattr(self._module, name)
 
-    def parse_request(self, data, **limits):
-        result = self._module.parse_request(data, **limits)
+    def parse_request(self, data: bytes, **limits: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._module.parse_request(data, **limits)
         self.fields = result["headers"]
         return result
 
@@ -46,7 +50,7 @@ class _Recording:
 _recording: _Recording | None = None
 
 
-def install(cfg) -> None:
+def install(cfg: Config) -> None:
     """In a worker with preserve_header_case on, before it serves: the fast
     parser (when gunicorn uses it) keeps what it parsed last at hand."""
     global _recording
@@ -71,7 +75,7 @@ def _learn(raw: bytes) -> tuple[str, str]:
     return pair
 
 
-def spellings(names) -> dict[str, str]:
+def spellings(names: list[bytes]) -> dict[str, str]:
     """{X-Api-Key: x-api-KEY} for the names (bytes) a client sent. The
     first spelling of a name sent twice wins."""
     known = _known
@@ -81,7 +85,9 @@ def spellings(names) -> dict[str, str]:
 
 def fast_parsed() -> dict[str, str]:
     """The spellings of the head gunicorn_h1c parsed last."""
-    fields, _recording.fields = _recording.fields, []
+    recording = _recording
+    assert recording is not None  # read only where install() put it in place
+    fields, recording.fields = recording.fields, []
     known = _known
     return dict([known.get(name) or _learn(name) for name, _ in reversed(fields)])
 

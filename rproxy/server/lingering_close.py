@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any, Iterable, Iterator
 
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 16 << 20
@@ -23,15 +24,15 @@ class LingeringClose:
 
     __slots__ = ("body", "iterator", "sock", "finished")
 
-    def __init__(self, body, environ):
+    def __init__(self, body: Iterable[bytes], environ: dict[str, Any]) -> None:
         self.body = body
-        self.iterator = iter(body)
+        self.iterator: Iterator[bytes] = iter(body)
         # Over HTTP/2 the socket carries other streams: nothing to close.
         h2 = environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2")
-        self.sock = None if h2 else environ.get("gunicorn.socket")
+        self.sock: socket.socket | None = None if h2 else environ.get("gunicorn.socket")
         self.finished = False
 
-    def __iter__(self):
+    def __iter__(self) -> LingeringClose:
         return self
 
     def __next__(self) -> bytes:
@@ -50,7 +51,7 @@ class LingeringClose:
             linger(self.sock)
 
 
-def linger(sock) -> None:
+def linger(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_SECONDS

@@ -30,10 +30,18 @@ import os
 import socket
 import ssl
 import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from rproxy.tls import acme, alpn_challenge
 from rproxy.tls.certificates import CertificateFiles, CertificateStore
 from rproxy.values import listener_key
+
+if TYPE_CHECKING:
+    from gunicorn.config import Config as GunicornConfig
+
+    from rproxy.config import Config
+
+MakeContext = Callable[[str, "str | None"], ssl.SSLContext]
 
 log = logging.getLogger("rproxy.tls")
 
@@ -47,25 +55,27 @@ _PLAIN_HTTP_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; ch
                       b"400 Bad Request: this port speaks HTTPS, not plain HTTP")
 
 
-def _alpn(conf) -> list[str]:
+def _alpn(conf: GunicornConfig) -> list[str]:
     protocols = getattr(conf, "http_protocols", None) or ["h1"]
     names = {"h2": "h2", "h1": "http/1.1"}
     return [names[p] for p in protocols if p in names]
 
 
-def certificate_sources(config, make_context) -> tuple[list, list]:
+def certificate_sources(config: Config, make_context: MakeContext
+                        ) -> tuple[list[CertificateFiles], list[CertificateFiles]]:
     """The certificate pairs a config serves: (in the order their names take
     precedence, in the order a default is chosen). Names an [acme] section
     manages get its certificates; until they exist, the self-signed
     placeholder is the last resort."""
-    files = []
+    files: list[CertificateFiles] = []
     if config.server.certfile:
         files.append(CertificateFiles(config.server.certfile, config.server.keyfile, make_context,
                                       "[server] certfile"))
     for name, section in config.certificates.items():
         files.append(CertificateFiles(section.certfile, section.keyfile, make_context,
                                       f"[certificate:{name}]"))
-    managed, placeholder = [], []
+    managed: list[CertificateFiles] = []
+    placeholder: list[CertificateFiles] = []
     if config.acme.domains:
         cache = acme.CacheDir(config.acme)
         managed = [CertificateFiles(cache.certificate(domain), None, make_context, f"acme {domain}")
@@ -75,19 +85,19 @@ def certificate_sources(config, make_context) -> tuple[list, list]:
     return [*managed, *files, *placeholder], [*files, *managed, *placeholder]
 
 
-def is_tls(environ) -> bool:
+def is_tls(environ: dict[str, Any]) -> bool:
     """Did this request come over TLS (as opposed to a plain listener)?"""
     return isinstance(environ.get("gunicorn.socket"), ssl.SSLSocket)
 
 
-def ssl_context_hook(config):
+def ssl_context_hook(config: Config) -> Callable[..., ssl.SSLContext]:
     """gunicorn's `ssl_context` setting for this config."""
-    def ssl_context(conf, default_ssl_context_factory=None) -> ssl.SSLContext:
+    def ssl_context(conf: GunicornConfig, default_ssl_context_factory: Any = None) -> ssl.SSLContext:
         return server_context(config, _alpn(conf))
     return ssl_context
 
 
-def server_context(config, alpn: list[str]) -> ssl.SSLContext:
+def server_context(config: Config, alpn: list[str]) -> ssl.SSLContext:
     server = config.server
     minimum = VERSIONS[server.tls_min_version]
 
@@ -99,7 +109,7 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
             context.set_alpn_protocols(alpn)
         return context
 
-    def make_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    def make_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
         # ssl.SSLContext is looked up now, in the worker, after gevent patched it.
         context = configure(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         context.load_cert_chain(certfile, keyfile)
@@ -117,8 +127,11 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class
+        tls_alpn_challenges: alpn_challenge.Challenges | None = None  # looked at by ServerSocket.do_handshake
 
-        def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
+        # A plain listener's socket comes back unwrapped: not an SSLSocket.
+        def wrap_socket(self, sock: socket.socket, server_side: bool = False,  # type: ignore[override]
+                        do_handshake_on_connect: bool = True, **kwargs: Any) -> socket.socket:
             if server_side and _local_key(sock) in plain:
                 return sock
             # The worker's connection handler does the handshake, under its head deadline.
@@ -126,8 +139,9 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
                                        do_handshake_on_connect=not server_side and do_handshake_on_connect,
                                        **kwargs)
 
-    context = configure(ServerContext(ssl.PROTOCOL_TLS_SERVER))
-    context.tls_alpn_challenges = challenges  # looked at by ServerSocket.do_handshake
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    configure(context)
+    context.tls_alpn_challenges = challenges
     default = next((s for s in by_default if s.context is not None), None)
     if default is not None:
         context.load_cert_chain(default.certfile, default.keyfile)
@@ -135,7 +149,8 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
         # Checked at start, so gone since: handshakes fail until a certificate is back.
         log.error("tls: no certificate could be loaded; TLS handshakes fail until one can")
 
-    def choose_certificate(ssl_socket, server_name, current):
+    def choose_certificate(ssl_socket: ssl.SSLSocket | ssl.SSLObject, server_name: str | None,
+                           current: ssl.SSLContext) -> None:
         # Called for every ClientHello, with server_name None when the client sent no SNI.
         if ssl_socket.context is not current:
             return None  # a TLS-ALPN-01 validation: its context was chosen before the handshake
@@ -151,12 +166,13 @@ def server_context(config, alpn: list[str]) -> ssl.SSLContext:
     return context
 
 
-def _local_key(sock):
+def _local_key(sock: socket.socket) -> int | str | None:
     try:
         name = sock.getsockname()
     except OSError:
         return None
-    return name[1] if isinstance(name, tuple) else name
+    key: int | str = name[1] if isinstance(name, tuple) else name  # (host, port), or a Unix path
+    return key
 
 
 class _HandshakeFailed(ssl.SSLEOFError):
@@ -164,10 +180,10 @@ class _HandshakeFailed(ssl.SSLEOFError):
     handshake deserves no more than that (and a debug line)."""
 
 
-_socket_classes: dict = {}
+_socket_classes: dict[type[ssl.SSLSocket], type[ssl.SSLSocket]] = {}
 
 
-def _server_socket_class():
+def _server_socket_class() -> type[ssl.SSLSocket]:
     """The SSLSocket class of server connections, made in the worker from
     gevent's SSLSocket once gevent has patched the ssl module. The time a
     handshake may take is the worker's client_header_timeout, which runs
@@ -177,8 +193,8 @@ def _server_socket_class():
     if cls is not None:
         return cls
 
-    class ServerSocket(base):
-        def do_handshake(self, *args, **kwargs):
+    class ServerSocket(ssl.SSLSocket):  # gevent's, once it patched ssl: read at this call
+        def do_handshake(self, *args: Any, **kwargs: Any) -> None:
             peer = _peer(self)
             challenges = getattr(self.context, "tls_alpn_challenges", None)
             if challenges is not None and (pending := challenges.pending()):
@@ -207,19 +223,19 @@ def _server_socket_class():
     return ServerSocket
 
 
-def handshake_done(sock) -> bool:
+def handshake_done(sock: socket.socket) -> bool:
     """False for a TLS connection whose handshake has not completed."""
     return not isinstance(sock, ssl.SSLSocket) or sock.version() is not None
 
 
-def _peer(sock) -> str:
+def _peer(sock: socket.socket) -> str:
     try:
         return str(sock.getpeername()[0])
     except (OSError, IndexError, TypeError):
         return "a client"
 
 
-def _answer_plain_http(sock) -> None:
+def _answer_plain_http(sock: socket.socket) -> None:
     """Answer with plain bytes under the failed TLS layer, then close
     gracefully: stop sending, read what the client still sends (briefly), so
     that the close does not reset the connection before the answer is read."""

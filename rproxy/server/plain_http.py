@@ -14,15 +14,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from rproxy.messages import Request, Response, error_response
 from rproxy.server.listeners import is_tls
 from rproxy.storage_guard import StorageGuard
 from rproxy.tls import acme
 from rproxy.values import listener_key
 
+if TYPE_CHECKING:
+    from rproxy.client_address import Forwarding
+    from rproxy.config import Config
+
 
 class PlainHttp:
-    def __init__(self, config, forwarding):
+    def __init__(self, config: Config, forwarding: Forwarding) -> None:
         server = config.server
         self.forwarding = forwarding
         self.redirect = server.redirect_http and bool(server.http_bind)
@@ -33,16 +39,18 @@ class PlainHttp:
         self.port_suffix = "" if port == 443 else f":{port}"
         self.cache = acme.CacheDir(config.acme) if config.acme.domains else None
         self.acme = config.acme
-        self.store = self.guard = None  # the fleet's store, connected at the first challenge path
+        # The fleet's store, connected at the first challenge path.
+        self.store: acme.acme_store.RedisStore | None = None
+        self.guard: StorageGuard | None = None
 
-    def _store(self):
+    def _store(self) -> acme.acme_store.RedisStore | None:
         if self.store is None and self.acme.storage:
             self.store = acme.shared_store(self.acme, timeout=2.0)
             self.guard = StorageGuard("acme", self.acme.storage, retry=5.0,
                                       while_down="HTTP-01 challenges are answered from cache_dir alone")
         return self.store
 
-    def set_scheme(self, environ) -> None:
+    def set_scheme(self, environ: dict[str, Any]) -> None:
         if is_tls(environ):
             return
         trusted_https = (environ.get("HTTP_X_FORWARDED_PROTO", "").strip().lower() == "https"

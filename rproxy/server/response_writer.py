@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from email.utils import formatdate
+from typing import Any
 
 from gunicorn.http import wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
 
-_date = [0, ""]
+_date: list[Any] = [0, ""]  # the second, and its Date
 
 
 # The Server header line (HTTP/1.x) and field (HTTP/2), or none: install().

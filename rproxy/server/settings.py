@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
 from rproxy import config as config_module
 from rproxy import instance
@@ -24,6 +25,12 @@ from rproxy.config import Config, ConfigError
 from rproxy.observability import metrics
 from rproxy.server import listeners
 from rproxy.tls import acme, certificates
+
+if TYPE_CHECKING:
+    # Not at run time: paste.py tells a gunicorn worker by its modules being loaded.
+    from gunicorn import glogging
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 # Certificates from files closer to expiry than this get a warning at start.
 EXPIRY_WARNING = datetime.timedelta(days=14)
@@ -40,7 +47,7 @@ def ini_path(conf_dir: str, argv: list[str]) -> str:
     return os.environ.get("RPROXY_CONFIG") or os.path.join(conf_dir, config_module.DEFAULT_PATH)
 
 
-def to_gunicorn(config: Config) -> dict:
+def to_gunicorn(config: Config) -> dict[str, Any]:
     server, log = config.server, config.log
     return {
         "wsgi_app": "rproxy.app:application",
@@ -93,12 +100,12 @@ def default_certificate(config: Config) -> str | None:
     return acme.CacheDir(config.acme).placeholder
 
 
-def child_exit(arbiter, worker) -> None:
+def child_exit(arbiter: Arbiter, worker: Worker) -> None:
     """In the master: a dead worker's live gauges stop counting."""
     metrics.worker_died(worker.pid)
 
 
-def when_ready(arbiter) -> None:
+def when_ready(arbiter: Arbiter) -> None:
     """In the master, once listening: take the commands held since start-up,
     say what is unsafe, which listeners are plain, and what several workers
     change."""
@@ -131,7 +138,7 @@ def when_ready(arbiter) -> None:
                             "storage = redis://... shares them", ", ".join(local), arbiter.cfg.workers)
 
 
-def _warn_expiring(config: Config, log) -> None:
+def _warn_expiring(config: Config, log: glogging.Logger) -> None:
     """Certificates from files are not renewed by rproxy: say so when one is about to expire."""
     pairs = [("[server] certfile", config.server.certfile)]
     pairs += [(f"[certificate:{name}]", c.certfile) for name, c in config.certificates.items()]
@@ -149,14 +156,14 @@ def _warn_expiring(config: Config, log) -> None:
                         left.days, f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}")
 
 
-def pre_fork(arbiter, worker) -> None:
+def pre_fork(arbiter: Arbiter, worker: Worker) -> None:
     """In the master, about to fork a worker: signals sent to it while it
     boots wait until it has its handlers."""
     from rproxy.server.worker import hold_signals_across_fork  # the worker class: imported by now
     hold_signals_across_fork(worker)
 
 
-def post_worker_init(worker) -> None:
+def post_worker_init(worker: Worker) -> None:
     config = getattr(worker.wsgi, "config", None)
     if config is not None:
         worker.log.info("rproxy worker %s ready: %d routes, %d upstreams", worker.pid,
@@ -165,7 +172,7 @@ def post_worker_init(worker) -> None:
             acme.start(config, lambda: worker.alive)
 
 
-def worker_exit(arbiter, worker) -> None:
+def worker_exit(arbiter: Arbiter, worker: Worker) -> None:
     """In the stopping worker, after gunicorn's own requests are done: tunnels
     (which gunicorn no longer tracks) say goodbye before the process ends."""
     shutdown = getattr(worker.wsgi, "shutdown", None)
@@ -179,20 +186,20 @@ def worker_exit(arbiter, worker) -> None:
 # and reloads in one step) waits, blocked, until when_ready. Before this
 # module runs, nothing but the default action can take it.
 _MASTER_COMMANDS = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU})
-_master_held: frozenset = frozenset()
+_master_held: frozenset[signal.Signals] = frozenset()
 
 # The config this master serves, validated. Workers are forked from the
 # master, so they start from it rather than from the file, which may have
 # changed (and broken) since.
 _serving: Config | None = None
-_settings: dict = {}
+_settings: dict[str, Any] = {}
 
 
 def serving_config() -> Config | None:
     return _serving
 
 
-def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict:
+def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict[str, Any]:
     """At start: the settings, or exit with the config's problem. At a reload
     (HUP): the new settings, or, when the file is now broken, the old ones
     kept with an error logged, so that the proxy goes on serving."""

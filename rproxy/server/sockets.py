@@ -13,7 +13,7 @@ import socket
 import gevent.socket
 
 
-def readable_now(sock) -> bool | None:
+def readable_now(sock: socket.socket) -> bool | None:
     """Is this idle socket readable right now: closed by its peer (EOF,
     reset) or holding bytes nobody asked for? None when it is not a gevent
     socket, for the caller's slower check. One non-blocking peek on the
@@ -30,7 +30,7 @@ def readable_now(sock) -> bool | None:
     return True
 
 
-def shutdown_tcp(sock, how: int) -> None:
+def shutdown_tcp(sock: socket.socket, how: int) -> None:
     """Shut one direction of the TCP connection. On a TLS socket,
     SSLSocket.shutdown() would also drop the TLS layer and break the
     direction still running: gevent's SSLSocket is a gevent socket, whose

@@ -12,20 +12,32 @@ without writing anything or closing it under the new owner
 from __future__ import annotations
 
 import socket
+from typing import Any, Iterator
+
+
+class _TakenOver:
+    """An empty body, recognised by identity: nothing is written for it."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
 
 # The body of a response whose connection the core has taken over.
-TAKEN_OVER = object()
+TAKEN_OVER = _TakenOver()
 
 
-def client_socket(environ) -> socket.socket | None:
+def client_socket(environ: dict[str, Any]) -> socket.socket | None:
     """The client's connection, when it can be taken over: HTTP/1.x only
     (an HTTP/2 connection carries other streams)."""
     if environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
         return None
-    return environ.get("gunicorn.socket")
+    sock: socket.socket | None = environ.get("gunicorn.socket")
+    return sock
 
 
-def buffered_client_bytes(environ) -> bytes:
+def buffered_client_bytes(environ: dict[str, Any]) -> bytes:
     """Bytes the client sent right behind its request head, already read
     into gunicorn's buffers behind wsgi.input: its body reader's unreader
     and the body's own buffer."""

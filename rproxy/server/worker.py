@@ -38,6 +38,8 @@ import signal
 import socket
 import ssl
 import time
+from types import TracebackType
+from typing import Any, Callable, Iterable
 
 import gevent
 import gunicorn.http
@@ -96,7 +98,7 @@ class AddressCounts:
             self.counts[address] = held
 
 
-def _refuse(sock, status: str, message: str, retry_after: int | None = None) -> None:
+def _refuse(sock: socket.socket, status: str, message: str, retry_after: int | None = None) -> None:
     """Answer on a connection the app never sees, without waiting on the client."""
     body = f"{message}\n".encode()
     head = f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
@@ -109,7 +111,7 @@ def _refuse(sock, status: str, message: str, retry_after: int | None = None) -> 
         pass
 
 
-def settle_settings(cfg) -> None:
+def settle_settings(cfg: Any) -> None:
     """gunicorn reads each setting through Config.__getattr__ (a lookup and
     a method call), some twenty times a request; a worker's settings never
     change (a reload starts new workers), so they become plain attributes,
@@ -118,13 +120,16 @@ def settle_settings(cfg) -> None:
         cfg.__dict__[name] = setting.get()
 
 
-def _remembered_trust(in_allow_list):
+TrustCheck = Callable[[str, Any, Any], bool]
+
+
+def _remembered_trust(in_allow_list: TrustCheck) -> TrustCheck:
     """gunicorn parses the peer's address with ipaddress for every request to
     decide whether it may send forwarding headers: the answer, remembered per
     address (and allow list, which is fixed per worker)."""
-    known: dict = {}
+    known: dict[tuple[str, int], bool] = {}
 
-    def remembered(address, allow_list, networks):
+    def remembered(address: str, allow_list: Any, networks: Any) -> bool:
         key = (address, id(networks))
         trusted = known.get(key)
         if trusted is None:
@@ -136,10 +141,10 @@ def _remembered_trust(in_allow_list):
     return remembered
 
 
-def _nothing_left(body) -> bool:
+def _nothing_left(body: Any) -> bool:
     """Was the whole body read (or there was none)? Then gunicorn's drain,
     with its socket timeout juggling, has nothing to do."""
-    reader = getattr(body, "reader", None)
+    reader: Any = getattr(body, "reader", None)
     return type(reader) is LengthReader and reader.length == 0 and not body.failed
 
 
@@ -159,11 +164,11 @@ class ChunkedReader(body.ChunkedReader):
 
     max_body_size = 0  # [server] max_body_size, set once per worker; 0 = unlimited
 
-    def __init__(self, req, unreader):
+    def __init__(self, req: Any, unreader: Any) -> None:
         super().__init__(req, unreader)
         self.declared = 0
 
-    def parse_chunk_size(self, unreader, data=None):
+    def parse_chunk_size(self, unreader: Any, data: bytes | None = None) -> tuple[int, bytes | None]:
         size, rest = super().parse_chunk_size(unreader, data)
         if size > MAX_CHUNK_SIZE:
             raise InvalidChunkSize(b"out of range")
@@ -183,7 +188,7 @@ class Request(message.Request):
 
     keep_case = False  # [server] preserve_header_case, set once per worker
 
-    def _parse_fast(self, unreader, buf):
+    def _parse_fast(self, unreader: Any, buf: bytes) -> Any:
         try:
             rest = super()._parse_fast(unreader, buf)
         except InvalidRequestLine:
@@ -196,8 +201,8 @@ class Request(message.Request):
             self.headers.append((header_case.SPELLINGS, header_case.fast_parsed()))
         return rest
 
-    def parse_headers(self, data, from_trailer=False):
-        headers = super().parse_headers(data, from_trailer)
+    def parse_headers(self, data: bytes, from_trailer: bool = False) -> list[tuple[str, Any]]:
+        headers: list[tuple[str, Any]] = super().parse_headers(data, from_trailer)
         if self.keep_case and not from_trailer:
             headers.append((header_case.SPELLINGS, header_case.head_parsed(data)))
         return headers
@@ -212,14 +217,16 @@ class RequestParser(parser.RequestParser):
     copy of it): about 2 KiB less per idle connection."""
 
     mesg_class = Request
+    mesg: Request | None
 
-    def __init__(self, cfg, source, source_addr):
+    def __init__(self, cfg: Any, source: Any, source_addr: Any) -> None:
         super().__init__(cfg, source, source_addr)
         _parsers[gevent.getcurrent()] = self
 
-    def __next__(self):
+    def __next__(self) -> Request:
         self.await_next()
-        return super().__next__()
+        request: Request = super().__next__()
+        return request
 
     def await_next(self) -> None:
         """Once a request is finished: close (StopIteration), or wait until
@@ -235,23 +242,23 @@ class RequestParser(parser.RequestParser):
             return
         sock.recv(1, socket.MSG_PEEK)  # returns once a byte is in (or the client closed)
 
-    def _finished_with(self, mesg) -> bool:
+    def _finished_with(self, mesg: Request) -> bool:
         """Must the connection close after this message? (A helper, so that
         no frame waiting for the next request holds on to it.)"""
         return mesg.should_close() or not (_nothing_left(mesg.body) or self.finish_body())
 
 
 # Each HTTP/1 connection greenlet's parser (see Worker.timeout_ctx).
-_parsers: dict = {}
+_parsers: dict[Any, RequestParser] = {}  # greenlet -> parser
 
 _NO_TIMEOUT = contextlib.nullcontext()
 
 
-def _expire(greenlet, exception) -> None:
+def _expire(greenlet: Any, exception: type[HeadTimeout]) -> None:
     greenlet.throw(exception)
 
 
-def _disarm(timer) -> None:
+def _disarm(timer: Any) -> None:
     if timer is not None:
         timer.close()
 
@@ -262,7 +269,7 @@ class Acceptor(StreamServer):
     after (Worker.handle does), called with *args: a level of C stack more
     under every connection, and an idle one keeps a copy of it (0.5 KiB)."""
 
-    def do_handle(self, *args):
+    def do_handle(self, *args: Any) -> None:
         try:
             if self._spawn is None:
                 self._handle(*args)
@@ -283,10 +290,10 @@ class Acceptor(StreamServer):
 _WORKER_SIGNALS = frozenset(GeventWorker.SIGNALS) - {signal.SIGCHLD}
 # Blocked by hold_signals_across_fork: in the master until fork returns, in
 # the new worker until its own handlers are in place.
-_held: frozenset = frozenset()
+_held: frozenset[signal.Signals] = frozenset()
 
 
-def hold_signals_across_fork(worker) -> None:
+def hold_signals_across_fork(worker: Any) -> None:
     """In the master, just before it forks `worker` (gunicorn's pre_fork):
     block the worker's signals, so that those sent to the new process wait,
     pending, until it can handle them itself (Worker.init_signals). The
@@ -308,11 +315,11 @@ os.register_at_fork(after_in_parent=_release_held)
 
 class Worker(GeventWorker):
 
-    def init_signals(self):
+    def init_signals(self) -> None:
         super().init_signals()
         _release_held()  # what was sent since the fork is delivered now, to these handlers
 
-    def run(self):
+    def run(self) -> None:
         server = self.wsgi.config.server
         self.header_timeout = server.client_header_timeout
         self.keepalive_timeout = server.keepalive
@@ -322,7 +329,7 @@ class Worker(GeventWorker):
         self._out_of_fds_logged = 0.0
         # Each connection greenlet's head deadline (a gevent.local would cost
         # an idle keep-alive connection a dict of its own).
-        self._deadlines: dict = {}
+        self._deadlines: dict[Any, Any] = {}  # greenlet -> its timer, or None
         hub = gevent.get_hub()
         self._loop = hub.loop
         self._hub_handle_error = hub.handle_error
@@ -360,15 +367,15 @@ class Worker(GeventWorker):
     # gunicorn asks for this context just before it reads each request:
     # the wait for a keep-alive connection's next one is done here, at the
     # shallowest point of the connection's stack.
-    def timeout_ctx(self):
+    def timeout_ctx(self) -> contextlib.AbstractContextManager[None]:
         parser = _parsers.get(gevent.getcurrent())
         if parser is not None:
             parser.await_next()
         return _NO_TIMEOUT
 
-    def handle(self, listener, client, addr):
+    def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         address = addr[0] if isinstance(addr, tuple) else ""
-        counted = None
+        counted: str | None = None
         if self.per_address is not None and not self.forwarding.is_trusted(address):
             if not self.per_address.enter(address):
                 log.warning("client %s already holds %d connections (max_connections_per_ip): "
@@ -390,20 +397,21 @@ class Worker(GeventWorker):
         finally:
             _disarm(self._deadlines.pop(me))
             _parsers.pop(me, None)
-            if counted is not None:
+            if counted is not None and self.per_address is not None:
                 self.per_address.leave(counted)
             client.close()  # gunicorn's part closes it already, except when it raised
 
-    def handle_http2(self, listener, client, addr, preface=b"", upgrade=None):
+    def handle_http2(self, listener: Any, client: socket.socket, addr: Any, preface: bytes = b"",
+                     upgrade: Any = None) -> None:
         # An HTTP/2 connection has its own idle and stream timeouts: no head deadline.
         _disarm(self._deadlines[gevent.getcurrent()])
         http2.serve_connection(self, listener, client, addr, preface, upgrade)
 
-    def handle_http2_request(self, listener_name, req, sock, addr, h2_conn):
+    def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any, h2_conn: Any) -> None:
         http2.http1_framing(req)
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
 
-    def is_already_handled(self, respiter) -> bool:
+    def is_already_handled(self, respiter: Iterable[bytes]) -> bool:
         # The core took the connection over (server/takeover.py): gunicorn
         # must neither write to it nor read another request from it, and its
         # keep-alive loop ignores handle_request's answer, so end the loop as
@@ -411,9 +419,10 @@ class Worker(GeventWorker):
         # owner keeps its own reference to the connection).
         if respiter is TAKEN_OVER:
             raise StopIteration("connection taken over")
-        return super().is_already_handled(respiter)
+        handled: bool = super().is_already_handled(respiter)
+        return handled
 
-    def handle_request(self, listener_name, req, sock, addr):
+    def handle_request(self, listener_name: Any, req: Any, sock: socket.socket, addr: Any) -> Any:
         me = gevent.getcurrent()
         _disarm(self._deadlines[me])
         counted = self._forwarded_client(req, addr)
@@ -427,7 +436,7 @@ class Worker(GeventWorker):
                      self.client_timeout)
             raise StopIteration() from None
         finally:
-            if counted:
+            if counted and self.per_address is not None:
                 self.per_address.leave(counted)
             with contextlib.suppress(OSError):
                 if sock.gettimeout() != 0.0:  # 0.0: a tunnel owns the socket now
@@ -436,7 +445,7 @@ class Worker(GeventWorker):
             # time it had left, not the whole timeout.
             self._deadlines[me] = self._arm(self.keepalive_timeout, first=False)
 
-    def _forwarded_client(self, req, addr):
+    def _forwarded_client(self, req: Any, addr: Any) -> str | None:
         """Behind a trusted proxy, cap concurrent requests per forwarded
         client address: the counted address, or None when not counted.
         Over the cap, _Refused ends the connection with a 429."""
@@ -451,7 +460,7 @@ class Worker(GeventWorker):
                     "(max_connections_per_ip): 429", client, peer, self.per_address.limit)
         raise _Refused(client)
 
-    def _arm(self, seconds: float, first: bool):
+    def _arm(self, seconds: float, first: bool) -> Any:
         """A started timer that throws the head timeout into this greenlet
         (what gevent.Timeout does, without an exception object per request),
         or None."""
@@ -461,7 +470,7 @@ class Worker(GeventWorker):
         timer.start(_expire, gevent.getcurrent(), FirstHeadTimeout if first else NextHeadTimeout, update=True)
         return timer
 
-    def handle_error(self, req, client, addr, exc):
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         if isinstance(exc, _Refused):
             _refuse(client, "429 Too Many Requests", "too many requests from your address under way", 1)
             linger(client)
@@ -486,7 +495,8 @@ class Worker(GeventWorker):
             # sending, would never read the answer.
             linger(client)
 
-    def _hub_error(self, context, type_, value, tb):
+    def _hub_error(self, context: Any, type_: type[BaseException] | None, value: BaseException | None,
+                   tb: TracebackType | None) -> None:
         if (isinstance(context, BaseServer) and isinstance(value, OSError)
                 and value.errno in (errno.EMFILE, errno.ENFILE)):
             # gevent stops accepting and retries with back-off; say so, at most once a second.

@@ -40,12 +40,16 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
 
 from rproxy.tls import acme_store, ari, certificates
 from rproxy.tls.acme_order import Account, describe
 from rproxy.tls.certificates import CertificateProblem
+
+if TYPE_CHECKING:
+    from rproxy.config.sections import AcmeConfig
+    from rproxy.storage_guard import StorageGuard
 
 log = logging.getLogger("rproxy.acme")
 
@@ -63,7 +67,7 @@ class CacheDir:
     """The layout of cache_dir. Account and certificates are kept per ACME
     directory, so that staging certificates never pass for production ones."""
 
-    def __init__(self, config):
+    def __init__(self, config: AcmeConfig) -> None:
         self.root = os.path.abspath(config.cache_dir)
         parts = urlsplit(config.directory)
         issuer = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{parts.netloc}{parts.path}").strip("-")
@@ -118,7 +122,8 @@ def certificate_problems(config, now: float | None = None) -> list[str]:
     return problems
 
 
-def challenge_answer(cache: CacheDir, path: str, store=None, guard=None) -> bytes | None:
+def challenge_answer(cache: CacheDir, path: str, store: acme_store.RedisStore | None = None,
+                     guard: StorageGuard | None = None) -> bytes | None:
     """The key authorization for an HTTP-01 request path, if one is pending:
     in cache_dir, else (a challenge this instance's mirror has not copied
     yet) in the fleet's store, unless `guard` (a StorageGuard) leaves it
@@ -131,7 +136,7 @@ def challenge_answer(cache: CacheDir, path: str, store=None, guard=None) -> byte
             return f.read()
     except OSError:
         pass
-    if store is None or not guard.allow():
+    if store is None or guard is None or not guard.allow():  # a store goes with its guard
         return None
     try:
         answer = store.http01_answer(token)
@@ -142,7 +147,7 @@ def challenge_answer(cache: CacheDir, path: str, store=None, guard=None) -> byte
     return answer
 
 
-def shared_store(config, timeout: float = acme_store.TIMEOUT):
+def shared_store(config: AcmeConfig, timeout: float = acme_store.TIMEOUT) -> acme_store.RedisStore | None:
     """The fleet's shared store for `[acme] storage`, or None (cache_dir alone)."""
     if not config.storage:
         return None
@@ -240,7 +245,9 @@ class Manager:
         """This instance's part in a fleet: mirror the store into cache_dir
         and, while holding the fleet's issuance lease, manage the certificates."""
         import gevent
-        self.store = self.account.store = shared_store(self.config)
+        store = shared_store(self.config)
+        assert store is not None  # a fleet shares only with [acme] storage
+        self.store = self.account.store = store
         mirror = acme_store.Mirror(self.store, self.cache, self.config.domains)
         failing = False
         alive = self.alive
@@ -400,6 +407,8 @@ class Manager:
     def share_certificates(self) -> None:
         """Hand the certificates obtained here to the fleet's store (again
         after it failed: meanwhile the other instances serve their own)."""
+        if self.store is None:  # no fleet: nothing to share
+            return
         for domain in sorted(self.unshared):
             try:
                 with open(self.cache.certificate(domain), "rb") as f:

@@ -50,7 +50,7 @@ class Account:
         key = certificates.new_key()
         order = client.new_order(crypto_util.make_csr(certificates.key_pem(key), [domain]))
         answers = []  # the files that answer the challenges, removed after the order
-        shared = []  # the same answers in the fleet's store
+        shared: list[str] = []  # the same answers in the fleet's store
         records = []  # the TXT records that answer dns-01 challenges, removed after the order
         responses = []
         try:
@@ -96,6 +96,7 @@ class Account:
                 except OSError:
                     pass
             for name in shared:
+                assert self.store is not None  # answers are shared only through a store
                 try:
                     self.store.remove_challenge(name)
                 except Exception as e:  # noqa: BLE001 - the store expires them

@@ -23,6 +23,7 @@ import os
 import socket
 import ssl
 import time
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -65,10 +66,10 @@ class Challenges:
     """The TLS-ALPN-01 challenges pending in `directory` (one `DOMAIN.pem` each),
     as a worker's TLS listener sees them."""
 
-    def __init__(self, directory: str, configure):
+    def __init__(self, directory: str, configure: Callable[[ssl.SSLContext], ssl.SSLContext]) -> None:
         self.directory = directory
         self.configure = configure  # applies the server's TLS versions and ciphers
-        self._mtime = None
+        self._mtime: int | None = None
         self._names: frozenset[str] = frozenset()
 
     def pending(self) -> frozenset[str]:

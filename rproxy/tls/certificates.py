@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import ssl
 import tempfile
 import time
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def names_of(cert: x509.Certificate) -> tuple[str, ...]:
     """The DNS names a certificate serves: its SAN, else its common name."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = san.get_values_for_type(x509.DNSName)
+        names: list[str | bytes] = list(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return tuple(dict.fromkeys(str(n).lower().rstrip(".") for n in names))
@@ -271,7 +272,9 @@ class CertificateStore:
         return out
 
     def _index(self) -> None:
-        exact, wildcards, fallbacks = {}, [], {}
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcards: list[tuple[str, ssl.SSLContext]] = []
+        fallbacks: dict[str, ssl.SSLContext] = {}
         for source in self.by_name:
             if source.context is None:
                 continue

@@ -14,7 +14,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from rproxy.upstreams.servers import Server
 
 # Ring points per unit of weight: enough for an even spread over few servers.
 POINTS_PER_WEIGHT = 160
@@ -27,10 +30,10 @@ def _hash(data: str) -> int:
 class RoundRobin:
     name = "round_robin"
 
-    def __init__(self, servers: Sequence):
+    def __init__(self, servers: Sequence[Server]) -> None:
         self.servers = servers
 
-    def pick(self, available: list, key: str | None = None):
+    def pick(self, available: list[Server], key: str | None = None) -> Server:
         if len(available) == 1:
             return available[0]
         total, best = 0, None
@@ -39,6 +42,7 @@ class RoundRobin:
             total += server.weight
             if best is None or server.current_weight > best.current_weight:
                 best = server
+        assert best is not None  # `available` is never empty
         best.current_weight -= total
         return best
 
@@ -46,11 +50,11 @@ class RoundRobin:
 class LeastConn:
     name = "least_conn"
 
-    def __init__(self, servers: Sequence):
+    def __init__(self, servers: Sequence[Server]) -> None:
         self.servers = servers
         self._turn = 0
 
-    def pick(self, available: list, key: str | None = None):
+    def pick(self, available: list[Server], key: str | None = None) -> Server:
         # Rotate the starting point so that ties do not all land on the first.
         self._turn = (self._turn + 1) % len(available)
         ordered = available[self._turn:] + available[:self._turn]
@@ -60,7 +64,7 @@ class LeastConn:
 class ConsistentHash:
     name = "hash"
 
-    def __init__(self, servers: Sequence):
+    def __init__(self, servers: Sequence[Server]) -> None:
         self.servers = servers
         points = sorted((_hash(f"{server.label}#{i}"), index)
                         for index, server in enumerate(servers)
@@ -68,7 +72,7 @@ class ConsistentHash:
         self._keys = [p for p, _ in points]
         self._owners = [servers[i] for _, i in points]
 
-    def pick(self, available: list, key: str | None = None):
+    def pick(self, available: list[Server], key: str | None = None) -> Server:
         if len(available) == 1:
             return available[0]
         allowed = set(map(id, available))
@@ -84,10 +88,10 @@ class ConsistentHash:
 class RandomTwo:
     name = "random"
 
-    def __init__(self, servers: Sequence):
+    def __init__(self, servers: Sequence[Server]) -> None:
         self.servers = servers
 
-    def pick(self, available: list, key: str | None = None):
+    def pick(self, available: list[Server], key: str | None = None) -> Server:
         if len(available) == 1:
             return available[0]
         weights = [s.weight for s in available]
@@ -97,7 +101,15 @@ class RandomTwo:
         return min((first, second), key=lambda s: s.in_flight / s.weight)
 
 
-POLICIES: dict[str, Callable] = {
+class Policy(Protocol):
+    name: str
+
+    def __init__(self, servers: Sequence[Server]) -> None: ...
+
+    def pick(self, available: list[Server], key: str | None = None) -> Server: ...
+
+
+POLICIES: dict[str, type[Policy]] = {
     "round_robin": RoundRobin,
     "least_conn": LeastConn,
     "hash": ConsistentHash,

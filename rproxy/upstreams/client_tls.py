@@ -9,9 +9,13 @@ RFC 6066 3). A client certificate is presented to servers that ask (mTLS).
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rproxy.config.sections import UpstreamConfig
 
 
-def client_context(config) -> ssl.SSLContext:
+def client_context(config: UpstreamConfig) -> ssl.SSLContext:
     """The context every connection to this upstream's https:// servers uses.
     Raises ssl.SSLError or OSError when a file cannot be used."""
     context = ssl.create_default_context(cafile=config.ca_file)  # system CAs when None
@@ -24,13 +28,13 @@ def client_context(config) -> ssl.SSLContext:
     return context
 
 
-def pool_options(config, host: str, context: ssl.SSLContext) -> dict:
+def pool_options(config: UpstreamConfig, host: str, context: ssl.SSLContext) -> dict[str, Any]:
     """urllib3 HTTPSConnectionPool arguments for one server."""
     return {"ssl_context": context, "server_hostname": config.tls_name or host,
             "cert_reqs": context.verify_mode}
 
 
-def verification_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
+def verification_failure(error: BaseException | None) -> ssl.SSLCertVerificationError | None:
     """The certificate verification error behind `error`, if that is what it is."""
     seen = 0
     while error is not None and seen < 5:
@@ -41,7 +45,7 @@ def verification_failure(error: BaseException) -> ssl.SSLCertVerificationError |
     return None
 
 
-def tls_failure(error: BaseException) -> ssl.SSLError | None:
+def tls_failure(error: BaseException | None) -> ssl.SSLError | None:
     """Any TLS error behind `error` (a handshake refused, a client
     certificate missing...)."""
     seen = 0

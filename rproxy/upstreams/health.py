@@ -8,28 +8,35 @@ upstream.py.)
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import gevent
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, Timeout
 
 from rproxy.upstreams import client_tls
 
+if TYPE_CHECKING:
+    from rproxy.upstreams.servers import Server, Upstream
+
 log = logging.getLogger("rproxy.health")
 
 
 class ActiveCheck:
-    def __init__(self, upstream):
+    def __init__(self, upstream: Upstream) -> None:
         config = upstream.config
         self.upstream = upstream
+        assert config.health_check is not None  # only an upstream with a check gets one
         self.method, self.path = config.health_check
         self.interval = config.health_interval
         self.timeout = Timeout(connect=config.health_timeout, read=config.health_timeout)
         self.statuses = config.health_status
         # A pool of its own per server, so checks never wait behind traffic.
-        self.pools = {}
+        self.pools: dict[Server, HTTPConnectionPool] = {}
         for server in upstream.servers:
             address = server.address
+            pool: HTTPConnectionPool
             if address.scheme == "https":
+                assert upstream.tls_context is not None  # made when any server is https://
                 tls = client_tls.pool_options(config, address.host, upstream.tls_context)
                 pool = HTTPSConnectionPool(address.host, address.port, maxsize=1, retries=False, **tls)
             else:
@@ -59,7 +66,7 @@ class ActiveCheck:
                     server.mark()
             gevent.sleep(self.interval)
 
-    def check(self, server) -> tuple[bool, str]:
+    def check(self, server: Server) -> tuple[bool, str]:
         try:
             response = self.pools[server].urlopen(
                 self.method, self.path, headers={"Host": server.label, "User-Agent": "rproxy-health"},

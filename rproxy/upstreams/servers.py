@@ -23,10 +23,13 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import ssl
 import time
+from typing import TYPE_CHECKING, Any, Collection, cast
 
 from gevent.lock import Semaphore
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ClosedPoolError, EmptyPoolError
 from urllib3.util.connection import is_connection_dropped
 
@@ -43,22 +46,22 @@ from rproxy.values import ServerAddress
 log = logging.getLogger("rproxy.upstream")
 
 
-class _IdleStack(list):
+class _IdleStack(list[HTTPConnection]):
     """The idle connections of a pool, last in first out, as urllib3's
     queue.LifoQueue: a list, since gevent turns the queue's locks into
     greenlet-aware ones that cost more than the queue itself, and a worker
     is one thread."""
 
-    def __init__(self, maxsize: int):
+    def __init__(self, maxsize: int) -> None:
         super().__init__()
         self.maxsize = maxsize
 
-    def get(self, block: bool = False, timeout=None):
+    def get(self, block: bool = False, timeout: float | None = None) -> HTTPConnection:
         if not self:
             raise queue.Empty
         return self.pop()
 
-    def put(self, item, block: bool = False, timeout=None) -> None:
+    def put(self, item: HTTPConnection, block: bool = False, timeout: float | None = None) -> None:
         if len(self) >= self.maxsize:
             raise queue.Full
         self.append(item)
@@ -67,7 +70,16 @@ class _IdleStack(list):
         return len(self)
 
 
-class _QuietSurplus:
+# The mixin below is written for a pool class: the type checker sees it as one.
+if TYPE_CHECKING:
+    from urllib3._base_connection import BaseHTTPConnection  # urllib3's own annotation of a connection
+
+    _Pool = HTTPConnectionPool
+else:
+    _Pool = object
+
+
+class _QuietSurplus(_Pool):
     """Close connections beyond the pool's size without urllib3's warning:
     for a proxy under a burst that is the expected way to shed them. And
     check an idle connection for a close by the upstream with one peek:
@@ -78,30 +90,34 @@ class _QuietSurplus:
     one _put_conn): an idle one is reused before a new one is opened, so
     in use plus idle never exceeds it either."""
 
-    def __init__(self, *args, cap: int = 0, **kwargs):
+    def __init__(self, *args: Any, cap: int = 0, **kwargs: Any) -> None:
         self._in_use = Semaphore(cap) if cap else None
-        super().__init__(*args, block=False, **kwargs)
+        kwargs["block"] = False
+        super().__init__(*args, **kwargs)
 
-    def _new_pool_queue(self, maxsize: int):
-        return _IdleStack(maxsize)
+    def _new_pool_queue(self, maxsize: int) -> queue.LifoQueue[Any]:
+        # What urllib3 calls of its queue (get, put, qsize), on a list.
+        return _IdleStack(maxsize)  # type: ignore[return-value]
 
-    def _get_conn(self, timeout=None):
+    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
         in_use = self._in_use
         if in_use is not None and not in_use.acquire(timeout=timeout):
             raise EmptyPoolError(self, "every connection is in use (max_connections)")
-        try:
-            conn = self.pool.get()
-        except AttributeError:  # the pool was closed
+        pool = self.pool
+        if pool is None:  # the pool was closed
             if in_use is not None:
                 in_use.release()
-            raise ClosedPoolError(self, "Pool is closed.") from None
+            raise ClosedPoolError(self, "Pool is closed.")
+        conn: HTTPConnection | None
+        try:
+            conn = pool.get()
         except queue.Empty:
             conn = None
         if conn is not None and conn.sock is not None and _closed_or_stray(conn):
             conn.close()  # reconnects when used
-        return conn or self._new_conn()
+        return conn or cast(HTTPConnection, self._new_conn())  # ConnectionCls: HTTP(S)Connection
 
-    def _put_conn(self, conn):
+    def _put_conn(self, conn: BaseHTTPConnection | None) -> None:
         if self._in_use is not None:
             self._in_use.release()
         if self.pool is not None:
@@ -114,7 +130,7 @@ class _QuietSurplus:
             conn.close()
 
 
-def _closed_or_stray(conn) -> bool:
+def _closed_or_stray(conn: HTTPConnection) -> bool:
     """Has an idle connection become readable: closed by the upstream
     (EOF, reset) or holding bytes nobody asked for? Either way it cannot
     carry the next request."""
@@ -137,7 +153,8 @@ class Server:
     __slots__ = ("address", "label", "weight", "pool", "current_weight", "in_flight",
                  "healthy", "passive", "up_gauge", "busy_gauge", "__weakref__")
 
-    def __init__(self, address: ServerAddress, config: UpstreamConfig, tls_context=None):
+    def __init__(self, address: ServerAddress, config: UpstreamConfig,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.label = address.authority
         self.weight = address.weight
@@ -152,8 +169,10 @@ class Server:
         self.busy_gauge = counters.server_busy.labels(config.name, self.label) if counters else None
         if self.up_gauge is not None:
             self.up_gauge.set(1)
-        tls = {}
+        tls: dict[str, Any] = {}
+        pool_cls: type[ServerPool] | type[TLSServerPool]
         if address.scheme == "https":
+            assert tls_context is not None  # the upstream makes one when it has https:// servers
             pool_cls = TLSServerPool
             tls = client_tls.pool_options(config, address.host, tls_context)
         else:
@@ -196,7 +215,7 @@ class Upstream:
     """A named group of servers, the policy that picks one per request, and
     the passive health bookkeeping that keeps failing servers out."""
 
-    def __init__(self, config: UpstreamConfig):
+    def __init__(self, config: UpstreamConfig) -> None:
         self.name = config.name
         self.config = config
         # One TLS client context for all of its https:// servers.
@@ -216,12 +235,13 @@ class Upstream:
 
     def hash_key(self, request: Request) -> str:
         if self._header is not None:
-            return request.environ.get(self._header, "")
+            value: str = request.environ.get(self._header, "")
+            return value
         if self._key_is_path:
             return request.path
         return request.client_ip
 
-    def pick(self, request: Request, exclude=()) -> Server | None:
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
         """A server for this request, or None when none is available. The
         caller reports how it went (succeeded, failed) or, when the server was
         never put to the test, done_with."""
@@ -234,7 +254,7 @@ class Upstream:
         server.passive.claim(now)
         return server
 
-    def any_available(self, exclude=()) -> bool:
+    def any_available(self, exclude: Collection[Server] = ()) -> bool:
         """Is there a server left to try? (No side effect, unlike pick.)"""
         now = time.monotonic()
         return any(s not in exclude and s.available(now) for s in self.servers)

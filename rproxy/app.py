@@ -19,6 +19,7 @@ from rproxy import config as config_module
 from rproxy import middleware
 from rproxy.client_address import Forwarding
 from rproxy.config import Config
+from rproxy.config.addresses import host_port
 from rproxy.forwarding.forwarder import Forwarder
 from rproxy.forwarding.tunnel import Tunnels
 from rproxy.messages import BadRequest, Request, Response, error_response
@@ -34,7 +35,6 @@ from rproxy.server.plain_http import PlainHttp
 from rproxy.server.settings import serving_config
 from rproxy.server.takeover import TAKEN_OVER
 from rproxy.upstreams.servers import Upstream
-from rproxy.values import host_port
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse

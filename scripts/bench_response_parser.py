@@ -13,7 +13,7 @@ import timeit
 
 import httptools
 
-from rproxy.forwarding.exchange import UpstreamResponse, UnsupportedCoding
+from rproxy.forwarding.exchange import UnsupportedCoding, UpstreamResponse
 
 
 class Drained:

@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from rproxy import config
-from rproxy.config import ConfigError
+from rproxy.config import ConfigError, addresses
 
 GOOD = """
 [server]
@@ -185,10 +185,9 @@ def test_acme_dns01_with_rfc2136_and_a_secret_from_the_environment(tmp_path, mon
 
 
 def test_acme_dns_server_takes_ipv6_and_a_port():
-    from rproxy import values
-    assert values.ip_port("[2001:db8::1]:5353") == ("2001:db8::1", 5353)
-    assert values.ip_port("2001:db8::1") == ("2001:db8::1", 53)
-    assert values.ip_port(" 127.0.0.1:5353 ") == ("127.0.0.1", 5353)
+    assert addresses.ip_port("[2001:db8::1]:5353") == ("2001:db8::1", 5353)
+    assert addresses.ip_port("2001:db8::1") == ("2001:db8::1", 53)
+    assert addresses.ip_port(" 127.0.0.1:5353 ") == ("127.0.0.1", 5353)
 
 
 def test_acme_defaults_and_durations_in_days(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rproxy import config, values
 from rproxy.client_address import Forwarding
-from rproxy.config import ConfigError
+from rproxy.config import ConfigError, addresses
 from rproxy.forwarding.forwarder import Forwarder
 from rproxy.httpcache import rules
 from rproxy.messages import BadRequest, Request, bad_header_value, valid_header_name
@@ -85,9 +85,9 @@ def test_any_ini_text_gives_a_config_or_a_precise_error(tmp_path_factory, text):
 @given(raw=st.text(max_size=20))
 def test_value_parsers_give_a_value_or_a_value_error(raw):
     for parse in (values.duration, values.size, values.boolean, values.count, values.words,
-                  values.networks, values.path_prefix, values.host_patterns, values.servers,
+                  addresses.networks, values.path_prefix, addresses.host_patterns, addresses.servers,
                   values.limits, values.path_patterns, values.storage_uri, values.limit_key,
-                  values.header_value, values.host_port, values.statuses, values.health_check,
+                  values.header_value, addresses.host_port, values.statuses, values.health_check,
                   values.between(values.size, 256, 8192, " bytes")):
         try:
             parse(raw)
@@ -146,7 +146,7 @@ def test_no_forwarded_header_can_split_the_upstream_request(headers, peer, targe
     except BadRequest as e:
         assert 400 <= e.status < 600
         return
-    Forwarding(values.networks("127.0.0.1")).apply(request)
+    Forwarding(addresses.networks("127.0.0.1")).apply(request)
     sent = FORWARDER._headers(request, _Server())
     for name, value in sent.items():
         assert valid_header_name(name), name

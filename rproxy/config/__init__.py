@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from rproxy import values
+from rproxy.config import addresses
 from rproxy.config.sections import (
     NAMED_SECTIONS,
     SINGLE_SECTIONS,
@@ -144,7 +145,7 @@ def load(path: str) -> Config:
         _check_upstream_tls(path, upstream)
     if config.admin.bind:
         try:
-            values.host_port(config.admin.bind)
+            addresses.host_port(config.admin.bind)
         except ValueError as e:
             raise ConfigError(path, "admin", "bind", str(e)) from None
         if config.admin.bind in config.server.bind:
@@ -174,9 +175,9 @@ def _check_tls(config: Config) -> None:
     if server.http_bind and not config.tls:
         raise ConfigError(path, "server", "http_bind",
                           "needs TLS (certfile, a [certificate:NAME] or [acme]): without it bind is plain HTTP")
-    tls_keys = {values.listener_key(bind) for bind in server.bind}
+    tls_keys = {addresses.listener_key(bind) for bind in server.bind}
     for bind in server.http_bind:
-        if values.listener_key(bind) in tls_keys:
+        if addresses.listener_key(bind) in tls_keys:
             raise ConfigError(path, "server", "http_bind", f"{bind!r} has the port or path of a bind address")
     if config.acme.domains:
         if config.acme.challenges == ("http-01",) and not server.http_bind:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rproxy import values
+from rproxy.config import addresses
 from rproxy.values import setting
 
 
@@ -21,7 +22,7 @@ def _server_header(raw: str) -> str:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    bind: tuple[str, ...] = setting("127.0.0.1:8080", values.bind_addresses,
+    bind: tuple[str, ...] = setting("127.0.0.1:8080", addresses.bind_addresses,
                                     "Addresses to listen on, gunicorn syntax (host:port, [::1]:port, "
                                     "unix:/path, fd://N), space separated.")
     workers: int = setting("1", values.positive_count, "Worker processes.")
@@ -54,7 +55,7 @@ class ServerConfig:
                                           "requests per forwarded client address. 0 = no limit.")
     graceful_timeout: float = setting("30s", values.positive_duration,
                                       "On shutdown or reload, how long workers may finish their requests.")
-    trusted_proxies: tuple = setting("127.0.0.1 ::1", values.networks,
+    trusted_proxies: tuple = setting("127.0.0.1 ::1", addresses.networks,
                                      "Peers whose X-Forwarded-*, X-Real-IP, Forwarded and "
                                      "spoofable_headers are believed.")
     spoofable_headers: tuple = setting(
@@ -89,13 +90,13 @@ class ServerConfig:
                                                 "to the client); each is served on its own and holds at most "
                                                 "one upstream connection, so this also bounds what one client "
                                                 "connection holds upstream.")
-    http_bind: tuple[str, ...] = setting("", values.listeners,
+    http_bind: tuple[str, ...] = setting("", addresses.listeners,
                                          "Plain-HTTP listeners beside the HTTPS ones, e.g. 0.0.0.0:80; "
                                          "only with TLS.")
     redirect_http: bool = setting("yes", values.boolean,
                                   "On http_bind listeners, answer 308 with the https:// URL (ACME "
                                   "challenges excepted); no = serve plain HTTP there too.")
-    https_port: int | None = setting(None, values.port,
+    https_port: int | None = setting(None, addresses.port,
                                      "The port redirects to HTTPS name; default: that of the first bind "
                                      "address (left out when 443).")
     tls_min_version: str = setting("1.2", values.one_of("1.2", "1.3"), "Oldest TLS version accepted.")
@@ -141,7 +142,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class UpstreamConfig:
     name: str
-    servers: tuple[values.ServerAddress, ...] = setting(None, values.servers,
+    servers: tuple[addresses.ServerAddress, ...] = setting(None, addresses.servers,
                                                         "host:port or http(s)://host:port, each optionally followed by weight=N.",
                                                         required=True)
     balance: str = setting("round_robin", values.one_of("round_robin", "least_conn", "ip_hash", "hash",
@@ -187,7 +188,7 @@ class UpstreamConfig:
                                "Verify https:// servers: their certificate chain (ca_file or the "
                                "system's CAs) and their name. no accepts any certificate, with a "
                                "warning at start.")
-    tls_name: str = setting("", values.host_name,
+    tls_name: str = setting("", addresses.host_name,
                             "Name sent as SNI and checked against https:// servers' certificates "
                             "(like nginx's proxy_ssl_name); empty = the host written in servers.")
     client_certfile: str | None = setting(None, values.readable_file,
@@ -204,7 +205,7 @@ class RouteConfig:
     upstream: str = setting(None, values.text, "The [upstream:NAME] this route forwards to.", required=True)
     path: str = setting("/", values.path_prefix,
                         "Path prefix, matched by whole segments; the longest match wins.")
-    host: tuple[str, ...] = setting("", values.host_patterns,
+    host: tuple[str, ...] = setting("", addresses.host_patterns,
                                     "Host names this route answers (exact or *.example.com); empty = any.")
     strip_prefix: bool = setting("no", values.boolean,
                                  "Remove the matched path prefix before forwarding.")
@@ -267,7 +268,7 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 @dataclass(frozen=True)
 class AcmeConfig:
-    domains: tuple[str, ...] = setting(None, values.domain_names,
+    domains: tuple[str, ...] = setting(None, addresses.domain_names,
                                        "Domains to obtain certificates for (one each); a wildcard "
                                        "(*.example.com) needs dns-01.", required=True)
     challenges: tuple[str, ...] = setting("tls-alpn-01 http-01", _acme_challenges,
@@ -277,7 +278,7 @@ class AcmeConfig:
                                           "(port 80 as the CA sees it); dns-01: a TXT record published by dns_provider "
                                           "(the only one for wildcards).")
     email: str = setting("", values.text, "Contact address given to the CA (expiry notices); empty = none.")
-    directory: str = setting(LETS_ENCRYPT, values.url,
+    directory: str = setting(LETS_ENCRYPT, addresses.url,
                              "The CA's ACME directory URL; Let's Encrypt's staging one is "
                              "https://acme-staging-v02.api.letsencrypt.org/directory.")
     cache_dir: str = setting(None, values.text,
@@ -301,13 +302,13 @@ class AcmeConfig:
     dns_provider: str | None = setting(None, values.one_of("rfc2136", "exec"),
                                 "How dns-01 publishes its TXT records: rfc2136 (dynamic updates signed "
                                 "with a TSIG key) or exec (dns_exec). Required by dns-01.")
-    dns_server: tuple[str, int] | None = setting(None, values.ip_port,
+    dns_server: tuple[str, int] | None = setting(None, addresses.ip_port,
                                                  "rfc2136: the primary server taking the updates (IP[:port], "
                                                  "port 53 by default); both providers then wait for the record "
                                                  "there, else at the zone's NS.")
-    dns_zone: str = setting("", values.dns_name,
+    dns_zone: str = setting("", addresses.dns_name,
                             "rfc2136: the zone to update; default: found by asking dns_server for the SOA.")
-    dns_tsig_key_name: str = setting("", values.dns_name,
+    dns_tsig_key_name: str = setting("", addresses.dns_name,
                                      "rfc2136: the name of the TSIG key allowed to update the zone.")
     dns_tsig_algorithm: str = setting("hmac-sha256", values.one_of(*TSIG_ALGORITHMS),
                                       "rfc2136: the TSIG key's algorithm.")

@@ -32,9 +32,9 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from rproxy.config.addresses import listener_key
 from rproxy.tls import acme, alpn_challenge
 from rproxy.tls.certificates import CertificateFiles, CertificateStore
-from rproxy.values import listener_key
 
 if TYPE_CHECKING:
     from gunicorn.config import Config as GunicornConfig

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rproxy.config.addresses import listener_key
 from rproxy.messages import Request, Response, error_response
 from rproxy.server.listeners import is_tls
 from rproxy.storage_guard import StorageGuard
 from rproxy.tls import acme
-from rproxy.values import listener_key
 
 if TYPE_CHECKING:
     from rproxy.client_address import Forwarding

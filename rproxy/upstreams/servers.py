@@ -33,6 +33,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ClosedPoolError, EmptyPoolError
 from urllib3.util.connection import is_connection_dropped
 
+from rproxy.config.addresses import ServerAddress
 from rproxy.config.sections import UpstreamConfig
 from rproxy.messages import Request, header_environ_key
 from rproxy.observability import metrics
@@ -41,7 +42,6 @@ from rproxy.upstreams import client_tls
 from rproxy.upstreams.balancing import POLICIES, ConsistentHash
 from rproxy.upstreams.breaker import Breaker, State
 from rproxy.upstreams.health import ActiveCheck
-from rproxy.values import ServerAddress
 
 log = logging.getLogger("rproxy.upstream")
 

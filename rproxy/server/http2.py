@@ -49,6 +49,7 @@ from hpack import Decoder
 from hyperframe.frame import GoAwayFrame
 
 from rproxy.server.client_left import ClientLeft, waiting
+from rproxy.server.http2_requests import over_limits
 
 log = logging.getLogger("rproxy.http2")
 
@@ -358,49 +359,6 @@ class ConcurrentConnection(HTTP2ServerConnection):
                              pseudo.get(":method"), pseudo.get(":path"), self.stream_timeout)
                     return 0
             self._progress.wait(remaining)
-
-
-def over_limits(cfg, headers) -> tuple[int, str] | None:
-    """(status, message) when a request head is over gunicorn's limits on
-    the request line and fields (the checks of its HTTP2Request), else None."""
-    fields = 0
-    size = 0
-    for name, value in headers:
-        size += len(name) + len(value) + 32  # as RFC 9113 6.5.2 counts it
-        if name.startswith(":"):
-            if name == ":path" and cfg.limit_request_line and len(value) > cfg.limit_request_line:
-                return 414, "request target too long"
-            continue
-        fields += 1
-        if cfg.limit_request_field_size and len(name) + len(value) + 2 > cfg.limit_request_field_size:
-            return 431, "request header field too large"
-    if cfg.limit_request_fields and fields > cfg.limit_request_fields:
-        return 431, f"more than {cfg.limit_request_fields} request header fields"
-    if cfg.http2_max_header_list_size and size > cfg.http2_max_header_list_size:
-        return 431, f"request header section over {cfg.http2_max_header_list_size} bytes"
-    return None
-
-
-def http1_framing(req) -> None:
-    """What an HTTP/1.1 upstream needs to see of an HTTP/2 request.
-
-    Cookie crumbs are joined with "; " (RFC 9113 8.2.3), not with the ","
-    gunicorn uses for repeated fields. A body without content-length (HTTP/2
-    has no chunked coding) is given its length when it is all in already,
-    else it is marked chunked, which is how it will go upstream. An extended
-    CONNECT's :protocol is kept where the app can see it."""
-    protocol = req.stream.get_pseudo_headers().get(":protocol")
-    if protocol is not None:  # extended CONNECT: the app refuses it (see http.EXTENDED_CONNECT)
-        req.headers.append((":PROTOCOL", protocol))
-    cookies = [value for name, value in req.headers if name == "COOKIE"]
-    if len(cookies) > 1:
-        req.headers = [h for h in req.headers if h[0] != "COOKIE"] + [("COOKIE", "; ".join(cookies))]
-    if req.get_header("CONTENT-LENGTH") is None:
-        stream = req.stream
-        if not stream.body_complete:
-            req.headers.append(("TRANSFER-ENCODING", "chunked"))
-        elif stream.body_size:
-            req.headers.append(("CONTENT-LENGTH", str(stream.body_size)))
 
 
 def serve_connection(worker, listener, client, addr, preface=b"", upgrade=None) -> None:

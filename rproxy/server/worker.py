@@ -54,6 +54,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from rproxy.client_address import Forwarding
 from rproxy.messages import BadRequest
 from rproxy.server import header_case, http2, response_writer
+from rproxy.server.http2_requests import http1_framing
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
 from rproxy.server.takeover import TAKEN_OVER
@@ -408,7 +409,7 @@ class Worker(GeventWorker):
         http2.serve_connection(self, listener, client, addr, preface, upgrade)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any, h2_conn: Any) -> None:
-        http2.http1_framing(req)
+        http1_framing(req)
         super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
 
     def is_already_handled(self, respiter: Iterable[bytes]) -> bool:

@@ -35,8 +35,9 @@ import errno
 import logging
 import ssl
 import time
+from typing import Any
 
-from gevent import Timeout, get_hub, getcurrent, spawn
+from gevent import Greenlet, Timeout, get_hub, getcurrent, spawn
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Pool
@@ -93,34 +94,35 @@ class _Socket:
     their own bound, so that the reader setting its timeout never cuts a
     stream's write to a client that is slow to read."""
 
-    def __init__(self, sock, write_timeout: float | None):
+    def __init__(self, sock: Any, write_timeout: float | None) -> None:
         sock.settimeout(None)
         self._sock = sock
-        self._read_timeout = None
+        self._read_timeout: float | None = None
         self._write_timeout = write_timeout
 
-    def settimeout(self, seconds):
+    def settimeout(self, seconds: float | None) -> None:
         self._read_timeout = seconds
 
-    def gettimeout(self):
+    def gettimeout(self) -> float | None:
         return self._read_timeout
 
-    def recv(self, size):
+    def recv(self, size: int) -> bytes:
         with Timeout(self._read_timeout, TimeoutError("timed out")):
-            return self._sock.recv(size)
+            data: bytes = self._sock.recv(size)
+            return data
 
-    def sendall(self, data):
+    def sendall(self, data: bytes) -> None:
         with Timeout(self._write_timeout, TimeoutError("write timed out")):
-            return self._sock.sendall(data)
+            self._sock.sendall(data)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
 
 class ConcurrentConnection(HTTP2ServerConnection):
     """gunicorn's HTTP/2 connection, shared by one reader and many writers."""
 
-    def __init__(self, cfg, sock, client_addr, client_timeout: float):
+    def __init__(self, cfg: Any, sock: Any, client_addr: Any, client_timeout: float) -> None:
         # A write that makes no progress for client_timeout gives up (the
         # client reads nothing), as a stream whose request body or send
         # window makes no progress does: as over HTTP/1.1.
@@ -131,14 +133,14 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self._write_lock = Semaphore()
         self._progress = Event()
         self._loop = get_hub().loop
-        self.serving: dict = {}      # stream id -> the greenlet serving it
+        self.serving: dict[int, Greenlet] = {}  # stream id -> the greenlet serving it
         self._holding = False        # frames are queued in h2, not written yet
         self._reader = getcurrent()  # the connection's greenlet: its writes go out at once
-        self._gathered: list = []    # frames taken from h2, waiting for the end of the turn
+        self._gathered: list[bytes] = []  # frames taken from h2, waiting for the end of the turn
         self._gathered_size = 0
         self._flush_spawned = False
         self._writer = None          # the greenlet writing to the socket now
-        self._cut_after_write: dict = {}  # greenlet -> stream id
+        self._cut_after_write: dict[Greenlet, int] = {}  # greenlet -> stream id
 
     # A stream's greenlet whose client left is cut short (see client_left.py),
     # from the hub, RESET_GRACE later if it still waits on its upstream;
@@ -152,7 +154,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
             timer = self._loop.timer(RESET_GRACE, ref=False)
             timer.start(self._deliver_cut, stream_id, greenlet, timer)
 
-    def _deliver_cut(self, stream_id: int, greenlet, timer=None) -> None:
+    def _deliver_cut(self, stream_id: int, greenlet: Greenlet, timer: Any = None) -> None:
         if timer is not None:
             timer.close()
         if self.serving.get(stream_id) is not greenlet:
@@ -162,11 +164,11 @@ class ConcurrentConnection(HTTP2ServerConnection):
         else:
             waiting.cut_short(greenlet)
 
-    def initiate_connection(self):
+    def initiate_connection(self) -> None:
         self._settle_stream_limit()
         super().initiate_connection()
 
-    def initiate_upgrade(self, settings_header, http1_req, body=None):
+    def initiate_upgrade(self, settings_header: str, http1_req: Any, body: bytes | None = None) -> Any:
         self._settle_stream_limit()
         return super().initiate_upgrade(settings_header, http1_req, body)
 
@@ -193,7 +195,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self._gathered.append(frame.serialize())
         self._write_gathered(getcurrent())
 
-    def _handle_request_received(self, event):
+    def _handle_request_received(self, event: Any) -> Any:
         # gunicorn resets a stream whose head is over the request limits
         # (PROTOCOL_ERROR); its client gets the answer an HTTP/1.1 one gets.
         refused = over_limits(self.cfg, event.headers)
@@ -217,7 +219,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         progress, self._progress = self._progress, Event()
         progress.set()
 
-    def queue_response_headers(self, stream_id, status, headers) -> bool:
+    def queue_response_headers(self, stream_id: int, status: int, headers: list[tuple[str, str]]) -> bool:
         """As send_response_headers, but the HEADERS frame stays in h2's
         buffer until the next write (the response's first DATA frame, or
         flush()): a small response goes out in one send, one TLS record,
@@ -234,7 +236,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         if not self._closed:
             self._send_pending_data()
 
-    def _send_pending_data(self):
+    def _send_pending_data(self) -> None:
         if self._holding:
             return
         self._gather()
@@ -266,7 +268,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
             log.debug("HTTP/2 connection closed: %s", e)
             self._abort_all_streams()
 
-    def _write_gathered(self, me) -> None:
+    def _write_gathered(self, me: Greenlet) -> None:
         # h2 queues frames in order and they are gathered in that order;
         # writing them under one lock keeps them in that order on the wire.
         with self._write_lock:
@@ -291,38 +293,39 @@ class ConcurrentConnection(HTTP2ServerConnection):
     # the client gone) end the stream quietly, as on a reset stream, rather
     # than with h2's error for a closed state machine.
 
-    def send_response_headers(self, stream_id, status, headers, end_stream=False):
-        return not self._closed and super().send_response_headers(stream_id, status, headers, end_stream)
+    def send_response_headers(self, stream_id: int, status: int, headers: list[tuple[str, str]],
+                              end_stream: bool = False) -> bool:
+        return not self._closed and bool(super().send_response_headers(stream_id, status, headers, end_stream))
 
-    def send_data(self, stream_id, data, end_stream=False):
-        return not self._closed and super().send_data(stream_id, data, end_stream)
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> bool:
+        return not self._closed and bool(super().send_data(stream_id, data, end_stream))
 
-    def send_trailers(self, stream_id, trailers):
-        return not self._closed and super().send_trailers(stream_id, trailers)
+    def send_trailers(self, stream_id: int, trailers: list[tuple[str, str]]) -> bool:
+        return not self._closed and bool(super().send_trailers(stream_id, trailers))
 
-    def send_error(self, stream_id, status_code, message=None):
+    def send_error(self, stream_id: int, status_code: int, message: str | None = None) -> None:
         if not self._closed:
             super().send_error(stream_id, status_code, message)
 
-    def _process_events(self, events):
+    def _process_events(self, events: list[Any]) -> Any:
         try:
             return super()._process_events(events)
         finally:
             self._wake()
 
-    def _handle_stream_reset(self, event):
+    def _handle_stream_reset(self, event: Any) -> None:
         try:
             super()._handle_stream_reset(event)
         finally:
             self.cut(event.stream_id)
 
-    def _abort_all_streams(self):
+    def _abort_all_streams(self) -> None:
         super()._abort_all_streams()
         for stream_id in self.serving:
             self.cut(stream_id)
         self._wake()
 
-    def pump(self, stream_id=None):
+    def pump(self, stream_id: int | None = None) -> None:
         """A stream's body reader needs more: wait until the reader brought
         some, the body ended or the stream died; a body stalled longer than
         gunicorn's timeout is cancelled, as gunicorn does."""
@@ -336,14 +339,14 @@ class ConcurrentConnection(HTTP2ServerConnection):
                 return
             self._progress.wait(remaining)
 
-    def _wait_for_flow_control_window(self, stream_id, deadline=None):
+    def _wait_for_flow_control_window(self, stream_id: int, deadline: float | None = None) -> int:
         """As gunicorn's, but waiting for the reader's WINDOW_UPDATEs."""
         while True:
             stream = self.streams.get(stream_id)
             if self._closed or stream is None or stream.state is StreamState.CLOSED:
                 return -1
             try:
-                available = self.h2_conn.local_flow_control_window(stream_id)
+                available: int = self.h2_conn.local_flow_control_window(stream_id)
             except ProtocolError:
                 return -1
             if available > 0:
@@ -361,14 +364,15 @@ class ConcurrentConnection(HTTP2ServerConnection):
             self._progress.wait(remaining)
 
 
-def serve_connection(worker, listener, client, addr, preface=b"", upgrade=None) -> None:
+def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface: bytes = b"",
+                     upgrade: tuple[Any, Any, Any] | None = None) -> None:
     """gunicorn's handle_http2, for `worker`: read frames here, serve each stream in a greenlet."""
     listener_name = listener.getsockname()
     conn = ConcurrentConnection(worker.cfg, client, addr, worker.client_timeout)
     streams = Pool(worker.cfg.http2_max_concurrent_streams)
     last = 0
 
-    def serve(req):
+    def serve(req: Any) -> None:
         stream_id, me = req.stream.stream_id, getcurrent()
         if conn.is_closed or req.stream.disconnected:
             # Reset, or its connection lost, before its turn came: nothing

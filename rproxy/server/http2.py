@@ -7,12 +7,7 @@ stream is served by a greenlet of its own (at most
 http2_max_concurrent_streams per connection). Writes to the connection are
 serialised by a lock, so frames never interleave; a stream that waits for
 its request body or for send window waits for the reader to bring the
-frames, rather than reading the socket itself. The small writes of the
-streams (a response of up to COALESCE bytes, a WINDOW_UPDATE) are gathered
-over one turn of the worker's loop and go out in one send, one TLS record,
-written by a short-lived greenlet; a larger write goes out at once, with
-what was gathered before it, from the stream's own greenlet, so a stream
-never has more than COALESCE bytes waiting in memory.
+frames, rather than reading the socket itself.
 
 A head over the request limits (too many fields, a field or header list too
 large, a target too long) is answered on its stream as over HTTP/1.1 (431,
@@ -37,7 +32,7 @@ import ssl
 import time
 from typing import Any
 
-from gevent import Greenlet, Timeout, get_hub, getcurrent, spawn
+from gevent import Greenlet, Timeout, get_hub, getcurrent
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Pool
@@ -60,11 +55,6 @@ log = logging.getLogger("rproxy.http2")
 # decoding stops, and the connection with it (its HPACK state is lost): the
 # bound on what one header block may inflate to.
 HEADER_LIST_SLACK = 4
-
-# Bytes of frames the streams of a connection may leave waiting for the end
-# of the loop's turn: a 100-byte response with its head is about 200; a
-# full DATA frame (16 KiB) is past it and goes out at once.
-COALESCE = 16384
 
 # A stream reset while its upstream request is under way is cut this long
 # after, if still waiting: most upstream answers come within it, and one that
@@ -135,10 +125,6 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self._loop = get_hub().loop
         self.serving: dict[int, Greenlet] = {}  # stream id -> the greenlet serving it
         self._holding = False        # frames are queued in h2, not written yet
-        self._reader = getcurrent()  # the connection's greenlet: its writes go out at once
-        self._gathered: list[bytes] = []  # frames taken from h2, waiting for the end of the turn
-        self._gathered_size = 0
-        self._flush_spawned = False
         self._writer = None          # the greenlet writing to the socket now
         self._cut_after_write: dict[Greenlet, int] = {}  # greenlet -> stream id
 
@@ -191,9 +177,12 @@ class ConcurrentConnection(HTTP2ServerConnection):
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = HTTP2ErrorCode.NO_ERROR
-        self._gather()
-        self._gathered.append(frame.serialize())
-        self._write_gathered(getcurrent())
+        with self._write_lock:
+            try:
+                self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
+            except OSError as e:
+                self._closed = True
+                raise HTTP2ConnectionError(f"Socket write error: {e}") from None
 
     def _handle_request_received(self, event: Any) -> Any:
         # gunicorn resets a stream whose head is over the request limits
@@ -239,49 +228,13 @@ class ConcurrentConnection(HTTP2ServerConnection):
     def _send_pending_data(self) -> None:
         if self._holding:
             return
-        self._gather()
-        if not self._gathered:
-            return
+        # h2 queues frames in order; taking them and writing them under one
+        # lock keeps them in that order on the wire.
         me = getcurrent()
-        if me is not self._reader and not self._closed and self._gathered_size < COALESCE:
-            # A stream's small write: the other streams of this turn add theirs.
-            if not self._flush_spawned:
-                self._flush_spawned = True
-                spawn(self._flush_gathered)
-            return
-        self._write_gathered(me)
-
-    def _gather(self) -> None:
-        data = self.h2_conn.data_to_send()
-        if data:
-            self._gathered.append(data)
-            self._gathered_size += len(data)
-
-    def _flush_gathered(self) -> None:
-        self._flush_spawned = False
-        if self._closed:
-            return  # what closed it wrote what was gathered, or the client is gone
-        try:
-            self._write_gathered(getcurrent())
-        except HTTP2ConnectionError as e:
-            # No stream is there to end on it: wake them all, they see the connection closed.
-            log.debug("HTTP/2 connection closed: %s", e)
-            self._abort_all_streams()
-
-    def _write_gathered(self, me: Greenlet) -> None:
-        # h2 queues frames in order and they are gathered in that order;
-        # writing them under one lock keeps them in that order on the wire.
         with self._write_lock:
             self._writer = me
             try:
-                data = b"".join(self._gathered)
-                self._gathered.clear()
-                self._gathered_size = 0
-                if data:
-                    self.sock.sendall(data)
-            except OSError as e:
-                self._closed = True
-                raise HTTP2ConnectionError(f"Socket write error: {e}") from None
+                super()._send_pending_data()
             finally:
                 self._writer = None
         if self._cut_after_write:

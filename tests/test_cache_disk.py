@@ -5,6 +5,7 @@ per host. The store in-process first, then through a real multi-worker proxy."""
 
 import concurrent.futures
 import itertools
+import json
 import os
 import socket
 import ssl
@@ -280,3 +281,61 @@ def test_a_one_mib_disk_hit_is_sent_whole_and_byte_exact(way, start_proxy, upstr
         assert hit.http_version == ("HTTP/2" if h2 else "HTTP/1.1")
         assert (hit.status_code, hit.headers["X-Cache"], hit.headers["Content-Length"]) == (200, "HIT", str(MIB))
         assert hit.content == miss.content
+
+
+def pattern_body(content: bytes) -> bytes:
+    """What /cacheable?pattern=1 sends with the same JSON start as `content`."""
+    prefix = content[:content.index(b"}") + 1]
+    return prefix + b"".join(pattern_bytes(len(content) - len(prefix)))
+
+
+def answered(response) -> int:
+    """How many times the origin had answered for this URL (the body's JSON start)."""
+    return json.loads(response.content[:response.content.index(b"}") + 1])["n"]
+
+
+def test_a_worker_killed_while_writing_an_entry_leaves_no_torn_entry(start_proxy, upstream, tmp_path):
+    # The entry is written once its body has been read whole: a large one
+    # takes a while to write, and the worker is SIGKILLed as soon as its
+    # temporary file appears. gunicorn starts another worker; whatever the
+    # kill left, the next request goes to the origin and the entry is stored whole.
+    folder, size = tmp_path / "cache", 48 << 20
+    proxy = start_proxy(disk_ini(upstream.port, folder, "max_entry_size = 64m\n"))
+    kills = 0
+    for _ in range(5):
+        [worker] = proxy.workers()
+        target = cacheable(proxy, cc="max-age=60", size=str(size), pattern="1")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(requests.get, target, timeout=60)
+            deadline, temp = time.monotonic() + 60, []
+            while not temp and time.monotonic() < deadline and not answer.done():
+                temp = [p for p in os.listdir(folder) if p.startswith(TEMP_PREFIX)] if folder.exists() else []
+            if temp:
+                worker.kill()
+                kills += 1
+            try:
+                answer.result()
+            except requests.RequestException:
+                pass  # cut by the kill: the response had not quite reached the client
+        assert temp or stored_file(folder), "the entry was never written"
+        stored = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        torn = bool(temp) and not stored  # killed before the rename: a temporary file is all there is
+        if temp:
+            # The next worker is up (and has removed what the dead one left).
+            proxy.wait_for_log(r"rproxy worker \d+ ready", count=1 + kills)
+        if stored:  # killed after the rename, or never: the entry must be whole
+            assert os.path.getsize(stored[0]) > size
+        again = requests.get(target, timeout=60)
+        if torn:
+            assert (again.headers["X-Cache"], answered(again)) == ("MISS", 2)
+        assert again.content == pattern_body(again.content) and len(again.content) == size
+        if torn:
+            assert not [p for p in os.listdir(folder) if p.startswith(f"{TEMP_PREFIX}{worker.pid}.")]
+            stored_file(folder)
+            hit = requests.get(target, timeout=60)
+            assert (hit.headers["X-Cache"], answered(hit), hit.content) == ("HIT", 2, again.content)
+            return
+        for path in folder.iterdir():  # the next attempt starts from an empty directory
+            if not path.name.startswith(".lock"):
+                path.unlink()
+    pytest.fail("no attempt killed the worker while its entry was half written")

@@ -8,6 +8,8 @@ each, interleaved round by round so that every target sees the same machine:
   beside nginx's proxy_cache hit (proxy_cache_path in the run's temporary
   directory, the same upstream).
 
+`--compare REF` adds rproxy as of a git ref answering from its disk cache.
+
 Every cache is filled and checked to answer hits (X-Cache) before the runs.
 """
 
@@ -17,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import bench_peers
-from bench_common import Stack, free_port, interleave, median, say, start_rproxy, start_upstream
+from bench_common import Stack, compared, free_port, interleave, median, say, source_tree, start_rproxy, start_upstream
 from bench_features import start_nginx_cache
 
 TARGET_MEMORY = 0.9  # memory hits, 100 B, × hello-world
@@ -43,6 +45,10 @@ def run_cache(tmp: Path, args) -> None:
         stack.add(start_rproxy(tmp, ports["rproxy memory hit"], up, extra="[cache]\n"))
         stack.add(start_rproxy(tmp, ports["rproxy disk hit"], up,
                                extra=f"[cache]\nstorage = file://{tmp}/rproxy-cache\n"))
+        for name, ref, gunicorn_args in compared(args):  # --compare REF: its disk hits beside today's (A/B)
+            ports[f"{name} disk hit"] = port = free_port()
+            stack.add(start_rproxy(tmp, port, up, tree=source_tree(tmp, ref), gunicorn_args=gunicorn_args,
+                                   extra=f"[cache]\nstorage = file://{tmp}/rproxy-cache-{port}\n"))
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         for name, base in url.items():
             if name != "hello":

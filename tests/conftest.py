@@ -397,6 +397,24 @@ def redis_sentinel(tmp_path):
 
 
 @pytest.fixture
+def redis_tls(tmp_path, certs):
+    """A Redis that speaks TLS only, with a certificate from the test CA: .url is
+    rediss://, the CA given by its ssl_ca_certs option; .cli are redis-cli's TLS flags."""
+    port = free_port()
+    started = Started(lambda: Redis(tmp_path, port, "--port", "0", "--tls-port", str(port),
+                                    "--tls-cert-file", certs.cert, "--tls-key-file", certs.key,
+                                    "--tls-ca-cert-file", certs.ca_file, "--tls-auth-clients", "no"))
+    try:
+        server = started.start()
+        server.cli = ("--tls", "--cacert", certs.ca_file)
+        server.url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs.ca_file}"
+        assert redis_cli(port, *server.cli, "PING").strip() == "PONG", server.log()
+        yield server
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
 def redis_cluster(tmp_path):
     """Three Redis masters in one cluster, the slots spread over them: .url is redis+cluster://."""
     started = Started(lambda: Redis(tmp_path, None, "--cluster-enabled", "yes", "--cluster-port", str(free_port()),

@@ -5,13 +5,18 @@ per host. The store in-process first, then through a real multi-worker proxy."""
 
 import concurrent.futures
 import itertools
+import json
 import os
+import socket
+import ssl
 import time
 
 import psutil
 import pytest
 import requests
+import httpx
 from conftest import single_route
+from upstream import pattern_bytes
 
 from rproxy.httpcache.disk import INLINE, TEMP_PREFIX, DiskStore, FileBody
 from rproxy.httpcache.rules import Entry
@@ -108,6 +113,22 @@ def test_the_key_lock_is_held_by_one_at_a_time_and_freed(tmp_path):
     assert [p for p in tmp_path.iterdir()] == []  # no lock file left behind
 
 
+def test_a_streamed_body_read_as_a_file_stops_at_its_own_end(tmp_path):
+    # Two variants in one file: the first body, read as a file, must not run into the second.
+    store = DiskStore(str(tmp_path), 1 << 30)
+    first, second = entry(b"a" * (INLINE + 10)), entry(b"b" * (INLINE + 20))
+    first.vary = second.vary = {"accept": None}
+    store.put("k", [first, second])
+    body = store.get("k")[0].body
+    file = body.as_file()
+    assert os.lseek(file.fileno(), 0, os.SEEK_CUR) == body.offset  # where a server's sendfile starts
+    read = b""
+    while piece := file.read(4096):
+        read += piece
+    assert read == b"a" * (INLINE + 10) and file.read() == b""
+    file.close()
+
+
 # -- through the proxy --------------------------------------------------------
 
 def disk_ini(upstream_port: int, folder, extra: str = "") -> str:
@@ -200,3 +221,121 @@ def test_a_relative_file_storage_is_a_config_error_naming_the_key(tmp_path):
         config.load(str(ini))
     message = str(error.value)
     assert "[cache]" in message and "storage" in message and "file:///var/cache/rproxy" in message
+
+
+MIB = 1 << 20
+
+
+def read_response(sock) -> tuple[bytes, bytes, int]:
+    """The head of an HTTP/1.1 response with a Content-Length, from a raw socket: (head, the body bytes read with it, the length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    return head, body, length
+
+
+def test_a_disk_hit_sent_by_sendfile_has_one_head_first_and_the_connection_goes_on(start_proxy, upstream, tmp_path):
+    proxy = start_proxy(disk_ini(upstream.port, tmp_path / "cache", "max_entry_size = 4m\n"))
+    target = cacheable(proxy, cc="max-age=60", size=str(MIB), pattern="1")
+    origin = requests.get(target, timeout=20).content
+    stored_file(tmp_path / "cache")
+    path = target[len(proxy.url):]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
+        for method in ("GET", "HEAD", "GET"):  # one keep-alive connection: each response framed exactly
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode())
+            head, body, length = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 ") and head.count(b"HTTP/1.1") == 1
+            assert b"X-Cache: HIT" in head and b"Age: " in head and length == MIB
+            want = 0 if method == "HEAD" else MIB
+            while len(body) < want:
+                body += sock.recv(65536)
+            assert body == (origin if method == "GET" else b"")
+    assert requests.get(target, timeout=20).headers["X-Cache"] == "HIT"
+
+
+@pytest.mark.parametrize("way", ["http/1.1", "tls http/1.1", "tls http/2", "h2c"])
+def test_a_one_mib_disk_hit_is_sent_whole_and_byte_exact(way, start_proxy, upstream, certs, tmp_path):
+    server = {}
+    if way.startswith("tls"):
+        server = {"certfile": certs.cert, "keyfile": certs.key, "http2": "yes"}
+    elif way == "h2c":
+        server = {"http2": "yes", "http2_cleartext": "yes"}
+    proxy = start_proxy(disk_ini(upstream.port, tmp_path / "cache", "max_entry_size = 4m\n"), server=server)
+    base = f"https://127.0.0.1:{proxy.port}" if way.startswith("tls") else proxy.url
+    target = cacheable(proxy, cc="max-age=60", size=str(MIB), pattern="1").replace(proxy.url, base)
+    h2 = way in ("tls http/2", "h2c")
+    with httpx.Client(http1=not h2, http2=h2, verify=ssl.create_default_context(cafile=certs.ca_file),
+                      timeout=20) as client:
+        miss = client.get(target)
+        stored_file(tmp_path / "cache")
+        hits = [client.get(target) for _ in range(2)]
+    assert miss.headers["X-Cache"] == "MISS" and len(miss.content) == MIB
+    prefix = miss.content[:miss.content.index(b"}") + 1]
+    assert miss.content == prefix + b"".join(pattern_bytes(MIB - len(prefix)))
+    for hit in hits:
+        assert hit.http_version == ("HTTP/2" if h2 else "HTTP/1.1")
+        assert (hit.status_code, hit.headers["X-Cache"], hit.headers["Content-Length"]) == (200, "HIT", str(MIB))
+        assert hit.content == miss.content
+
+
+def pattern_body(content: bytes) -> bytes:
+    """What /cacheable?pattern=1 sends with the same JSON start as `content`."""
+    prefix = content[:content.index(b"}") + 1]
+    return prefix + b"".join(pattern_bytes(len(content) - len(prefix)))
+
+
+def answered(response) -> int:
+    """How many times the origin had answered for this URL (the body's JSON start)."""
+    return json.loads(response.content[:response.content.index(b"}") + 1])["n"]
+
+
+def test_a_worker_killed_while_writing_an_entry_leaves_no_torn_entry(start_proxy, upstream, tmp_path):
+    # The entry is written once its body has been read whole: a large one
+    # takes a while to write, and the worker is SIGKILLed as soon as its
+    # temporary file appears. gunicorn starts another worker; whatever the
+    # kill left, the next request goes to the origin and the entry is stored whole.
+    folder, size = tmp_path / "cache", 48 << 20
+    proxy = start_proxy(disk_ini(upstream.port, folder, "max_entry_size = 64m\n"))
+    kills = 0
+    for _ in range(5):
+        [worker] = proxy.workers()
+        target = cacheable(proxy, cc="max-age=60", size=str(size), pattern="1")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(requests.get, target, timeout=60)
+            deadline, temp = time.monotonic() + 60, []
+            while not temp and time.monotonic() < deadline and not answer.done():
+                temp = [p for p in os.listdir(folder) if p.startswith(TEMP_PREFIX)] if folder.exists() else []
+            if temp:
+                worker.kill()
+                kills += 1
+            try:
+                answer.result()
+            except requests.RequestException:
+                pass  # cut by the kill: the response had not quite reached the client
+        assert temp or stored_file(folder), "the entry was never written"
+        stored = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        torn = bool(temp) and not stored  # killed before the rename: a temporary file is all there is
+        if temp:
+            # The next worker is up (and has removed what the dead one left).
+            proxy.wait_for_log(r"rproxy worker \d+ ready", count=1 + kills)
+        if stored:  # killed after the rename, or never: the entry must be whole
+            assert os.path.getsize(stored[0]) > size
+        again = requests.get(target, timeout=60)
+        if torn:
+            assert (again.headers["X-Cache"], answered(again)) == ("MISS", 2)
+        assert again.content == pattern_body(again.content) and len(again.content) == size
+        if torn:
+            assert not [p for p in os.listdir(folder) if p.startswith(f"{TEMP_PREFIX}{worker.pid}.")]
+            stored_file(folder)
+            hit = requests.get(target, timeout=60)
+            assert (hit.headers["X-Cache"], answered(hit), hit.content) == ("HIT", 2, again.content)
+            return
+        for path in folder.iterdir():  # the next attempt starts from an empty directory
+            if not path.name.startswith(".lock"):
+                path.unlink()
+    pytest.fail("no attempt killed the worker while its entry was half written")

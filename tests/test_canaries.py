@@ -85,8 +85,9 @@ OVERRIDES = [
     (worker.Acceptor, StreamServer, ["do_handle"],
      "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
     (response_writer.Response, GUNICORN_RESPONSE,
-     ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body"],
-     "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header"),
+     ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body", "sendfile"],
+     "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header, "
+     "file-wrapped bodies (disk cache hits) by os.sendfile"),
     (response_writer.HTTP2Response, http2_response.HTTP2Response,
      ["process_headers", "send_headers", "write", "_emit_body"],
      "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, the application's Date or its own, "
@@ -401,6 +402,25 @@ def test_gunicorns_response_write_sends_the_head_then_emits_the_body():
     with pytest.raises(Exception):
         GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config()).process_headers(
             [("X-A", "1\r\nSet-Cookie: x=1")])
+
+
+def test_gunicorn_sends_a_file_wrapped_body_through_response_sendfile():
+    # rproxy's Response.sendfile (disk cache hits by os.sendfile) runs only if
+    # the worker hands a wsgi.file_wrapper body to write_file, which asks sendfile first.
+    handle = source(base_async.AsyncWorker.handle_request)
+    assert "isinstance(respiter, environ['wsgi.file_wrapper'])" in handle and "resp.write_file(respiter)" in handle, (
+        "gunicorn's async worker no longer sends a wsgi.file_wrapper body with write_file: "
+        "rproxy/server/response_writer.py's sendfile is never used (disk cache hits are read in chunks)")
+    assert "if not self.sendfile(respiter):" in source(GUNICORN_RESPONSE.write_file), (
+        "gunicorn's Response.write_file no longer tries sendfile first: rproxy/server/response_writer.py")
+    assert "self._omits_body" in source(GUNICORN_RESPONSE.sendfile), (
+        "gunicorn's Response.sendfile no longer reads _omits_body: rproxy/server/response_writer.py's sendfile "
+        "reads it to send no body on HEAD, 1xx, 204 and 304")
+    resp = GUNICORN_RESPONSE(parsed(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config())
+    resp.start_response("200 OK", [("Content-Length", "3")])
+    assert resp._omits_body is True, (
+        "gunicorn's Response._omits_body no longer says a HEAD response has no body: "
+        "rproxy/server/response_writer.py's sendfile")
 
 
 def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does():

@@ -1,5 +1,5 @@
-"""The cache and the rate limit on a Redis reached through Sentinel and on a
-Redis Cluster: real redis-server processes, two proxy instances sharing a
+"""The cache and the rate limit on a Redis reached through Sentinel, on a
+Redis Cluster and on a Redis over TLS (rediss://): real redis-server processes, two proxy instances sharing a
 stored response and a limit through them."""
 
 import itertools
@@ -19,7 +19,7 @@ def two_proxies(start_proxy, upstream, storage: str):
     return start_proxy(config), start_proxy(config)
 
 
-@pytest.fixture(params=["redis_sentinel", "redis_cluster"])
+@pytest.fixture(params=["redis_sentinel", "redis_cluster", "redis_tls"])
 def topology(request):
     return request.getfixturevalue(request.param)
 
@@ -36,7 +36,7 @@ def test_two_instances_share_a_stored_response_and_a_limit(start_proxy, upstream
     # The limit of 3 counted over both instances: the fourth request is refused.
     assert requests.get(second.url + path, headers=SITE, timeout=10).status_code == 429
     # Both went through the topology: the entry and the counter are in its servers.
-    servers = getattr(topology, "nodes", None) or [topology.master]
-    assert sum(int(redis_cli(s.port, "DBSIZE")) for s in servers) >= 2
+    servers = getattr(topology, "nodes", None) or [getattr(topology, "master", topology)]
+    assert sum(int(redis_cli(s.port, *getattr(s, "cli", ()), "DBSIZE")) for s in servers) >= 2
     for proxy in (first, second):
         assert "bypassing" not in proxy.log() and "Redis" not in proxy.log(), proxy.log()

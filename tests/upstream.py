@@ -237,7 +237,7 @@ def app(environ, start_response):
 
 def cacheable(environ, start_response, query):
     """Answers as the query says (cc, etag, lm, expires, age, vary, cookie,
-    status, size, delay, tags: Surrogate-Key, cachetag: Cache-Tag, date:
+    status, size (padded with spaces, or with pattern_bytes if pattern), delay, tags: Surrogate-Key, cachetag: Cache-Tag, date:
     a Date so many seconds ago); the
     body counts how often the upstream answered.
     An id set failing with /_fail sleeps first, and/or answers that error
@@ -281,7 +281,8 @@ def cacheable(environ, start_response, query):
     COUNTS[key] = COUNTS.get(key, 0) + 1
     body = json.dumps({"n": COUNTS[key], "revalidated": COUNTS.get("304:" + key, 0),
                        "accept": environ.get("HTTP_ACCEPT")}).encode()
-    body += b" " * max(0, int(query.get("size", 0)) - len(body))
+    pad = max(0, int(query.get("size", 0)) - len(body))
+    body += b"".join(pattern_bytes(pad)) if query.get("pattern") else b" " * pad
     headers.append(("Content-Length", str(len(body))))
     start_response(f"{query.get('status', '200')} X", headers)
     return [body]

@@ -61,12 +61,15 @@ HEADS = 512         # decoded file headers a worker keeps, by key: a hit whose h
 
 
 class FileBody:
-    """A stored body read from an open cache file, in chunks, when iterated."""
+    """A stored body read from an open cache file: in chunks when iterated,
+    or, after as_file(), as a file (read, fileno, close) for the WSGI
+    server's file wrapper, which sends it with sendfile on plain sockets."""
 
-    __slots__ = ("file", "offset", "length")
+    __slots__ = ("file", "offset", "length", "pos")
 
     def __init__(self, file, offset: int, length: int):
         self.file, self.offset, self.length = file, offset, length
+        self.pos = offset
 
     def __len__(self) -> int:
         return self.length
@@ -79,6 +82,33 @@ class FileBody:
                 raise OSError(f"cache file {self.file.name} ends early")
             pos += len(chunk)
             yield chunk
+
+    def as_file(self) -> FileBody:
+        # A server's sendfile starts at the file's position (gunicorn's
+        # Response.sendfile: lseek(fd, 0, SEEK_CUR)) and sends Content-Length
+        # bytes: the position is set to the body's start here; read() uses
+        # pread and leaves it there.
+        os.lseek(self.file.fileno(), self.offset, os.SEEK_SET)
+        self.pos = self.offset
+        return self
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes of the body (never past its end: the bodies of
+        other variants may follow in the file)."""
+        left = self.offset + self.length - self.pos
+        if size < 0 or size > left:
+            size = left
+        if size <= 0:
+            return b""
+        chunk = os.pread(self.file.fileno(), size, self.pos)
+        self.pos += len(chunk)
+        return chunk
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def body_chunks(body) -> list[bytes] | FileBody:

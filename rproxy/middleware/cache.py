@@ -37,7 +37,7 @@ from gevent.event import Event
 
 from rproxy.httpcache import stale
 from rproxy.httpcache.bodies import Tee, discard, drain
-from rproxy.httpcache.disk import DiskStore, KeyLock, body_chunks
+from rproxy.httpcache.disk import CHUNK, DiskStore, FileBody, KeyLock
 from rproxy.httpcache.revalidation import CONDITIONALS, refreshed, revalidate_later
 from rproxy.httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
 from rproxy.httpcache.store import MemoryStore, RedisLock, RedisStore, Retention
@@ -256,7 +256,7 @@ class HTTPCache:
         headers += [("Age", str(int(age))), ("X-Cache", label), ("Cache-Status", f"{CACHE_STATUS}; {status}")]
         if not_modified(entry, request.headers):
             return Response(304, [(k, v) for k, v in headers if k.lower() in NOT_MODIFIED_HEADERS], [b""])
-        return Response(entry.status, headers, body_chunks(entry.body) if request.method == "GET" else [b""],
+        return Response(entry.status, headers, _body(request, entry) if request.method == "GET" else [b""],
                         entry.reason)
 
     def _key(self, request: Request) -> str:
@@ -332,6 +332,22 @@ def cache_key(request: Request) -> str:
     the canonical target (target.py), as forwarded; the variants a Vary
     names live under one key."""
     return f"{request.scheme}://{request.headers.get('Host', '').lower()}{request.target}"
+
+
+def _body(request: Request, entry: Entry):
+    """A stored body as the WSGI server gets it. One read from its file goes
+    through the server's file wrapper (PEP 3333), which gunicorn sends with
+    sendfile over plain HTTP/1.x (server/response_writer.py) and reads in
+    chunks over TLS and HTTP/2. The server sends Content-Length bytes from
+    the file's position: without a matching Content-Length it would send to
+    the file's end, so such a body is streamed in chunks by the proxy."""
+    body = entry.body
+    if not isinstance(body, FileBody):
+        return [body]
+    wrapper = request.environ.get("wsgi.file_wrapper")
+    if wrapper is None or entry.derived().fields.get("content-length") != str(body.length):
+        return body
+    return wrapper(body.as_file(), CHUNK)
 
 
 def _count(request: Request, label: str, hit_bytes: int = 0) -> None:

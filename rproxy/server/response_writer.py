@@ -11,10 +11,15 @@ server_header`, or none, chosen once per worker (install()).
 
 from __future__ import annotations
 
+import io
+import os
+import socket
 import time
 from email.utils import formatdate
 from typing import Any
 
+from gevent.socket import wait_write
+from gunicorn import util
 from gunicorn.http import wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
@@ -112,6 +117,48 @@ class Response(wsgi.Response):
             self.sock.sendall(b"%b%X\r\n%b\r\n" % (head, len(data), data))
         else:
             self.sock.sendall(head + data)
+
+
+    def sendfile(self, respiter):
+        """A file-wrapped body (PEP 3333 wsgi.file_wrapper) with os.sendfile,
+        on plain sockets, as gunicorn does: Content-Length bytes (else up to
+        the end of the file) from the file's current position, which is left
+        where it was. gunicorn calls gevent's socket.sendfile, which never
+        uses os.sendfile (it reads 8 KiB blocks and sends each): here
+        os.sendfile runs on the non-blocking socket and the greenlet waits
+        whenever the socket's buffer is full."""
+        if self.cfg.is_ssl or not self.can_sendfile() or not util.has_fileno(respiter.filelike):
+            return False
+        fileno = respiter.filelike.fileno()
+        try:
+            offset = os.lseek(fileno, 0, os.SEEK_CUR)
+            nbytes = os.fstat(fileno).st_size - offset if self.response_length is None else self.response_length
+        except (OSError, io.UnsupportedOperation):
+            return False
+        self.send_headers()
+        if self._omits_body:
+            return True
+        chunked = self.is_chunked()
+        if chunked:
+            self.sock.sendall(b"%X\r\n" % nbytes)
+        sock, timeout = self.sock.fileno(), self.sock.gettimeout()
+        pos, end = offset, offset + nbytes
+        while pos < end:
+            try:
+                sent = os.sendfile(sock, fileno, pos, end - pos)
+            except BlockingIOError:
+                wait_write(sock, timeout, timeout_exc=_timed_out)
+                continue
+            if not sent:  # the file is shorter than its Content-Length
+                raise OSError(f"file ends {end - pos} bytes before the response's length")
+            pos += sent
+            self.sent += sent
+        if chunked:
+            self.sock.sendall(b"\r\n")
+        return True
+
+
+_timed_out = socket.timeout("timed out sending a file")
 
 
 class HTTP2Response(http2_response.HTTP2Response):

@@ -24,7 +24,7 @@ from gunicorn.http import wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
 
-_date: list[Any] = [0, ""]  # the second, and its Date
+_date: tuple[int, str] = (0, "")  # the second, and its Date
 
 
 # The Server header line (HTTP/1.x) and field (HTTP/2), or none: install().
@@ -43,35 +43,37 @@ def install(server_header: str) -> None:
     base_async.HTTP2Response = HTTP2Response
 
 
-def _first_date(headers) -> str | None:
+def _first_date(headers: list[tuple[str, str]]) -> str | None:
     """The application's Date (the first, if it set several), which gunicorn
     drops with the hop-by-hop fields: the writer puts it back."""
     for name, value in headers:
         if len(name) == 4 and name.lower() == "date":
-            return value.strip(" \t")
+            return str(value).strip(" \t")
     return None
 
 
 def http_date() -> str:
+    global _date
     second = int(time.time())
     if second != _date[0]:
-        _date[:] = [second, formatdate(second, usegmt=True)]
+        _date = (second, formatdate(second, usegmt=True))
     return _date[1]
 
 
 class Response(wsgi.Response):
+    headers_sent: bool  # gunicorn's
 
-    def __init__(self, req, sock, cfg):
+    def __init__(self, req: Any, sock: Any, cfg: Any) -> None:
         super().__init__(req, sock, cfg)
         self._held_head: bytes | None = None
         self._holding = False
         self._date: str | None = None  # the application's, kept (a cached response's stored Date)
 
-    def process_headers(self, headers):
+    def process_headers(self, headers: list[tuple[str, str]]) -> None:
         super().process_headers(headers)  # validates each field; drops hop-by-hop ones, Server and Date
         self._date = _first_date(headers)
 
-    def default_headers(self):
+    def default_headers(self) -> list[str]:
         if self.upgrade:
             connection = "upgrade"
         elif self.should_close():
@@ -85,20 +87,22 @@ class Response(wsgi.Response):
             headers.append("Transfer-Encoding: chunked\r\n")
         return headers
 
-    def send_headers(self):
+    def send_headers(self) -> None:
         if self.headers_sent:
             return
         if not self._holding:
-            return super().send_headers()
+            super().send_headers()
+            return
         lines = self.default_headers()
         lines.extend([f"{k}: {v}\r\n" for k, v in self.headers])
         lines.append("\r\n")
         self._held_head = "".join(lines).encode("latin-1")
         self.headers_sent = True
 
-    def write(self, arg):
+    def write(self, arg: bytes) -> None:
         if self.headers_sent or not arg:
-            return super().write(arg)
+            super().write(arg)
+            return
         self._holding = True
         try:
             super().write(arg)  # builds the head, then _emit_body sends both
@@ -108,10 +112,11 @@ class Response(wsgi.Response):
             if head is not None:  # no body bytes went out (HEAD, 304, ...): the head alone
                 self.sock.sendall(head)
 
-    def _emit_body(self, data):
+    def _emit_body(self, data: bytes) -> None:
         head = self._held_head
         if head is None:
-            return super()._emit_body(data)
+            super()._emit_body(data)
+            return
         self._held_head = None
         if self.chunked:
             self.sock.sendall(b"%b%X\r\n%b\r\n" % (head, len(data), data))
@@ -119,7 +124,7 @@ class Response(wsgi.Response):
             self.sock.sendall(head + data)
 
 
-    def sendfile(self, respiter):
+    def sendfile(self, respiter: Any) -> bool:
         """A file-wrapped body (PEP 3333 wsgi.file_wrapper) with os.sendfile,
         on plain sockets, as gunicorn does: Content-Length bytes (else up to
         the end of the file) from the file's current position, which is left
@@ -170,14 +175,16 @@ class HTTP2Response(http2_response.HTTP2Response):
     DATA, an empty DATA with END_STREAM). Trailers need a body without
     Content-Length, as over HTTP/1.1 (where they need chunked coding)."""
 
+    headers_sent: bool  # gunicorn's
+    _stream_ended: bool  # gunicorn's
     _date: str | None = None
     _queued = False  # the HEADERS frame waits in h2 for the first DATA frame
 
-    def process_headers(self, headers):
+    def process_headers(self, headers: list[tuple[str, str]]) -> None:
         super().process_headers(headers)  # drops Server and Date as it does over HTTP/1
         self._date = _first_date(headers)
 
-    def send_headers(self):
+    def send_headers(self) -> None:
         if self.headers_sent:
             return
         headers = [*self.headers, *_server_fields, ("date", self._date or http_date())]
@@ -185,13 +192,13 @@ class HTTP2Response(http2_response.HTTP2Response):
             self._aborted("stream closed before headers were sent")
         self.headers_sent = self._queued = True
 
-    def write(self, arg):
+    def write(self, arg: bytes) -> None:
         super().write(arg)
         if self._queued:  # no DATA frame took the head along (HEAD, 304, an empty piece)
             self._queued = False
             self.h2_conn.flush()
 
-    def _emit_body(self, data):
+    def _emit_body(self, data: bytes) -> None:
         if not data or self._stream_ended:
             return
         self._queued = False

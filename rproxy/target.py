@@ -18,7 +18,7 @@ grammar. One rule for each ambiguous form:
 | empty segments                         | `//admin`                | merged: `/admin`                       |
 | dot segments, escaped too              | `/x/../admin`, `/%2e%2e` | resolved (RFC 3986 5.2.4); above the root: 400 |
 | dot segment behind escaped slashes     | `/x%2F..%2Fadmin`        | 400: servers that decode `%2F` climb   |
-| path parameter on an empty/dot segment | `/;/admin`, `/x/..;/a`   | 400: Tomcat and Jetty resolve them     |
+| path parameter on an empty/dot segment | `/;/admin`, `/%2F;/a`    | 400: Tomcat and Jetty resolve them     |
 | segment of dots and spaces             | `/...`, `/..%20`         | 400: Windows reads them as `..`        |
 | path parameters elsewhere              | `/a;jsessionid=1`        | forwarded; the filter judges `/a`      |
 | trailing dots and spaces               | `/admin.`, `/admin%20`   | forwarded; the filter judges `/admin`  |
@@ -100,8 +100,15 @@ def _canonical_path(raw_path: str) -> tuple[str, str]:
         if _DOTS_AND_SPACES(name):
             raise TargetError("path parameter on an empty or dot segment" if name != decoded
                               else "path segment of dots and spaces")
-        if "/" in decoded and any(_DOTS_AND_SPACES(part) and part for part in decoded.split("/")):
-            raise TargetError("dot segment behind an escaped slash")
+        if "/" in decoded:
+            # An escaped slash makes segments of its own for an upstream that
+            # decodes it: each is judged as a segment is (`%2F;` is `/;`).
+            for part in decoded.split("/"):
+                part_name = part.split(";", 1)[0]
+                if part_name != part and _DOTS_AND_SPACES(part_name):
+                    raise TargetError("path parameter on an empty or dot segment behind an escaped slash")
+                if part_name and _DOTS_AND_SPACES(part_name):
+                    raise TargetError("dot segment behind an escaped slash")
         segments.append((forwarded, decoded))
     last = raw_segments[-1] if raw_segments else ""
     trailing = "/" if segments and _segment(last)[1] in ("", ".", "..") else ""

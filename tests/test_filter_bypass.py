@@ -40,6 +40,8 @@ CORPUS = {
     # escapes, once and twice; escaped separators
     "/%61dmin": 404, "/adm%69n": 404, "/%2561dmin": 400, "/%252e%252e/admin": 400, "/%zzadmin": 400,
     "/admin%": 400, "/x%2F..%2Fadmin": 400, "/x%2f%2e%2e%2fadmin": 400, "/admin%2Fx": 404, "/%2Fadmin": 404,
+    "/%2f;/admin": 400, "/x%2F;x/admin": 400, "/%2f..;/admin": 400, "/%2F.;x/admin": 400, "/%2f%20;/admin": 400,
+    "/ok%2F;x": 400, "/ok/a%2Fb;v=1": "/ok/a%2Fb;v=1",
     # dot segments and empty segments
     "//admin": 404, "/./admin": 404, "/x/../admin": 404, "/x/%2e%2e/admin": 404, "/x/%2E./admin": 404,
     "/..": 400, "/../admin": 400, "/%2e%2e/admin": 400, "/.git./config": 404, "/.git/": 404,

@@ -44,7 +44,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, connectionpool
 
 from rproxy.messages import HEADER_CASE
 from rproxy.observability import status_feed
-from rproxy.server import accesslog, header_case, http2, response_writer, sockets, takeover, worker
+from rproxy.server import accesslog, header_case, http2, request_parser, response_writer, sockets, takeover, worker
 from rproxy.upstreams import servers
 
 
@@ -75,13 +75,13 @@ OVERRIDES = [
      ["init_signals", "run", "timeout_ctx", "handle", "handle_http2", "handle_http2_request",
       "handle_request", "handle_error", "is_already_handled"],
      "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side, takeovers"),
-    (worker.RequestParser, parser.RequestParser, ["__init__", "__next__"],
+    (request_parser.RequestParser, parser.RequestParser, ["__init__", "__next__"],
      "rproxy/server/worker.py: an idle keep-alive connection's light wait for its next request"),
-    (worker.Request, message.Request, ["_parse_fast", "parse_headers"],
-     "rproxy/server/worker.py: 431 for a head with too many fields, whatever their count; the client's "
+    (request_parser.Request, message.Request, ["_parse_fast", "parse_headers"],
+     "rproxy/server/request_parser.py: 431 for a head with too many fields, whatever their count; the client's "
      "spelling of header names (preserve_header_case)"),
-    (worker.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
-     "rproxy/server/worker.py: a chunk size judged (413/400) before its data goes upstream"),
+    (request_parser.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
+     "rproxy/server/request_parser.py: a chunk size judged (413/400) before its data goes upstream"),
     (worker.Acceptor, StreamServer, ["do_handle"],
      "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
     (response_writer.Response, GUNICORN_RESPONSE,
@@ -169,12 +169,12 @@ def test_gunicorn_builds_chunked_body_readers_from_the_message_global(monkeypatc
     monkeypatch.setattr(message, "ChunkedReader", Marker)
     req = parsed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert type(req.body.reader) is Marker, (
-        "gunicorn's Message.set_body_reader no longer builds message.ChunkedReader: rproxy/server/worker.py's chunk "
+        "gunicorn's Message.set_body_reader no longer builds message.ChunkedReader: rproxy/server/request_parser.py's chunk "
         "size limits (413 before the data goes upstream, 400 past 2**63) are not applied")
     assert params(body.ChunkedReader.parse_chunk_size) == ["self", "unreader", "data"], (
-        "gunicorn's ChunkedReader.parse_chunk_size changed: rproxy/server/worker.py's ChunkedReader judges each size there")
+        "gunicorn's ChunkedReader.parse_chunk_size changed: rproxy/server/request_parser.py's ChunkedReader judges each size there")
     assert "_parse_fast" in source(message.Request.parse), (
-        "gunicorn's Request.parse no longer calls _parse_fast: rproxy/server/worker.py's 431 for too many fields is lost")
+        "gunicorn's Request.parse no longer calls _parse_fast: rproxy/server/request_parser.py's 431 for too many fields is lost")
 
 
 def test_gunicorn_asks_the_module_global_whether_a_peer_may_forward(monkeypatch):
@@ -218,7 +218,7 @@ def test_gunicorns_parsers_hand_over_header_names_as_the_client_spelled_them(mon
         "gunicorn_h1c's parse_request no longer gives header names as sent in result['headers']: "
         "rproxy/server/header_case.py's preserve_header_case is wrong")
     assert "self.parse_headers(data[:idx], from_trailer=False)" in source(message.Request._parse_python), (
-        "gunicorn's Python parser no longer hands the head's bytes to parse_headers: rproxy/server/worker.py's "
+        "gunicorn's Python parser no longer hands the head's bytes to parse_headers: rproxy/server/request_parser.py's "
         "preserve_header_case misses them with http_parser = python")
 
 
@@ -335,17 +335,17 @@ def test_gunicorns_connection_loop_calls_the_hooks_where_the_worker_expects():
 
 
 def test_the_keep_alive_wait_reads_the_parsers_buffer_and_socket():
-    # worker.py's RequestParser.await_next: mesg, unreader.buf, unreader.sock, finish_body()
+    # request_parser.py's RequestParser.await_next: mesg, unreader.buf, unreader.sock, finish_body()
     a, b = socket.socketpair()
     with a, b:
         made = parser.RequestParser(Config(), a, ("127.0.0.1", 1))
         assert made.mesg is None and made.unreader.sock is a, (
-            "gunicorn's parser no longer keeps mesg and unreader.sock: rproxy/server/worker.py's keep-alive wait")
+            "gunicorn's parser no longer keeps mesg and unreader.sock: rproxy/server/request_parser.py's keep-alive wait")
         assert isinstance(made.unreader.buf, io.BytesIO), (
-            "gunicorn's unreader no longer buffers in a BytesIO: rproxy/server/worker.py's keep-alive wait")
+            "gunicorn's unreader no longer buffers in a BytesIO: rproxy/server/request_parser.py's keep-alive wait")
         assert made.finish_body() is True and params(parser.Parser.finish_body) == [
             "self", "deadline", "max_bytes"], (
-            "gunicorn's Parser.finish_body changed: rproxy/server/worker.py's keep-alive wait")
+            "gunicorn's Parser.finish_body changed: rproxy/server/request_parser.py's keep-alive wait")
     assert "self.finish_body()" in source(parser.Parser.__next__)
 
 

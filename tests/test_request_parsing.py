@@ -1,5 +1,5 @@
 """The worker's request parsing, in-process: gunicorn's parser with
-rproxy's judgement of chunk sizes and header counts (rproxy/server/worker.py).
+rproxy's judgement of chunk sizes and header counts (rproxy/server/request_parser.py).
 The gunicorn internals that judgement hooks into are pinned in
 test_canaries.py."""
 
@@ -11,7 +11,7 @@ from gunicorn.http.errors import InvalidChunkSize, LimitRequestHeaders
 from gunicorn.http.unreader import IterUnreader
 
 from rproxy.messages import BadRequest
-from rproxy.server.worker import ChunkedReader, Request
+from rproxy.server.request_parser import ChunkedReader, Request
 
 
 class Held:

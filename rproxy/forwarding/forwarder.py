@@ -3,7 +3,8 @@ and stream its answer back.
 
 One pooled urllib3 connection carries one exchange. The request body streams
 upstream as the client sends it; the response body streams back as the
-upstream sends it (an event stream reaches the client event by event). Every
+upstream sends it (an event stream reaches the client event by event; both
+bodies are in bodies.py). Every
 path out of here leaves the connection either back in its pool, ready for the
 next request, or closed: a connection with a half-read response or a
 half-sent request never goes back.
@@ -25,24 +26,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
-import gevent
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import EmptyPoolError
 
 from rproxy.config.sections import RouteConfig, ServerConfig
 from rproxy.forwarding import early_hints
+from rproxy.forwarding.bodies import CHUNK, Lease, Release, RequestBody, UpstreamBody
 from rproxy.forwarding.errors import (
     EXCHANGE_FAILURES,
-    BodyTimeout,
     BodyTooLarge,
     ClientError,
-    ClientGone,
-    ClientTimeout,
     UpstreamError,
-    client_body_error,
-    describe,
     upstream_error,
 )
 from rproxy.forwarding.exchange import UpstreamResponse, request_head
@@ -56,196 +52,12 @@ from rproxy.messages import (
     valid_header_name,
 )
 from rproxy.server.client_left import ClientLeft, waiting
-from rproxy.server.cuts import cut_client
 from rproxy.target import without_prefix
 from rproxy.upstreams.servers import Server, Upstream
 
 log = logging.getLogger("rproxy.forward")
 
-CHUNK = 64 * 1024
-# Request bodies up to this size are read before sending, so that the request
-# can be sent again if a stale keep-alive connection drops it.
-REPLAYABLE_BODY = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-class RequestBody:
-    """The client's body as an iterable of chunks for urllib3, read as it is sent.
-
-    A small body is read whole first, so that it can be sent again. Of a
-    larger one the first chunk is read before any upstream is chosen: a client
-    that declares a body and then stalls (a slow-body attack) holds no
-    upstream connection, only its own, until client_timeout cuts it."""
-
-    __slots__ = ("stream", "remaining", "limit", "deadline", "sent", "complete", "buffered", "first",
-                 "streaming")
-
-    def __init__(self, request: Request, limit: int, deadline: float | None):
-        self.stream = request.environ["wsgi.input"]
-        self.remaining = request.content_length  # None when chunked
-        self.limit = limit
-        self.deadline = deadline  # for each chunk, however it trickles in
-        self.sent = 0
-        self.complete = False
-        self.buffered: bytes | None = None
-        self.first = b""
-        self.streaming = False
-        if self.remaining is not None and self.remaining <= REPLAYABLE_BODY:
-            self.buffered = b"".join(self)
-        else:
-            self.first = self._read()
-
-    @property
-    def replayable(self) -> bool:
-        return self.buffered is not None or not self.streaming
-
-    def payload(self) -> bytes | RequestBody:
-        return self.buffered if self.buffered is not None else self
-
-    def __iter__(self) -> RequestBody:
-        return self
-
-    def __next__(self) -> bytes:
-        if not self.streaming:
-            self.streaming = True
-            if self.first:
-                return self.first
-        data = self._read()
-        if not data:
-            raise StopIteration
-        return data
-
-    def _read(self) -> bytes:
-        """The next chunk; b"" once the body is complete."""
-        if self.complete:
-            return b""
-        want = CHUNK if self.remaining is None else min(CHUNK, self.remaining)
-        timer = gevent.Timeout.start_new(self.deadline) if self.deadline and want else None
-        try:
-            data = self.stream.read(want) if want else b""
-        except gevent.Timeout as e:
-            if e is not timer:
-                raise
-            raise ClientTimeout(f"body slower than min_body_rate, after {self.sent} bytes") from None
-        except Exception as e:
-            raise client_body_error(e, self.sent) from None
-        finally:
-            if timer is not None:
-                timer.close()
-        if not data:
-            if self.remaining:
-                raise ClientGone(f"body ended {self.remaining} bytes short")
-            self.complete = True
-            return b""
-        self.sent += len(data)
-        if self.limit and self.sent > self.limit:
-            raise BodyTooLarge()
-        if self.remaining is not None:
-            self.remaining -= len(data)
-        return data
-
-
-class Release(Protocol):
-    """Hands an exchange's connection back: to its pool when `reusable`, else closed."""
-
-    def __call__(self, reusable: bool) -> None: ...
-
-
-class UpstreamBody:
-    """The upstream's response body, read as it arrives. The WSGI server
-    calls close() when done, also when the client went away mid-way.
-    `release(reusable)` hands the connection back (or closes it)."""
-
-    __slots__ = ("response", "request", "label", "release", "finished", "first")
-
-    def __init__(self, response: UpstreamResponse, request: Request, label: str, release: Release) -> None:
-        self.response = response
-        self.request = request
-        self.label = label
-        self.release = release
-        self.finished = False
-        self.first = b""
-
-    def start(self) -> None:
-        """Read the first piece of the body before anything goes to the
-        client. The response head goes out with that piece anyway (in one
-        send, see response_writer; over HTTP/2 the HEADERS frame waits for
-        it too), so this costs no latency; and an upstream that fails
-        between its head and its first body byte (closes, resets, times
-        out) raises here, while the client can still get a 502 or 504
-        instead of a cut connection. The connection is released on error."""
-        response = self.response
-        try:
-            if not response.complete:
-                self.first = response.read1(CHUNK)
-        except TimeoutError:
-            self._done(reusable=False)
-            raise BodyTimeout() from None
-        except BaseException:
-            self._done(reusable=False)
-            raise
-        if response.complete:
-            self._done(reusable=response.reusable)
-
-    def __iter__(self) -> UpstreamBody:
-        return self
-
-    def __next__(self) -> bytes:
-        if self.first:
-            data, self.first = self.first, b""
-            return data
-        if self.finished:
-            raise StopIteration
-        response = self.response
-        me = waiting.begins()
-        try:
-            data = response.read1(CHUNK)
-        except EXCHANGE_FAILURES as e:
-            self._done(reusable=False)
-            reason = describe(e)
-            self.request.record.error = f"upstream cut mid-body: {reason}"
-            log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
-                        "request_id=%s", self.label, reason, self.request.request_id)
-            raise cut_client(self.request.environ, f"upstream {self.label} cut the response: {reason}") from None
-        finally:
-            waiting.discard(me)
-        if response.complete:
-            # The connection goes back to its pool as soon as the body is in,
-            # before this last piece is written to the client.
-            self._done(reusable=response.reusable)
-        if data:
-            return data
-        raise StopIteration
-
-    def close(self) -> None:
-        self._done(reusable=False)
-
-    def _done(self, reusable: bool) -> None:
-        if not self.finished:
-            self.finished = True
-            self.release(reusable)
-
-
-class _Lease:
-    """A connection taken from a server's pool, to give back once, whichever
-    of the paths out of an exchange gets there first (a body's error and a
-    client leaving can both try)."""
-
-    __slots__ = ("server", "conn", "returned")
-
-    def __init__(self, server: Server, conn: HTTPConnection) -> None:
-        self.server, self.conn, self.returned = server, conn, False
-
-    def __call__(self, reusable: bool) -> None:
-        if not self.returned:
-            self.returned = True
-            _release(self.server, self.conn, reusable)
-
-
-def _release(server: Server, conn: HTTPConnection, reusable: bool) -> None:
-    """Back to the pool; a connection in an unknown state goes back closed."""
-    server.end()
-    if not reusable:
-        conn.close()
-    server.pool._put_conn(conn)
 
 
 def _retriable(error: UpstreamError, request: Request, request_body: RequestBody | None) -> bool:
@@ -338,7 +150,7 @@ class Forwarder:
             except EmptyPoolError as e:
                 return self._upstream_error(e)
             server.begin()
-            release = _Lease(server, conn)
+            release = Lease(server, conn)
             try:
                 return self._exchange_on(server, conn, release, request, target, headers, request_body)
             except BaseException:  # ClientLeft, or the worker is going: never back to the pool

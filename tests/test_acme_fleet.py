@@ -12,7 +12,7 @@ from conftest import free_port, served_certificate, single_route
 from test_acme import pebble, wait_for_certificate  # noqa: F401 - the fixture, reused
 
 from rproxy import config
-from rproxy.tls import acme_store
+from rproxy.tls import acme_cache, acme_store
 
 
 def fleet_member(start_proxy, upstream, ca, redis_url, cache_dir, challenges, http_port=None):
@@ -89,8 +89,7 @@ def test_acme_storage_accepts_redis_uris(tmp_path):
 
 
 def store_pair(redis_url, tmp_path):
-    from rproxy.tls import acme
-    cache = acme.CacheDir(config.AcmeConfig(domains=("a.test",), cache_dir=str(tmp_path / "acme")))
+    cache = acme_cache.CacheDir(config.AcmeConfig(domains=("a.test",), cache_dir=str(tmp_path / "acme")))
     cache.prepare()
     return (acme_store.RedisStore(redis_url, cache.issuer_name), acme_store.RedisStore(redis_url, cache.issuer_name),
             cache)
@@ -136,13 +135,12 @@ def test_mirror_copies_certificates_and_challenges_but_never_an_older_or_broken_
 def test_http01_answer_not_yet_mirrored_comes_from_redis_and_none_while_redis_is_down(redis_server, tmp_path,
                                                                                      caplog):
     from rproxy.storage_guard import StorageGuard
-    from rproxy.tls import acme
     store, _, cache = store_pair(redis_server.url, tmp_path)
     guard = StorageGuard("acme", redis_server.url, retry=5.0, while_down="answers from cache_dir alone")
     store.put_challenge("http-01/tok-2", b"tok-2.thumb")
-    assert acme.challenge_answer(cache, "/.well-known/acme-challenge/tok-2", store, guard) == b"tok-2.thumb"
-    assert acme.challenge_answer(cache, "/.well-known/acme-challenge/other", store, guard) is None
+    assert acme_cache.challenge_answer(cache, "/.well-known/acme-challenge/tok-2", store, guard) == b"tok-2.thumb"
+    assert acme_cache.challenge_answer(cache, "/.well-known/acme-challenge/other", store, guard) is None
     redis_server.stop()
     for _ in range(3):  # one failure, then Redis is left alone: no wait, one log line
-        assert acme.challenge_answer(cache, "/.well-known/acme-challenge/tok-2", store, guard) is None
+        assert acme_cache.challenge_answer(cache, "/.well-known/acme-challenge/tok-2", store, guard) is None
     assert len([r for r in caplog.records if "storage redis://127.0.0.1" in r.getMessage()]) == 1

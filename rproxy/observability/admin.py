@@ -23,7 +23,7 @@ from rproxy.observability import metrics
 from rproxy.observability.status_feed import StatusFeed
 from rproxy.observability.status_page import PAGE
 from rproxy.storage_guard import redacted
-from rproxy.tls import acme
+from rproxy.tls import acme_cache
 
 if TYPE_CHECKING:
     from rproxy.config import Config
@@ -81,7 +81,7 @@ class Admin:
             if not in_rotation:
                 reasons.append(f"upstream {name}: no server in rotation")
         # A configured ACME domain still on the placeholder is not served properly.
-        reasons.extend(acme.certificate_problems(self.config.acme))
+        reasons.extend(acme_cache.certificate_problems(self.config.acme))
         expected = self.config.server.workers
         up = metrics.live_workers()
         if up is not None and up < expected:

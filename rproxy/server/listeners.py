@@ -33,7 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from rproxy.config.addresses import listener_key
-from rproxy.tls import acme, alpn_challenge
+from rproxy.tls import acme_cache, alpn_challenge
 from rproxy.tls.certificates import CertificateFiles, CertificateStore
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def certificate_sources(config: Config, make_context: MakeContext
     managed: list[CertificateFiles] = []
     placeholder: list[CertificateFiles] = []
     if config.acme.domains:
-        cache = acme.CacheDir(config.acme)
+        cache = acme_cache.CacheDir(config.acme)
         managed = [CertificateFiles(cache.certificate(domain), None, make_context, f"acme {domain}")
                    for domain in config.acme.domains]
         placeholder = [CertificateFiles(cache.placeholder, None, make_context, "acme placeholder",
@@ -123,7 +123,7 @@ def server_context(config: Config, alpn: list[str]) -> ssl.SSLContext:
     socket_class = _server_socket_class()
     challenges = None
     if "tls-alpn-01" in config.acme.challenges and config.acme.domains:
-        challenges = alpn_challenge.Challenges(acme.CacheDir(config.acme).tls_alpn, configure)
+        challenges = alpn_challenge.Challenges(acme_cache.CacheDir(config.acme).tls_alpn, configure)
 
     class ServerContext(ssl.SSLContext):
         sslsocket_class = socket_class

@@ -20,7 +20,7 @@ from rproxy.config.addresses import listener_key
 from rproxy.messages import Request, Response, error_response
 from rproxy.server.listeners import is_tls
 from rproxy.storage_guard import StorageGuard
-from rproxy.tls import acme
+from rproxy.tls import acme_cache, acme_store
 
 if TYPE_CHECKING:
     from rproxy.client_address import Forwarding
@@ -37,15 +37,15 @@ class PlainHttp:
             first = listener_key(server.bind[0]) if server.bind else None
             port = first if isinstance(first, int) else 443
         self.port_suffix = "" if port == 443 else f":{port}"
-        self.cache = acme.CacheDir(config.acme) if config.acme.domains else None
+        self.cache = acme_cache.CacheDir(config.acme) if config.acme.domains else None
         self.acme = config.acme
         # The fleet's store, connected at the first challenge path.
-        self.store: acme.acme_store.RedisStore | None = None
+        self.store: acme_store.RedisStore | None = None
         self.guard: StorageGuard | None = None
 
-    def _store(self) -> acme.acme_store.RedisStore | None:
+    def _store(self) -> acme_store.RedisStore | None:
         if self.store is None and self.acme.storage:
-            self.store = acme.shared_store(self.acme, timeout=2.0)
+            self.store = acme_cache.shared_store(self.acme, timeout=2.0)
             self.guard = StorageGuard("acme", self.acme.storage, retry=5.0,
                                       while_down="HTTP-01 challenges are answered from cache_dir alone")
         return self.store
@@ -59,9 +59,9 @@ class PlainHttp:
 
     def answer(self, request: Request) -> Response | None:
         """The proxy's own answer to this request, or None to route it."""
-        if request.path.startswith(acme.CHALLENGE_PREFIX):
+        if request.path.startswith(acme_cache.CHALLENGE_PREFIX):
             if self.cache is not None and request.method in ("GET", "HEAD"):
-                key_authorization = acme.challenge_answer(self.cache, request.path, self._store(), self.guard)
+                key_authorization = acme_cache.challenge_answer(self.cache, request.path, self._store(), self.guard)
                 if key_authorization is not None:
                     return Response(200, [("Content-Type", "text/plain"),
                                           ("Content-Length", str(len(key_authorization))),

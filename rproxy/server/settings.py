@@ -24,7 +24,7 @@ from rproxy import instance
 from rproxy.config import Config, ConfigError
 from rproxy.observability import metrics
 from rproxy.server import listeners
-from rproxy.tls import acme, certificates
+from rproxy.tls import acme, acme_cache, certificates
 
 if TYPE_CHECKING:
     # Not at run time: paste.py tells a gunicorn worker by its modules being loaded.
@@ -97,7 +97,7 @@ def default_certificate(config: Config) -> str | None:
         return config.server.certfile
     for section in config.certificates.values():
         return section.certfile
-    return acme.CacheDir(config.acme).placeholder
+    return acme_cache.CacheDir(config.acme).placeholder
 
 
 def child_exit(arbiter: Arbiter, worker: Worker) -> None:
@@ -231,7 +231,7 @@ def gunicorn_settings(conf_file: str, argv: list[str] | None = None) -> dict[str
 
 def prepare_acme(config: Config) -> None:
     try:
-        acme.prepare(config)
+        acme_cache.prepare(config)
     except OSError as e:
         raise ConfigError(config.path, "acme", "cache_dir",
                           f"cannot prepare {config.acme.cache_dir!r}: {e.strerror or e}") from None

@@ -33,125 +33,29 @@ doubling each time up to 12 hours.
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
-from urllib.parse import urlsplit
 
 from rproxy.tls import acme_store, ari, certificates
+from rproxy.tls.acme_cache import CacheDir, shared_store, when
 from rproxy.tls.acme_order import Account, describe
 from rproxy.tls.certificates import CertificateProblem
 
 if TYPE_CHECKING:
-    from rproxy.config.sections import AcmeConfig
-    from rproxy.storage_guard import StorageGuard
+    pass
 
 log = logging.getLogger("rproxy.acme")
 
-CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
 MAX_RETRY_INTERVAL = 12 * 3600.0
 # Followers try the lock this often: how soon one takes over from a dead manager.
 LEADER_POLL = 2.0
 # Even with nothing due, the manager looks at its certificates this often
 # (a file deleted by hand, a clock that jumped).
 RECHECK = 3600.0
-
-
-class CacheDir:
-    """The layout of cache_dir. Account and certificates are kept per ACME
-    directory, so that staging certificates never pass for production ones."""
-
-    def __init__(self, config: AcmeConfig) -> None:
-        self.root = os.path.abspath(config.cache_dir)
-        parts = urlsplit(config.directory)
-        issuer = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{parts.netloc}{parts.path}").strip("-")
-        self.issuer_name = issuer or "acme"
-        self.issuer = os.path.join(self.root, self.issuer_name)
-        self.account_key = os.path.join(self.issuer, "account.key")
-        self.certificates = os.path.join(self.issuer, "certificates")
-        self.challenges = os.path.join(self.root, "challenges")
-        self.tls_alpn = os.path.join(self.root, "tls-alpn-01")
-        self.lock = os.path.join(self.root, "lock")
-        self.placeholder = os.path.join(self.root, "placeholder.pem")
-
-    def certificate(self, domain: str) -> str:
-        """The certificate chain of `domain` with its private key, in one file."""
-        return os.path.join(self.certificates, f"{domain}.pem")
-
-    def challenge(self, token: str) -> str:
-        return os.path.join(self.challenges, token)
-
-    def tls_alpn_certificate(self, domain: str) -> str:
-        return os.path.join(self.tls_alpn, f"{domain}.pem")
-
-    def prepare(self) -> None:
-        for path in (self.root, self.issuer, self.certificates, self.challenges, self.tls_alpn):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-
-
-def prepare(config) -> None:
-    """In the master, before the workers start: cache_dir exists, and a
-    placeholder certificate covers the domains until theirs are issued."""
-    cache = CacheDir(config.acme)
-    cache.prepare()
-    certificates.write_placeholder(cache.placeholder, config.acme.domains)
-
-
-def certificate_problems(config, now: float | None = None) -> list[str]:
-    """Why a configured domain has no valid certificate (it is served the
-    placeholder): one reason per domain, for /readyz."""
-    if not config.domains:
-        return []
-    cache, now = CacheDir(config), time.time() if now is None else now
-    problems = []
-    for domain in config.domains:
-        try:
-            leaf = certificates.load_chain(cache.certificate(domain))[0]
-        except CertificateProblem:
-            leaf = None
-        if leaf is None or domain not in certificates.names_of(leaf):
-            problems.append(f"certificate {domain}: none valid")
-        elif leaf.not_valid_after_utc.timestamp() <= now:
-            problems.append(f"certificate {domain}: expired since {_when(leaf.not_valid_after_utc.timestamp())}")
-    return problems
-
-
-def challenge_answer(cache: CacheDir, path: str, store: acme_store.RedisStore | None = None,
-                     guard: StorageGuard | None = None) -> bytes | None:
-    """The key authorization for an HTTP-01 request path, if one is pending:
-    in cache_dir, else (a challenge this instance's mirror has not copied
-    yet) in the fleet's store, unless `guard` (a StorageGuard) leaves it
-    alone after a failure."""
-    token = path[len(CHALLENGE_PREFIX):]
-    if not _TOKEN_RE.fullmatch(token):
-        return None
-    try:
-        with open(cache.challenge(token), "rb") as f:
-            return f.read()
-    except OSError:
-        pass
-    if store is None or guard is None or not guard.allow():  # a store goes with its guard
-        return None
-    try:
-        answer = store.http01_answer(token)
-    except Exception as e:  # noqa: BLE001 - no answer is the answer when the store fails
-        guard.failed(e)
-        return None
-    guard.succeeded()
-    return answer
-
-
-def shared_store(config: AcmeConfig, timeout: float = acme_store.TIMEOUT) -> acme_store.RedisStore | None:
-    """The fleet's shared store for `[acme] storage`, or None (cache_dir alone)."""
-    if not config.storage:
-        return None
-    return acme_store.RedisStore(config.storage, CacheDir(config).issuer_name, timeout)
 
 
 def renewal_time(leaf, renew_before: float) -> float:
@@ -161,10 +65,6 @@ def renewal_time(leaf, renew_before: float) -> float:
     lifetime = not_after - leaf.not_valid_before_utc.timestamp()
     window = renew_before if renew_before < lifetime else lifetime / 3
     return not_after - window
-
-
-def _when(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _span(seconds: float) -> str:
@@ -299,7 +199,7 @@ class Manager:
         for domain in self.config.domains:
             due = self.due(domain, announce=True)
             if due is not None and due > time.time():
-                log.info("acme: %s: certificate from the cache, renewal due %s", domain, _when(due))
+                log.info("acme: %s: certificate from the cache, renewal due %s", domain, when(due))
         while self.alive():
             self.share_certificates()
             for domain in self.config.domains:
@@ -371,7 +271,7 @@ class Manager:
             if domain not in self.ari_failing:  # once, not at every attempt
                 self.ari_failing.add(domain)
                 log.warning("acme: %s: no renewal information from the CA (%s); renewal due %s, %s before "
-                            "expiry", domain, describe(e), _when(renewal_time(leaf, self.config.renew_before)),
+                            "expiry", domain, describe(e), when(renewal_time(leaf, self.config.renew_before)),
                             _span(self.config.renew_before))
             return
         self.ari_failing.discard(domain)
@@ -379,7 +279,7 @@ class Manager:
         if plan is None or plan.serial != leaf.serial_number or plan.window != window:
             plan = self.plans[domain] = RenewalPlan(leaf.serial_number, window, ari.choose(window))
             log.info("acme: %s: the CA suggests renewing between %s and %s; renewal due %s", domain,
-                     _when(window.start), _when(window.end), "now" if plan.at <= now else _when(plan.at))
+                     when(window.start), when(window.end), "now" if plan.at <= now else when(plan.at))
 
     # -- one order ------------------------------------------------------------
 
@@ -401,8 +301,8 @@ class Manager:
             self.share_certificates()
         self.ask_again[domain] = 0.0  # the new certificate has renewal information of its own: ask now
         log.info("acme: %s: obtained a certificate in %.1fs, valid until %s; renewal due %s", domain,
-                 time.monotonic() - started, _when(leaf.not_valid_after_utc.timestamp()),
-                 _when(renewal_time(leaf, self.config.renew_before)))
+                 time.monotonic() - started, when(leaf.not_valid_after_utc.timestamp()),
+                 when(renewal_time(leaf, self.config.renew_before)))
 
     def share_certificates(self) -> None:
         """Hand the certificates obtained here to the fleet's store (again
@@ -431,8 +331,8 @@ class Manager:
             serving = "serving a placeholder certificate until then"
         else:
             expiry = leaf.not_valid_after_utc.timestamp()
-            serving = (f"still serving the current certificate (valid until {_when(expiry)})" if expiry > time.time()
-                       else f"still serving the current certificate, expired since {_when(expiry)}")
+            serving = (f"still serving the current certificate (valid until {when(expiry)})" if expiry > time.time()
+                       else f"still serving the current certificate, expired since {when(expiry)}")
         detail = describe(error)
         log.error("acme: %s: could not obtain a certificate from %s: %s; %s; next attempt in %s",
                   domain, self.config.directory, detail, serving, _span(wait))

@@ -229,14 +229,18 @@ def own_log(log: str) -> str:
     return _GUNICORN_CTL_CANCELLED.sub(lambda m: "" if "gunicorn/ctl/server.py" in m.group(0) else m.group(0), log)
 
 
+def stop_all_without_tracebacks(started: Started) -> None:
+    """Stop every proxy `started` holds: whatever a test did, none logged a traceback."""
+    started.stop_all()
+    for proxy in started:
+        assert "Traceback" not in own_log(proxy.log()), proxy.log()
+
+
 @pytest.fixture
 def start_proxy(tmp_path):
     started = Started(lambda ini, **kwargs: Proxy(tmp_path, ini, **kwargs))
     yield started.start
-    started.stop_all()
-    for proxy in started:
-        # Whatever a test did, the proxy never logs a traceback.
-        assert "Traceback" not in own_log(proxy.log()), proxy.log()
+    stop_all_without_tracebacks(started)
 
 
 class Certificates:

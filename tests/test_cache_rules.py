@@ -200,3 +200,30 @@ def test_explain_shows_the_cache_key_when_a_cache_applies(tmp_path):
     assert code == 0
     assert "  cache key  http://shop.example:8080/b/~user?q=1" in text.splitlines()
     assert "cache key" not in explain(loaded, "http://shop.example/live/x")[1]
+
+
+# --- the copy the cache keeps of a body passing through (httpcache/bodies.py) -----------------
+
+@pytest.mark.parametrize("length", [None, 6])
+def test_a_copy_is_kept_whole_and_handed_over_before_the_last_chunk_when_its_length_is_known(length):
+    from rproxy.httpcache.bodies import Tee
+    handed: list = []
+    tee = Tee([b"abc", b"def"], 100, handed.append, length)
+    assert next(tee) == b"abc" and handed == []
+    assert next(tee) == b"def"
+    assert handed == ([b"abcdef"] if length else [])  # a sized body is stored before its end goes out
+    assert list(tee) == [] and handed == [b"abcdef"]
+    tee.close()
+    assert handed == [b"abcdef"]  # once
+
+
+@pytest.mark.parametrize("body,limit,close_early", [([b"abc", b"def"], 4, False), ([b"abc", b"def"], 100, True)])
+def test_no_copy_of_a_body_too_large_or_not_read_to_its_end(body, limit, close_early):
+    from rproxy.httpcache.bodies import Tee
+    handed: list = []
+    tee = Tee(body, limit, handed.append, 6)
+    next(tee)
+    if not close_early:
+        list(tee)
+    tee.close()
+    assert handed == [None]

@@ -11,12 +11,17 @@ from rproxy.messages import Response
 class Tee:
     """Passes a body through, keeping a copy up to `limit`, for the cache;
     `on_end` gets the copy at the end, or None when the body was too large or
-    was not read to its end."""
+    was not read to its end.
 
-    __slots__ = ("body", "iterator", "kept", "limit", "done", "on_end")
+    With the body's `length` known (Content-Length), the copy is handed over
+    before its last chunk goes on: a client that has the whole response can
+    count on the next request, to any worker or instance, finding it stored."""
 
-    def __init__(self, body, limit: int, on_end):
+    __slots__ = ("body", "iterator", "kept", "limit", "length", "done", "on_end")
+
+    def __init__(self, body, limit: int, on_end, length: int | None = None):
         self.body, self.iterator, self.limit, self.on_end = body, iter(body), limit, on_end
+        self.length = length
         self.kept: bytearray | None = bytearray()
         self.done = False
 
@@ -33,6 +38,8 @@ class Tee:
             self.kept += chunk
             if len(self.kept) > self.limit:
                 self.kept = None  # too large for the cache: stream on, keep nothing
+            elif len(self.kept) == self.length:
+                self._end(bytes(self.kept))
         return chunk
 
     def close(self) -> None:

@@ -224,7 +224,7 @@ class HTTPCache:
                               self.config.targeted_fields)
                 self.save(key, [e for e in entries if e.vary != fresh.vary], fresh)
             self._finish(key, leader)
-        response.body = Tee(response.body, self.config.max_entry_size, store)
+        response.body = Tee(response.body, self.config.max_entry_size, store, _length(upstream_headers))
         return _tag(request, response, label, status)
 
     def _instead_of_failure(self, request: Request, response: Response, entry: Entry) -> Response | None:
@@ -348,6 +348,12 @@ def _body(request: Request, entry: Entry):
     if wrapper is None or entry.derived().fields.get("content-length") != str(body.length):
         return body
     return wrapper(body.as_file(), CHUNK)
+
+
+def _length(headers: list[tuple[str, str]]) -> int | None:
+    """The body's length as Content-Length gives it, if it does, once."""
+    given = [value for name, value in headers if name.lower() == "content-length"]
+    return int(given[0]) if len(given) == 1 and given[0].isascii() and given[0].isdigit() else None
 
 
 def _count(request: Request, label: str, hit_bytes: int = 0) -> None:

@@ -164,3 +164,21 @@ def test_chunked_response_cut_before_its_first_chunk_is_incomplete():
     response = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
     with pytest.raises(http.client.IncompleteRead):
         response.read1(10)
+
+
+@pytest.mark.parametrize("size", [0, 100, 4 << 20])
+def test_send_all_sends_everything_in_one_send_or_more(size):
+    # server/sockets.py's send_all: one send when the buffer takes it all, sendall for the rest.
+    import gevent
+    import gevent.socket
+
+    from rproxy.server.sockets import send_all
+    ours, theirs = gevent.socket.socketpair()
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.settimeout(10)
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        reader = gevent.spawn(lambda: b"".join(iter(lambda: theirs.recv(65536), b"")))
+        send_all(ours, data)
+        ours.shutdown(socket.SHUT_WR)
+        assert reader.get(timeout=10) == data

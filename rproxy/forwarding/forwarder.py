@@ -52,6 +52,7 @@ from rproxy.messages import (
     valid_header_name,
 )
 from rproxy.server.client_left import ClientLeft, waiting
+from rproxy.server.sockets import send_all
 from rproxy.target import without_prefix
 from rproxy.upstreams.servers import Server, Upstream
 
@@ -235,12 +236,12 @@ class Forwarder:
             sock.settimeout(self.read_timeout)
         head = request_head(method, target, headers, chunked, spelled=spelled)
         if body is None:
-            sock.sendall(head)
+            send_all(sock, head)
         else:
             try:
                 payload = body.payload()
                 if isinstance(payload, bytes):
-                    sock.sendall(head + payload)
+                    send_all(sock, head + payload)
                 else:
                     sock.sendall(head)
                     for chunk in payload:

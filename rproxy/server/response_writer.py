@@ -24,6 +24,8 @@ from gunicorn.http import wsgi
 from gunicorn.http2 import response as http2_response
 from gunicorn.workers import base_async
 
+from rproxy.server.sockets import send_all
+
 _date: tuple[int, str] = (0, "")  # the second, and its Date
 
 
@@ -110,7 +112,7 @@ class Response(wsgi.Response):
             self._holding = False
             head, self._held_head = self._held_head, None
             if head is not None:  # no body bytes went out (HEAD, 304, ...): the head alone
-                self.sock.sendall(head)
+                send_all(self.sock, head)
 
     def _emit_body(self, data: bytes) -> None:
         head = self._held_head
@@ -119,9 +121,9 @@ class Response(wsgi.Response):
             return
         self._held_head = None
         if self.chunked:
-            self.sock.sendall(b"%b%X\r\n%b\r\n" % (head, len(data), data))
+            send_all(self.sock, b"%b%X\r\n%b\r\n" % (head, len(data), data))
         else:
-            self.sock.sendall(head + data)
+            send_all(self.sock, head + data)
 
 
     def sendfile(self, respiter: Any) -> bool:

@@ -1,12 +1,12 @@
 """The cache and the rate limit on a Redis reached through Sentinel, on a
 Redis Cluster and on a Redis over TLS (rediss://): real redis-server processes, two proxy instances sharing a
-stored response and a limit through them."""
+stored response and a limit through them, and a purge through one reaching the other."""
 
 import itertools
 
 import pytest
 import requests
-from conftest import redis_cli, single_route
+from conftest import free_port, redis_cli, single_route
 
 _unique = itertools.count()
 SITE = {"Host": "shop.example"}  # both instances serve one site: one cache key
@@ -40,3 +40,30 @@ def test_two_instances_share_a_stored_response_and_a_limit(start_proxy, upstream
     assert sum(int(redis_cli(s.port, *getattr(s, "cli", ()), "DBSIZE")) for s in servers) >= 2
     for proxy in (first, second):
         assert "bypassing" not in proxy.log() and "Redis" not in proxy.log(), proxy.log()
+
+
+def test_a_purge_by_prefix_and_by_tag_through_one_instance_reaches_the_other(start_proxy, upstream, topology):
+    admin = free_port()
+    config = single_route(upstream.port) + f"\n[cache]\nstorage = {topology.url}\n"
+    first = start_proxy(config + f"[admin]\nbind = 127.0.0.1:{admin}\n")
+    second = start_proxy(config)
+    group = f"/cacheable?cc=max-age=600&id=purge-{next(_unique)}"
+    paths = [f"{group}-{i}" + ("&tags=sale" if i % 2 else "") for i in range(8)]
+    for path in paths:
+        assert requests.get(first.url + path, headers=SITE, timeout=10).headers["X-Cache"] == "MISS"
+        assert requests.get(second.url + path, headers=SITE, timeout=10).headers["X-Cache"] == "HIT"
+    servers = getattr(topology, "nodes", None) or [getattr(topology, "master", topology)]
+    holding = [int(redis_cli(s.port, *getattr(s, "cli", ()), "EVAL",
+                             "return #redis.call('KEYS', ARGV[1])", "0", f"rproxy:cache:*{group[11:]}*")) for s in servers]
+    assert sum(holding) == 8 and (len(servers) == 1 or sum(1 for n in holding if n) >= 2), holding  # spread on a cluster
+
+    def purge(**field):
+        r = requests.post(f"http://127.0.0.1:{admin}/purge", data=field, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["purged"]
+
+    assert purge(tag="sale") == 4
+    assert [requests.get(second.url + p, headers=SITE, timeout=10).headers["X-Cache"] for p in paths[:2]] == \
+        ["HIT", "MISS"]
+    assert purge(prefix="http://shop.example" + group) == 5  # the four left, and the one just fetched again
+    assert {requests.get(second.url + p, headers=SITE, timeout=10).headers["X-Cache"] for p in paths[::2]} == {"MISS"}

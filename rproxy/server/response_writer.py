@@ -40,6 +40,9 @@ def install(server_header: str) -> None:
     global _server_line, _server_fields
     _server_line = f"Server: {server_header}\r\n" if server_header else ""
     _server_fields = [("server", server_header)] if server_header else []
+    # gunicorn's wsgi.create takes a response_class, but its async worker's
+    # handle_request calls it without one: passing ours would mean a copy of
+    # that method. The module global is what it builds from (a canary pins it).
     wsgi.Response = Response
     # gunicorn's async worker names its HTTP/2 response class at module level.
     base_async.HTTP2Response = HTTP2Response

@@ -49,6 +49,14 @@ def _expire(greenlet: Any, exception: type[BaseException]) -> None:
     greenlet.throw(exception)
 
 
+def _idle_a_while(deadlines: Deadlines, greenlet: Any) -> None:
+    parser = parsers.get(greenlet)
+    if parser is not None and parser.idle:
+        greenlet.throw(Park)
+    else:  # its next head is coming (or TLS, which is not parked): the rest of the time
+        deadlines.timers[greenlet] = deadlines._arm(deadlines.keepalive - PARK_AFTER, NextHeadTimeout, greenlet)
+
+
 def disarm(timer: Any) -> None:
     if timer is not None:
         timer.close()
@@ -81,18 +89,11 @@ class Deadlines:
             self.timers[greenlet] = self._arm(self.keepalive, NextHeadTimeout, greenlet)
             return
         timer = self.loop.timer(PARK_AFTER, priority=-1)
-        timer.start(self._idle_a_while, greenlet, update=True)
+        timer.start(_idle_a_while, self, greenlet, update=True)
         self.timers[greenlet] = timer
 
     def end(self, greenlet: Any) -> None:
         disarm(self.timers.pop(greenlet))
-
-    def _idle_a_while(self, greenlet: Any) -> None:
-        parser = parsers.get(greenlet)
-        if parser is not None and parser.idle:
-            greenlet.throw(Park)
-        else:  # its next head is coming (or TLS, which is not parked): the rest of the time
-            self.timers[greenlet] = self._arm(self.keepalive - PARK_AFTER, NextHeadTimeout, greenlet)
 
     def _arm(self, seconds: float, exception: type[HeadTimeout], greenlet: Any) -> Any:
         """A started timer that throws `exception` into `greenlet`, or None."""

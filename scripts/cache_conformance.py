@@ -14,8 +14,8 @@ folder (or --keep DIR). Starts the suite's origin server and rproxy (gunicorn
 `targeted_fields = CDN-Cache-Control`, as the suite's CDN tests expect) on
 free loopback ports, runs every test, and prints rproxy's counts by the
 suite's own verdicts (pass, required failure, optional failure, ...) beside
-the results the suite ships for other caches, then the required failures by
-name.
+the results the suite ships for other caches, then the required and optional
+failures by name.
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ const names = {'#1aa123': 'pass', '#c33131': 'required_fail', '#bbbd15': 'option
 const out = {}
 for (const file of process.argv.slice(2)) {
   const results = JSON.parse(fs.readFileSync(file))
-  const counts = {}, failed = []
+  const counts = {}, failed = [], optional = []
   for (const suite of tests) for (const t of suite.tests) {
     const verdict = names[display.determineTestResult(tests, t.id, results)[1]] || 'other'
     counts[verdict] = (counts[verdict] || 0) + 1
     if (verdict === 'required_fail') failed.push(`${t.id}: ${t.name}`)
+    if (verdict === 'optional_fail') optional.push(`${t.id}: ${t.name}`)
   }
-  out[file] = {counts, failed}
+  out[file] = {counts, failed, optional}
 }
 console.log(JSON.stringify(out))
 """
@@ -138,6 +139,9 @@ def main() -> int:
         print(f"  {name:<16} {c.get('pass', 0):>5} {c.get('required_fail', 0):>14} {c.get('optional_fail', 0):>14}")
     print("\nrproxy's required failures:")
     for line in scores[str(results)]["failed"]:
+        print(f"  {line}")
+    print("\nrproxy's optional failures (the suite's SHOULD and MAY, not MUST):")
+    for line in scores[str(results)]["optional"]:
         print(f"  {line}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

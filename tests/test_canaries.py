@@ -44,7 +44,8 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, connectionpool
 
 from rproxy.messages import HEADER_CASE
 from rproxy.observability import status_feed
-from rproxy.server import accesslog, header_case, http2, request_parser, response_writer, sockets, takeover, worker
+from rproxy.server import (accesslog, header_case, http2, keepalive, parking, request_parser, response_writer, sockets,
+                           takeover, worker)
 from rproxy.upstreams import servers
 
 
@@ -72,9 +73,10 @@ def parsed(head: bytes, peer=("127.0.0.1", 1)) -> message.Request:
 
 OVERRIDES = [
     (worker.Worker, ggevent.GeventWorker,
-     ["init_signals", "run", "timeout_ctx", "handle", "handle_http2", "handle_http2_request",
+     ["init_signals", "run", "handle", "handle_http2", "handle_http2_request",
       "handle_request", "handle_error", "is_already_handled"],
-     "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side, takeovers"),
+     "rproxy/server/worker.py: head deadlines, per-address caps, 408/429 answers, HTTP/2 side by side, takeovers, "
+     "parked connections (keepalive.py's loop in place of AsyncWorker.handle's)"),
     (request_parser.RequestParser, parser.RequestParser, ["__init__", "__next__"],
      "rproxy/server/worker.py: an idle keep-alive connection's light wait for its next request"),
     (request_parser.Request, message.Request, ["_parse_fast", "parse_headers"],
@@ -82,8 +84,11 @@ OVERRIDES = [
      "spelling of header names (preserve_header_case)"),
     (request_parser.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
      "rproxy/server/request_parser.py: a chunk size judged (413/400) before its data goes upstream"),
-    (worker.Acceptor, StreamServer, ["do_handle"],
-     "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection)"),
+    (worker.Acceptor, StreamServer, ["do_handle", "close"],
+     "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection); "
+     "parked connections closed when the listener stops"),
+    (parking.ConnectionPool, Pool, ["__init__", "free_count", "_discard"],
+     "rproxy/server/parking.py: a parked connection keeps its slot against worker_connections"),
     (response_writer.Response, GUNICORN_RESPONSE,
      ["__init__", "process_headers", "default_headers", "send_headers", "write", "_emit_body", "sendfile"],
      "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header, "
@@ -261,6 +266,41 @@ def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
         "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Acceptor is not used")
 
 
+def test_the_gevent_worker_builds_its_pools_from_the_module_global():
+    # worker.py: ggevent.Pool = Worker._new_pool (parking.ConnectionPool)
+    assert "pool = Pool(self.worker_connections)" in source(ggevent.GeventWorker.run), (
+        "gunicorn's GeventWorker.run no longer builds ggevent.Pool(worker_connections): rproxy/server/parking.py's "
+        "ConnectionPool is not used, and parked connections free their slot against worker_connections")
+    assert "self.pool.full()" not in source(BaseServer._do_read) and "if self.full():" in source(BaseServer._do_read)
+    assert "self.full = self.pool.full" in source(BaseServer.set_spawn), (
+        "gevent's servers no longer ask the pool's full() before accepting: rproxy/server/parking.py's count of "
+        "parked connections is not seen by the acceptor")
+
+
+def test_gevent_pools_keep_the_slot_of_a_parked_connection_as_parking_py_does():
+    # parking.ConnectionPool: Group.add rawlinks _discard, Pool._discard releases _semaphore,
+    # which the server rawlinks to start accepting again; a greenlet's value is its handler's result.
+    pool = parking.ConnectionPool(1)
+    pool.serve_parked = lambda parked: None
+    pool.spawn(lambda: parking.PARKED).join()
+    gevent.sleep(0)  # the links run
+    assert len(pool) == 0 and pool.full() and pool._semaphore.counter == 0, (
+        "gevent's pool no longer discards a finished greenlet through _discard, or Pool.add no longer holds its "
+        "_semaphore: rproxy/server/parking.py's parked slots are lost or counted twice")
+    woken = []
+    pool.serve_parked = woken.append
+    pool.resume("parked")
+    gevent.sleep(0)
+    gevent.sleep(0)
+    assert woken == ["parked"] and len(pool) == 0 and pool._semaphore.counter == 1 and not pool.full(), (
+        "a greenlet gevent's Group.add tracks no longer releases the pool's _semaphore when it ends: "
+        "rproxy/server/parking.py's resume")
+    pool.spawn(lambda: parking.PARKED).join()
+    gevent.sleep(0)
+    pool.unpark()
+    assert pool._semaphore.counter == 1 and not pool.full()
+
+
 def test_gevent_reports_accept_errors_through_the_hubs_handle_error_attribute():
     # worker.py: hub.handle_error replaced on the instance (out of descriptors: one log line a second)
     assert "self.loop.handle_error(self, *sys.exc_info())" in source(BaseServer._do_read), (
@@ -309,9 +349,22 @@ def test_settings_written_into_the_configs_dict_are_what_gunicorn_reads():
 
 def test_gunicorns_connection_loop_calls_the_hooks_where_the_worker_expects():
     handle = source(base_async.AsyncWorker.handle)
-    assert re.search(r"with self\.timeout_ctx\(\):\s*req = next\(parser\)", handle), (
-        "gunicorn's keep-alive loop no longer reads each request inside timeout_ctx(): rproxy/server/worker.py's "
-        "wait for the next request and its head deadline move")
+    # rproxy/server/keepalive.py re-implements this method, step by step: the same steps, in order.
+    steps = ["client.do_handshake()", "gunicorn_sock.is_http2_negotiated(client)", "self.handle_http2(listener, client, addr)",
+             "negotiation.prior_knowledge_allowed(self.cfg, addr)", "negotiation.read_preface_blocking(client)",
+             "negotiation.mismatch_is_error(self.cfg)", "http.get_parser(self.cfg, client, addr)",
+             "parser.unreader.unread(unread_preface)", "if not self.cfg.keepalive:", "req = next(parser)",
+             "self._try_h2c_upgrade(listener, req, parser, client", "req.proxy_protocol_info = proxy_protocol_info",
+             "self.handle_request(listener_name, req, client, addr)", "except http.errors.NoMoreData",
+             "util.close(client)"]
+    at = 0
+    for step in steps:
+        at = handle.find(step, at)
+        assert at >= 0, (
+            f"gunicorn's AsyncWorker.handle changed (no {step!r} where it was): rproxy/server/keepalive.py's "
+            "copy of it (the connection loop that parks idle connections) must follow")
+    assert params(base_async.AsyncWorker._try_h2c_upgrade) == ["self", "listener", "req", "parser", "client", "addr"]
+    assert keepalive.serve is not None
     assert "except StopIteration" in handle and "self.handle_error(req, client, addr, e)" in handle, (
         "gunicorn's AsyncWorker.handle no longer treats StopIteration as close and other errors via "
         "handle_error: rproxy/app.py's tunnel takeover and rproxy/server/worker.py's 408/429 answers break")

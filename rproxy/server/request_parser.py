@@ -7,8 +7,9 @@
   head over `max_headers`, and with `preserve_header_case` the names'
   spellings go along (Request);
 - a keep-alive connection waits for its next request holding no finished
-  request, at the top of its stack (RequestParser, with the worker's
-  timeout_ctx): about 2 KiB less per idle connection.
+  request, at the top of its stack (RequestParser, called by keepalive.py's
+  loop): about 2 KiB less per idle connection; where it stays idle, the
+  worker parks it (parking.py).
 
 The worker installs these in gunicorn's module globals (Worker.run).
 """
@@ -98,14 +99,16 @@ class Request(message.Request):
 
 class RequestParser(parser.RequestParser):
     """gunicorn's, waiting for a keep-alive connection's next request in a
-    lighter way (see Worker.timeout_ctx): the finished request is let go of
+    lighter way (keepalive.py's loop calls await_next): the finished request is let go of
     first, then the wait for the next one's first byte happens before
     gunicorn's parser is entered. An idle connection then holds no request
     object, and its greenlet sleeps on a shorter C stack (a greenlet keeps a
-    copy of it): about 2 KiB less per idle connection."""
+    copy of it): about 2 KiB less per idle connection. The wait is where an
+    idle connection is parked (keepalive.py)."""
 
     mesg_class = Request
     mesg: Request | None
+    idle = False  # waiting, with nothing buffered, for the next request's first byte
 
     def __init__(self, cfg: Any, source: Any, source_addr: Any) -> None:
         super().__init__(cfg, source, source_addr)
@@ -128,7 +131,12 @@ class RequestParser(parser.RequestParser):
         # Bytes read ahead (pipelining), or decrypted ones TLS may hold: no wait.
         if sock is None or isinstance(sock, ssl.SSLSocket) or self.unreader.buf.seek(0, os.SEEK_END):
             return
-        sock.recv(1, socket.MSG_PEEK)  # returns once a byte is in (or the client closed)
+        # Idle: the worker may park the connection now (throwing keepalive.Park).
+        self.idle = True
+        try:
+            sock.recv(1, socket.MSG_PEEK)  # returns once a byte is in (or the client closed)
+        finally:
+            self.idle = False
 
     def _finished_with(self, mesg: Request) -> bool:
         """Must the connection close after this message? (A helper, so that
@@ -136,5 +144,5 @@ class RequestParser(parser.RequestParser):
         return mesg.should_close() or not (_nothing_left(mesg.body) or self.finish_body())
 
 
-# Each HTTP/1 connection greenlet's parser (see the worker's timeout_ctx).
+# Each HTTP/1 connection greenlet's parser (the worker's idle timer looks at it).
 parsers: dict[Any, RequestParser] = {}  # greenlet -> parser

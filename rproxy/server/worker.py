@@ -5,7 +5,7 @@ What a proxy in front of everything must bound before any request reaches
 the app:
 - the first request head must arrive within `client_header_timeout`, each
   next one within `keepalive` (slowloris): 408, or a quiet close when the
-  connection was just idle;
+  connection was just idle (deadlines.py);
 - once a head is in, a client that stops sending its body or stops reading
   the response is dropped after `client_timeout`, which frees its greenlet,
   its socket and the upstream connection behind it;
@@ -23,8 +23,9 @@ And what gunicorn's own per-request and per-connection work costs, trimmed
 where it runs in this process (docs/performance.md): settings read as plain
 attributes, the forwarding trust remembered per address, a keep-alive
 connection's wait for its next request at the top of its stack, holding no
-finished request (request_parser.py, Acceptor), the response writer of
-response_writer.py.
+finished request (request_parser.py, Acceptor), and, idle for a second, no
+greenlet either (keepalive.py's loop parks it: parking.py), the response
+writer of response_writer.py.
 
 And no signal sent to a worker is lost while it boots (hold_signals_across_fork).
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -51,30 +53,16 @@ from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from rproxy.client_address import Forwarding
-from rproxy.server import header_case, http2, response_writer
+from rproxy.server import header_case, http2, keepalive, response_writer
+from rproxy.server.deadlines import Deadlines, HeadTimeout
 from rproxy.server.http2_requests import http1_framing
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
+from rproxy.server.parking import PARK_AFTER, PARKED, ConnectionPool, Parked
 from rproxy.server.request_parser import ChunkedReader, Request, RequestParser, parsers
 from rproxy.server.takeover import TAKEN_OVER
 
 log = logging.getLogger("rproxy.worker")
-
-class HeadTimeout(Exception):
-    """The client did not finish a request head in time. Thrown as a class
-    (the instance is made only if the timer fires): an idle keep-alive
-    connection holds no exception object, only its timer."""
-
-    first: bool
-
-
-class FirstHeadTimeout(HeadTimeout):
-    first = True
-
-
-class NextHeadTimeout(HeadTimeout):
-    first = False
-
 
 class AddressCounts:
     """How many connections (or requests) each client address holds."""
@@ -141,16 +129,8 @@ def _remembered_trust(in_allow_list: TrustCheck) -> TrustCheck:
     return remembered
 
 
-_NO_TIMEOUT = contextlib.nullcontext()
-
-
-def _expire(greenlet: Any, exception: type[HeadTimeout]) -> None:
-    greenlet.throw(exception)
-
-
-def _disarm(timer: Any) -> None:
-    if timer is not None:
-        timer.close()
+def _nothing_to_release() -> None:
+    pass
 
 
 class Acceptor(StreamServer):
@@ -168,6 +148,13 @@ class Acceptor(StreamServer):
         except BaseException:
             self.do_close(*args)
             raise
+
+    def close(self) -> None:
+        # Stopping (stop, reload, max_requests): parked connections close now
+        # rather than at their keepalive timeout.
+        super().close()
+        if isinstance(self.pool, ConnectionPool):
+            self.pool.stop_parked()
 
 
 # The signals gunicorn sets up in a worker (SIGCHLD aside: the worker's own
@@ -217,11 +204,9 @@ class Worker(GeventWorker):
         self.forwarding = Forwarding(server.trusted_proxies)
         self.per_address = AddressCounts(server.max_connections_per_ip) if server.max_connections_per_ip else None
         self._out_of_fds_logged = 0.0
-        # Each connection greenlet's head deadline (a gevent.local would cost
-        # an idle keep-alive connection a dict of its own).
-        self._deadlines: dict[Any, Any] = {}  # greenlet -> its timer, or None
         hub = gevent.get_hub()
         self._loop = hub.loop
+        self._deadlines = Deadlines(hub.loop, self.header_timeout, self.keepalive_timeout)
         self._hub_handle_error = hub.handle_error
         hub.handle_error = self._hub_error
         # In this worker process, gunicorn's and gevent's parts are ours where
@@ -236,6 +221,8 @@ class Worker(GeventWorker):
             Request.keep_case = True
         message.ChunkedReader = ChunkedReader
         ggevent.StreamServer = Acceptor
+        self._pools: list[ConnectionPool] = []
+        ggevent.Pool = self._new_pool
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         settle_settings(self.cfg)
         # gevent records each greenlet's spawning stack and parent for its
@@ -252,49 +239,69 @@ class Worker(GeventWorker):
             if flush is not None:
                 flush()
 
+    def _new_pool(self, size: int) -> ConnectionPool:
+        pool = ConnectionPool(size)
+        pool.serve_parked = self.serve_parked
+        self._pools.append(pool)
+        return pool
+
     # The head deadline replaces gunicorn's keep-alive timer (which also
     # does not apply to the first request, nor at all with keepalive = 0).
-    # gunicorn asks for this context just before it reads each request:
-    # the wait for a keep-alive connection's next one is done here, at the
-    # shallowest point of the connection's stack.
-    def timeout_ctx(self) -> contextlib.AbstractContextManager[None]:
-        parser = parsers.get(gevent.getcurrent())
-        if parser is not None:
-            parser.await_next()
-        return _NO_TIMEOUT
-
-    def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
+    def handle(self, listener: Any, client: socket.socket, addr: Any) -> object:
         address = addr[0] if isinstance(addr, tuple) else ""
-        counted: str | None = None
+        release = _nothing_to_release
         if self.per_address is not None and not self.forwarding.is_trusted(address):
             if not self.per_address.enter(address):
                 log.warning("client %s already holds %d connections (max_connections_per_ip): "
                             "429 and closed", address, self.per_address.limit)
                 _refuse(client, "429 Too Many Requests", "too many connections from your address", 1)
                 client.close()
-                return
-            counted = address
+                return None
+            release = functools.partial(self.per_address.leave, address)
+        if client.family != socket.AF_UNIX:
+            # Streamed responses go out in small writes (events, chunks): without
+            # this, Nagle holds each until the client ACKs the one before
+            # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
+            with contextlib.suppress(OSError):  # a client already gone: the loop sees it
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.setblocking(True)  # as gunicorn's: accepted sockets take the default timeout
+        self._deadlines.first_head()
+        return self._serve(listener, client, addr, release)
+
+    def serve_parked(self, parked: Parked) -> object:
+        """A parked connection's next request is coming: the rest of its
+        keep-alive time is the deadline for the head."""
+        self._deadlines.resumed(parked.until)
+        return self._serve(parked.listener, parked.sock, parked.addr, parked.release, parked)
+
+    def _serve(self, listener: Any, client: socket.socket, addr: Any, release: Callable[[], None],
+               parked: Parked | None = None) -> object:
+        """The connection's loop (keepalive.py); PARKED when it ends parked."""
         me = gevent.getcurrent()
-        self._deadlines[me] = self._arm(self.header_timeout, first=True)
+        ended: object = None
         try:
-            if client.family != socket.AF_UNIX:
-                # Streamed responses go out in small writes (events, chunks): without
-                # this, Nagle holds each until the client ACKs the one before
-                # (up to 40 ms with delayed ACKs). nginx's tcp_nodelay, likewise.
-                with contextlib.suppress(OSError):  # a client already gone: gunicorn's part sees it
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            super().handle(listener, client, addr)
+            to_park = keepalive.serve(self, listener, client, addr, parked)
+            if to_park is not None:
+                pool = next((pool for pool in self._pools if me in pool), None)
+                if pool is None or not self.alive:
+                    client.close()
+                else:
+                    req_count, proxy_protocol_info = to_park
+                    Parked(client, listener, addr, req_count, proxy_protocol_info, pool, release).watch(
+                        self._loop, self.keepalive_timeout - PARK_AFTER)
+                    ended = PARKED
         finally:
-            _disarm(self._deadlines.pop(me))
+            self._deadlines.end(me)
             parsers.pop(me, None)
-            if counted is not None and self.per_address is not None:
-                self.per_address.leave(counted)
-            client.close()  # gunicorn's part closes it already, except when it raised
+            if ended is not PARKED:
+                release()
+                client.close()  # the loop closes it already, except when it raised
+        return ended
 
     def handle_http2(self, listener: Any, client: socket.socket, addr: Any, preface: bytes = b"",
                      upgrade: Any = None) -> None:
         # An HTTP/2 connection has its own idle and stream timeouts: no head deadline.
-        _disarm(self._deadlines[gevent.getcurrent()])
+        self._deadlines.head_in(gevent.getcurrent())
         http2.serve_connection(self, listener, client, addr, preface, upgrade)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any, h2_conn: Any) -> None:
@@ -314,7 +321,7 @@ class Worker(GeventWorker):
 
     def handle_request(self, listener_name: Any, req: Any, sock: socket.socket, addr: Any) -> Any:
         me = gevent.getcurrent()
-        _disarm(self._deadlines[me])
+        self._deadlines.head_in(me)
         counted = self._forwarded_client(req, addr)
         sock.settimeout(self.client_timeout)
         try:
@@ -331,9 +338,7 @@ class Worker(GeventWorker):
             with contextlib.suppress(OSError):
                 if sock.gettimeout() != 0.0:  # 0.0: a tunnel owns the socket now
                     sock.settimeout(None)
-            # A new timer each time: libev restarts a stopped timer with the
-            # time it had left, not the whole timeout.
-            self._deadlines[me] = self._arm(self.keepalive_timeout, first=False)
+            self._deadlines.response_done(me)
 
     def _forwarded_client(self, req: Any, addr: Any) -> str | None:
         """Behind a trusted proxy, cap concurrent requests per forwarded
@@ -349,16 +354,6 @@ class Worker(GeventWorker):
         log.warning("client %s (via %s) already has %d requests under way "
                     "(max_connections_per_ip): 429", client, peer, self.per_address.limit)
         raise _Refused(client)
-
-    def _arm(self, seconds: float, first: bool) -> Any:
-        """A started timer that throws the head timeout into this greenlet
-        (what gevent.Timeout does, without an exception object per request),
-        or None."""
-        if not seconds:
-            return None
-        timer = self._loop.timer(seconds, priority=-1)
-        timer.start(_expire, gevent.getcurrent(), FirstHeadTimeout if first else NextHeadTimeout, update=True)
-        return timer
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         if isinstance(exc, _Refused):

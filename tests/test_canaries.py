@@ -19,6 +19,7 @@ import logging
 import queue
 import re
 import socket
+import ssl
 
 import gevent
 import gevent.socket
@@ -44,8 +45,18 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, connectionpool
 
 from rproxy.messages import HEADER_CASE
 from rproxy.observability import status_feed
-from rproxy.server import (accesslog, header_case, http2, keepalive, parking, request_parser, response_writer, sockets,
-                           takeover, worker)
+from rproxy.server import (
+    accesslog,
+    header_case,
+    http2,
+    keepalive,
+    parking,
+    request_parser,
+    response_writer,
+    sockets,
+    takeover,
+    worker,
+)
 from rproxy.upstreams import servers
 
 
@@ -84,7 +95,7 @@ OVERRIDES = [
      "spelling of header names (preserve_header_case)"),
     (request_parser.ChunkedReader, body.ChunkedReader, ["__init__", "parse_chunk_size"],
      "rproxy/server/request_parser.py: a chunk size judged (413/400) before its data goes upstream"),
-    (worker.Acceptor, StreamServer, ["do_handle", "close"],
+    (worker.Acceptor, StreamServer, ["do_handle", "close", "wrap_socket_and_handle"],
      "rproxy/server/worker.py: a connection greenlet started on the handler itself (memory per idle connection); "
      "parked connections closed when the listener stops"),
     (parking.ConnectionPool, Pool, ["__init__", "free_count", "_discard"],
@@ -264,6 +275,16 @@ def test_gevent_servers_spawn_through_the_attributes_rproxys_server_reads():
         "gevent's StreamServer.do_close changed: rproxy/server/worker.py's Acceptor closes a connection it cannot start")
     assert "self.do_handle(*args)" in source(BaseServer._do_read), (
         "gevent's BaseServer._do_read no longer calls do_handle(*args): rproxy/server/worker.py's Acceptor is not used")
+    # With TLS configured, connections start on wrap_socket_and_handle, which
+    # worker.py's Acceptor overrides so that a parked connection stays open.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls = StreamServer(("127.0.0.1", 0), handle=handle, spawn=pool, ssl_context=context)
+    tls.init_socket()  # as start() does
+    tls.socket.close()
+    assert tls._handle == tls.wrap_socket_and_handle and tls.ssl_args.get("server_side") is True, (
+        "gevent's StreamServer no longer starts TLS connections on wrap_socket_and_handle with ssl_args: "
+        "rproxy/server/worker.py's Acceptor override of it")
+    assert params(StreamServer.wrap_socket_and_handle) == ["self", "client_socket", "address"]
 
 
 def test_the_gevent_worker_builds_its_pools_from_the_module_global():

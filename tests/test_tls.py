@@ -209,6 +209,24 @@ def test_curl_follows_the_redirect_and_https_port_names_the_public_port(start_pr
     assert b"Location: https://a.test/x\r\n" in plain_request(http_port, "/x")
 
 
+def test_a_keep_alive_connection_parked_on_the_plain_listener_beside_tls_is_served_again(
+        start_proxy, upstream, certs):
+    # With TLS configured every listener's connections go through gevent's TLS
+    # wrapper, which closed the socket the worker had parked (server/parking.py).
+    http_port = free_port()
+    proxy = start_proxy(single_route(upstream.port),
+                        server=tls_server(certs, http_bind=f"127.0.0.1:{http_port}", redirect_http="no"))
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as s:
+        for parked in (1, 2):
+            s.sendall(b"GET /echo/plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += s.recv(65536) or b"<closed>}"
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            proxy.wait_for_log("idle: parked", count=parked)
+    assert "Traceback" not in proxy.log() and "Socket error" not in proxy.log(), proxy.log()
+
+
 def test_redirect_http_no_serves_plain_http_as_http(start_proxy, upstream, certs):
     http_port = free_port()
     proxy = start_proxy(single_route(upstream.port),

@@ -149,6 +149,18 @@ class Acceptor(StreamServer):
             self.do_close(*args)
             raise
 
+    def wrap_socket_and_handle(self, client_socket: socket.socket, address: Any) -> Any:
+        # The handler of every listener once TLS is configured (plain ones get
+        # their socket back unwrapped: listeners.py). gevent's closes the
+        # socket when the handler returns; the worker's closes it itself,
+        # except when it has parked it (parking.py).
+        try:
+            sock = self.wrap_socket(client_socket, **self.ssl_args)
+        except BaseException:
+            client_socket.close()
+            raise
+        return self.handle(sock, address)
+
     def close(self) -> None:
         # Stopping (stop, reload, max_requests): parked connections close now
         # rather than at their keepalive timeout.

@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import socket
 import threading
 import time
 
@@ -147,3 +148,32 @@ def test_chunked_upstream_response_is_rechunked_intact(proxy):
     assert r.headers.get("Transfer-Encoding") == "chunked"
     assert r.content == b"".join(pattern_bytes(300000))
     assert PATTERN[:10] == r.content[:10]
+
+
+def one_connection_upstream(start_proxy, upstream):
+    """rproxy allowed one connection to its upstream, waiting up to 10 s for it."""
+    return start_proxy(single_route(upstream.port, upstream_extra="max_connections = 1\nconnect_timeout = 10s"))
+
+
+def test_a_client_that_leaves_an_event_stream_frees_its_upstream_connection(start_proxy, upstream):
+    # As nginx (unless proxy_ignore_client_abort): the held stream whose client
+    # closed is cut within about two seconds, not when the upstream next sends.
+    proxy = one_connection_upstream(start_proxy, upstream)
+    key = f"sse-left-{time.monotonic_ns()}"  # never released: the upstream holds it 20 s
+    with requests.get(proxy.url + f"/sse?key={key}", stream=True, timeout=10) as r:
+        assert next(r.iter_lines()) == b"data: first"
+    started = time.monotonic()
+    r = requests.get(proxy.url + "/echo/next", timeout=15)
+    assert r.status_code == 200 and time.monotonic() - started < 8, (r.status_code, time.monotonic() - started)
+    assert proxy.wait_for_log(r'"GET /sse\?key=sse-left-\d+ HTTP/1.1" 200 .*error="client left mid-response"')
+
+
+def test_a_client_that_leaves_before_the_head_frees_its_upstream_connection(start_proxy, upstream):
+    proxy = one_connection_upstream(start_proxy, upstream)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"GET /slow?delay=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # its request waits on the upstream's head
+    started = time.monotonic()
+    r = requests.get(proxy.url + "/echo/next", timeout=15)
+    assert r.status_code == 200 and time.monotonic() - started < 8, (r.status_code, time.monotonic() - started)
+    assert proxy.wait_for_log(r'"GET /slow\?delay=20 HTTP/1.1" 499 ')

@@ -27,7 +27,7 @@ from rproxy.forwarding.errors import (
 )
 from rproxy.forwarding.exchange import UpstreamResponse
 from rproxy.messages import Request
-from rproxy.server.client_left import waiting
+from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.cuts import cut_client
 from rproxy.upstreams.servers import Server
 
@@ -170,6 +170,10 @@ class UpstreamBody:
         me = waiting.begins()
         try:
             data = response.read1(CHUNK)
+        except ClientLeft:  # the connection is closed, not given back half-read
+            self._done(reusable=False)
+            self.request.record.error = "client left mid-response"
+            raise
         except EXCHANGE_FAILURES as e:
             self._done(reusable=False)
             reason = describe(e)

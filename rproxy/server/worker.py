@@ -54,6 +54,8 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from rproxy.client_address import Forwarding
 from rproxy.server import header_case, http2, keepalive, response_writer
+from rproxy.server.admission import AddressCounts, refuse
+from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.deadlines import Deadlines, HeadTimeout
 from rproxy.server.http2_requests import http1_framing
 from rproxy.server.lingering_close import linger
@@ -63,41 +65,6 @@ from rproxy.server.request_parser import ChunkedReader, Request, RequestParser, 
 from rproxy.server.takeover import TAKEN_OVER
 
 log = logging.getLogger("rproxy.worker")
-
-class AddressCounts:
-    """How many connections (or requests) each client address holds."""
-
-    __slots__ = ("limit", "counts")
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.counts: dict[str, int] = {}
-
-    def enter(self, address: str) -> bool:
-        held = self.counts.get(address, 0)
-        if held >= self.limit:
-            return False
-        self.counts[address] = held + 1
-        return True
-
-    def leave(self, address: str) -> None:
-        held = self.counts.pop(address, 1) - 1
-        if held > 0:
-            self.counts[address] = held
-
-
-def _refuse(sock: socket.socket, status: str, message: str, retry_after: int | None = None) -> None:
-    """Answer on a connection the app never sees, without waiting on the client."""
-    body = f"{message}\n".encode()
-    head = f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-    if retry_after is not None:
-        head += f"Retry-After: {retry_after}\r\n"
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
-    except OSError:
-        pass
-
 
 def settle_settings(cfg: Any) -> None:
     """gunicorn reads each setting through Config.__getattr__ (a lookup and
@@ -219,6 +186,9 @@ class Worker(GeventWorker):
         hub = gevent.get_hub()
         self._loop = hub.loop
         self._deadlines = Deadlines(hub.loop, self.header_timeout, self.keepalive_timeout)
+        # HTTP/1.x requests waiting on their upstream whose client has closed: cut (client_left.py).
+        self._sweep = hub.loop.timer(1.0, 1.0, ref=False)
+        self._sweep.start(waiting.sweep)
         self._hub_handle_error = hub.handle_error
         hub.handle_error = self._hub_error
         # In this worker process, gunicorn's and gevent's parts are ours where
@@ -266,7 +236,7 @@ class Worker(GeventWorker):
             if not self.per_address.enter(address):
                 log.warning("client %s already holds %d connections (max_connections_per_ip): "
                             "429 and closed", address, self.per_address.limit)
-                _refuse(client, "429 Too Many Requests", "too many connections from your address", 1)
+                refuse(client, "429 Too Many Requests", "too many connections from your address", 1)
                 client.close()
                 return None
             release = functools.partial(self.per_address.leave, address)
@@ -336,8 +306,13 @@ class Worker(GeventWorker):
         self._deadlines.head_in(me)
         counted = self._forwarded_client(req, addr)
         sock.settimeout(self.client_timeout)
+        waiting.serving(me, sock.fileno())
         try:
             return super().handle_request(listener_name, req, sock, addr)
+        except ClientLeft:  # its client closed the connection while the body waited on the upstream
+            log.debug("client %s left during the response of %s %s: closed",
+                      addr[0] if isinstance(addr, tuple) else "-", req.method, req.path)
+            raise StopIteration() from None
         except TimeoutError:
             # A write to the client waited client_timeout: it is not reading.
             log.info("client %s did not read the response of %s %s for %gs: closed",
@@ -345,6 +320,7 @@ class Worker(GeventWorker):
                      self.client_timeout)
             raise StopIteration() from None
         finally:
+            waiting.served(me)
             if counted and self.per_address is not None:
                 self.per_address.leave(counted)
             with contextlib.suppress(OSError):
@@ -369,7 +345,7 @@ class Worker(GeventWorker):
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         if isinstance(exc, _Refused):
-            _refuse(client, "429 Too Many Requests", "too many requests from your address under way", 1)
+            refuse(client, "429 Too Many Requests", "too many requests from your address under way", 1)
             linger(client)
             return
         if isinstance(exc, HeadTimeout):
@@ -381,7 +357,7 @@ class Worker(GeventWorker):
             elif exc.first:
                 log.info("client %s sent no complete request head within %gs: 408 and closed",
                          peer, self.header_timeout)
-                _refuse(client, "408 Request Timeout", "request head not received in time")
+                refuse(client, "408 Request Timeout", "request head not received in time")
             else:
                 log.debug("keep-alive connection from %s idle for %gs: closed", peer, self.keepalive_timeout)
             return

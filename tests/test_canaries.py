@@ -116,9 +116,9 @@ OVERRIDES = [
      "rproxy/server/http2.py: HTTP/2 streams served side by side, writes serialised, resets cut upstream waits"),
     (accesslog.AccessLogger, glogging.Logger, ["setup", "access"],
      "rproxy/server/accesslog.py: the proxy's access line, written once per loop turn"),
-    (servers.ServerPool, HTTPConnectionPool, ["_new_pool_queue", "_get_conn", "_put_conn"],
-     "rproxy/upstreams/servers.py: the idle stack, max_connections, the cheap idle-connection check"),
-    (servers.TLSServerPool, HTTPSConnectionPool, ["_new_pool_queue", "_get_conn", "_put_conn"],
+    (servers.ServerPool, HTTPConnectionPool, ["_get_conn", "_put_conn"],
+     "rproxy/upstreams/servers.py: max_connections, the cheap idle-connection check"),
+    (servers.TLSServerPool, HTTPSConnectionPool, ["_get_conn", "_put_conn"],
      "rproxy/upstreams/servers.py: the same for https:// upstreams"),
 ]
 
@@ -600,20 +600,21 @@ def test_h2_and_hpack_honour_the_header_list_limit_as_http2_py_bends_it():
 # --- urllib3: the pool overrides --------------------------------------------
 
 
-def test_urllib3_makes_its_idle_queue_through_new_pool_queue():
-    # servers.py's _new_pool_queue returns a plain stack: it runs only if urllib3 calls it.
-    assert "self._new_pool_queue(maxsize)" in source(connectionpool.HTTPConnectionPool.__init__), (
-        "urllib3's HTTPConnectionPool.__init__ no longer calls _new_pool_queue: rproxy/upstreams/servers.py's idle "
-        "stack silently never runs (urllib3 before 2.8 lacks it)")
+def test_urllib3_keeps_idle_connections_in_a_lifo_queue_of_slots():
+    # servers.py's _get_conn takes from urllib3's own queue with get(block=False):
+    # None for a slot with no connection yet, queue.Empty when every slot is taken.
     pool = servers.ServerPool("127.0.0.1", 9, maxsize=3, retries=False)
     try:
-        assert type(pool.pool) is type(pool._new_pool_queue(1)) and not isinstance(pool.pool, queue.Queue), (
-            "rproxy/upstreams/servers.py's ServerPool does not hold its idle connections in its own stack")
-        # urllib3 fills the queue with None (a slot per connection) and drains it with get(block=False).
-        assert pool.pool.qsize() == 3 and pool.pool.get() is None
-        conn = pool._get_conn()  # a new connection, not yet connected
-        assert conn.sock is None, "urllib3 connects on _new_conn: rproxy/forwarding/forwarder.py expects a lazy connection"
-        pool._put_conn(conn)
+        assert isinstance(pool.pool, queue.LifoQueue) and pool.pool.qsize() == 3, (
+            "urllib3's pool no longer keeps a LifoQueue of maxsize slots: rproxy/upstreams/servers.py's _get_conn")
+        conns = [pool._get_conn() for _ in range(3)]  # new connections, not yet connected
+        assert all(conn.sock is None for conn in conns), (
+            "urllib3 connects on _new_conn: rproxy/forwarding/forwarder.py expects a lazy connection")
+        with pytest.raises(queue.Empty):
+            pool.pool.get(block=False)
+        for conn in conns:
+            pool._put_conn(conn)
+        assert pool._get_conn() is conns[-1], "urllib3's queue is no longer last in, first out"
     finally:
         pool.close()
     assert pool.pool is None, (
@@ -626,7 +627,6 @@ def test_urllib3s_pool_methods_keep_the_parameters_rproxy_calls():
         "urllib3's _get_conn changed: rproxy/forwarding/forwarder.py calls it with timeout=")
     assert params(pool._put_conn) == ["self", "conn"], "urllib3's _put_conn changed: rproxy/forwarding/forwarder.py calls it"
     assert params(pool._new_conn) == ["self"], "urllib3's _new_conn changed: rproxy/forwarding/tunnel.py opens tunnels with it"
-    assert params(pool._new_pool_queue) == ["self", "maxsize"]
 
 
 def test_gevent_sockets_keep_the_real_socket_in_sock():

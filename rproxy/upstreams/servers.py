@@ -46,30 +46,6 @@ from rproxy.upstreams.health import ActiveCheck
 log = logging.getLogger("rproxy.upstream")
 
 
-class _IdleStack(list[HTTPConnection]):
-    """The idle connections of a pool, last in first out, as urllib3's
-    queue.LifoQueue: a list, since gevent turns the queue's locks into
-    greenlet-aware ones that cost more than the queue itself, and a worker
-    is one thread."""
-
-    def __init__(self, maxsize: int) -> None:
-        super().__init__()
-        self.maxsize = maxsize
-
-    def get(self, block: bool = False, timeout: float | None = None) -> HTTPConnection:
-        if not self:
-            raise queue.Empty
-        return self.pop()
-
-    def put(self, item: HTTPConnection, block: bool = False, timeout: float | None = None) -> None:
-        if len(self) >= self.maxsize:
-            raise queue.Full
-        self.append(item)
-
-    def qsize(self) -> int:
-        return len(self)
-
-
 # The mixin below is written for a pool class: the type checker sees it as one.
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection  # urllib3's own annotation of a connection
@@ -95,10 +71,6 @@ class _QuietSurplus(_Pool):
         kwargs["block"] = False
         super().__init__(*args, **kwargs)
 
-    def _new_pool_queue(self, maxsize: int) -> queue.LifoQueue[Any]:
-        # What urllib3 calls of its queue (get, put, qsize), on a list.
-        return _IdleStack(maxsize)  # type: ignore[return-value]
-
     def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
         in_use = self._in_use
         if in_use is not None and not in_use.acquire(timeout=timeout):
@@ -110,7 +82,7 @@ class _QuietSurplus(_Pool):
             raise ClosedPoolError(self, "Pool is closed.")
         conn: HTTPConnection | None
         try:
-            conn = pool.get()
+            conn = pool.get(block=False)  # urllib3's LIFO queue: None for a slot without a connection yet
         except queue.Empty:
             conn = None
         if conn is not None and conn.sock is not None and _closed_or_stray(conn):

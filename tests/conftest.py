@@ -290,6 +290,19 @@ def status_of(url: str) -> int | None:
         return None
 
 
+def read_until_closed(sock: socket.socket, limit: float = 10.0, reset: bytes = b"") -> tuple[bytes, float]:
+    """All the proxy sends until it closes (`reset` appended if it reset the
+    connection instead); and when it closed (monotonic)."""
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        data += reset
+    return data, time.monotonic()
+
+
 def raw_exchange(port: int, request: bytes) -> bytes:
     """Send bytes exactly as given; return all that comes back until the
     proxy closes (or resets, or stops talking for 10 s)."""

@@ -10,22 +10,10 @@ import time
 import psutil
 import pytest
 import requests
-from conftest import raw_exchange, single_route
+from conftest import raw_exchange, read_until_closed, single_route
 from h2client import RawH2
 
 FAST = {"client_header_timeout": "1s", "client_timeout": "1s", "keepalive": "1s"}
-
-
-def read_until_closed(sock: socket.socket, limit: float = 10.0) -> tuple[bytes, float]:
-    """All the proxy sends until it closes; and when it closed (monotonic)."""
-    sock.settimeout(limit)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data, time.monotonic()
 
 
 def wait_for_open(upstream, condition, timeout: float = 10.0) -> None:

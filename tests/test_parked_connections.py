@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 
-from conftest import raw_exchange, single_route
+from conftest import raw_exchange, read_until_closed, single_route
 
 PARKED = r"keep-alive connection from 127\.0\.0\.1 idle: parked"
 REQUEST = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -27,17 +27,6 @@ def read_response(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
-
-
-def read_until_closed(sock: socket.socket, limit: float = 15.0) -> tuple[bytes, float]:
-    sock.settimeout(limit)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        data += b"<reset>"
-    return data, time.monotonic()
 
 
 def parked_connection(proxy, count: int = 1) -> socket.socket:
@@ -70,7 +59,7 @@ def test_parked_connection_is_closed_quietly_at_the_keepalive_timeout(start_prox
         s.sendall(REQUEST)
         assert read_response(s).startswith(b"HTTP/1.1 200 ")
         idle_from = time.monotonic()
-        data, closed = read_until_closed(s)
+        data, closed = read_until_closed(s, 15.0, b"<reset>")
     assert data == b""  # no 408 for a connection that was merely idle
     assert 2.9 <= closed - idle_from < 6
     assert proxy.log_lines(PARKED)
@@ -104,7 +93,7 @@ def test_parked_connections_still_count_against_max_connections_per_ip(start_pro
     held = [parked_connection(proxy, count) for count in (1, 2)]
     try:
         with socket.create_connection(("127.0.0.1", proxy.port)) as extra:
-            data, _ = read_until_closed(extra)
+            data, _ = read_until_closed(extra, 15.0, b"<reset>")
         assert data.startswith(b"HTTP/1.1 429 ")
         held.pop().close()  # the parked connection's close frees its count
         deadline = time.monotonic() + 10
@@ -150,9 +139,9 @@ def test_stop_closes_parked_connections_without_waiting_for_graceful_timeout(sta
         # The next request of one of them arrives with the stop: answered, or closed cleanly.
         busy.sendall(REQUEST)
         os.kill(proxy.pid, signal.SIGTERM)
-        data, closed = read_until_closed(idle)
+        data, closed = read_until_closed(idle, 15.0, b"<reset>")
         assert data == b""
-        answer, _ = read_until_closed(busy)
+        answer, _ = read_until_closed(busy, 15.0, b"<reset>")
         assert answer == b"" or (answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}")), answer
         proxy.proc.wait(15)
     assert closed - stop_at < 5
@@ -164,7 +153,7 @@ def test_reload_closes_parked_connections_of_the_old_worker_at_once(start_proxy,
     with parked_connection(proxy) as s:
         reload_at = time.monotonic()
         os.kill(proxy.pid, signal.SIGHUP)
-        data, closed = read_until_closed(s)
+        data, closed = read_until_closed(s, 15.0, b"<reset>")
     assert data == b""
     assert closed - reload_at < 5
     with socket.create_connection(("127.0.0.1", proxy.port)) as fresh:  # the new worker serves

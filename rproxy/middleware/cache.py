@@ -39,7 +39,16 @@ from rproxy.httpcache import stale
 from rproxy.httpcache.bodies import Tee, discard, drain
 from rproxy.httpcache.disk import CHUNK, DiskStore, FileBody, KeyLock
 from rproxy.httpcache.revalidation import CONDITIONALS, refreshed, revalidate_later
-from rproxy.httpcache.rules import Entry, directives, fresh_enough, not_modified, selects, storable, vary_keys
+from rproxy.httpcache.rules import (
+    Entry,
+    directives,
+    fresh_enough,
+    header,
+    not_modified,
+    selects,
+    storable,
+    vary_keys,
+)
 from rproxy.httpcache.store import MemoryStore, RedisLock, RedisStore, Retention
 from rproxy.messages import Request, Response
 from rproxy.observability import metrics
@@ -352,8 +361,8 @@ def _body(request: Request, entry: Entry):
 
 def _length(headers: list[tuple[str, str]]) -> int | None:
     """The body's length as Content-Length gives it, if it does, once."""
-    given = [value for name, value in headers if name.lower() == "content-length"]
-    return int(given[0]) if len(given) == 1 and given[0].isascii() and given[0].isdigit() else None
+    given = header(headers, "Content-Length") or ""
+    return int(given) if given.isascii() and given.isdigit() else None
 
 
 def _count(request: Request, label: str, hit_bytes: int = 0) -> None:

@@ -4,10 +4,21 @@ gunicorn's gevent worker serves the streams of one HTTP/2 connection one
 after another, so one slow upstream response holds back every other request
 on that connection. Here the connection's greenlet only reads frames; each
 stream is served by a greenlet of its own (at most
-http2_max_concurrent_streams per connection). Writes to the connection are
-serialised by a lock, so frames never interleave; a stream that waits for
-its request body or for send window waits for the reader to bring the
-frames, rather than reading the socket itself.
+http2_max_concurrent_streams per connection). A stream that waits for its
+request body or for send window waits for the reader to bring the frames,
+rather than reading the socket itself.
+
+One greenlet writes to the connection: the frames h2 queues (responses,
+resets, WINDOW_UPDATEs, settings and ping ACKs, GOAWAY) are taken from it
+by every path that queues them (_send_pending_data) and handed to that
+writer, which runs in the same turn of the worker's loop, after the
+greenlets already woken in it: the frames of all the streams that ran in a
+turn go out in one send, one TLS record. The writer sends until nothing is
+left and only then ends, so no frame waits for a later write; a greenlet
+that has WRITE_AHEAD bytes or more waiting for the writer waits until the
+writer took them (a response is held in memory at most that far ahead of
+the socket); a write that makes no progress for client_timeout ends the
+connection.
 
 A head over the request limits (too many fields, a field or header list too
 large, a target too long) is answered on its stream as over HTTP/1.1 (431,
@@ -32,9 +43,8 @@ import ssl
 import time
 from typing import Any
 
-from gevent import Greenlet, Timeout, get_hub, getcurrent
+from gevent import Greenlet, Timeout, get_hub, getcurrent, spawn_raw
 from gevent.event import Event
-from gevent.lock import Semaphore
 from gevent.pool import Pool
 from gunicorn.http2.connection import HTTP2ServerConnection
 from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ErrorCode, HTTP2ProtocolError
@@ -62,6 +72,12 @@ HEADER_LIST_SLACK = 4
 # next request pays for a new one). Meanwhile the stream still counts against
 # http2_max_concurrent_streams, which slows a rapid reset flood down.
 RESET_GRACE = 0.25
+
+# Bytes of frames a connection may hold for its writer before a greenlet
+# that adds more waits for the writer to take them: four full DATA frames,
+# while a turn's worth of small responses (about 200 bytes each with their
+# HEADERS) stays far below it.
+WRITE_AHEAD = 65536
 
 
 class _Decoder(Decoder):
@@ -120,19 +136,20 @@ class ConcurrentConnection(HTTP2ServerConnection):
         self.stream_timeout = client_timeout
         # Nothing decoded yet: a fresh decoder loses no HPACK state.
         self.h2_conn.decoder = _Decoder(self.h2_conn.decoder.max_header_list_size)
-        self._write_lock = Semaphore()
         self._progress = Event()
-        self._loop = get_hub().loop
+        self._hub = get_hub()
+        self._loop = self._hub.loop
         self.serving: dict[int, Greenlet] = {}  # stream id -> the greenlet serving it
-        self._holding = False        # frames are queued in h2, not written yet
-        self._writer = None          # the greenlet writing to the socket now
-        self._cut_after_write: dict[Greenlet, int] = {}  # greenlet -> stream id
+        self._queued: list[bytes] = []  # frames taken from h2, in order, for the writer
+        self._queued_size = 0
+        self._writing = False           # the writer is scheduled or running
+        self._broken = False            # a write failed: nothing more goes out
+        self._draining = False          # drain() waits for the writer to end
 
     # A stream's greenlet whose client left is cut short (see client_left.py),
-    # from the hub, RESET_GRACE later if it still waits on its upstream;
-    # never in the middle of a write to the client, where a frame cut in two
-    # would break the connection for every stream: that greenlet is cut once
-    # its write is done.
+    # from the hub, RESET_GRACE later if it still waits on its upstream. It
+    # never writes to the socket itself (the writer does), so no frame is cut
+    # in two by it.
 
     def cut(self, stream_id: int) -> None:
         greenlet = self.serving.get(stream_id)
@@ -140,14 +157,9 @@ class ConcurrentConnection(HTTP2ServerConnection):
             timer = self._loop.timer(RESET_GRACE, ref=False)
             timer.start(self._deliver_cut, stream_id, greenlet, timer)
 
-    def _deliver_cut(self, stream_id: int, greenlet: Greenlet, timer: Any = None) -> None:
-        if timer is not None:
-            timer.close()
-        if self.serving.get(stream_id) is not greenlet:
-            return  # done meanwhile
-        if greenlet is self._writer:
-            self._cut_after_write[greenlet] = stream_id
-        else:
+    def _deliver_cut(self, stream_id: int, greenlet: Greenlet, timer: Any) -> None:
+        timer.close()
+        if self.serving.get(stream_id) is greenlet:  # else done meanwhile
             waiting.cut_short(greenlet)
 
     def initiate_connection(self) -> None:
@@ -177,12 +189,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = HTTP2ErrorCode.NO_ERROR
-        with self._write_lock:
-            try:
-                self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
-            except OSError as e:
-                self._closed = True
-                raise HTTP2ConnectionError(f"Socket write error: {e}") from None
+        self._queue(self.h2_conn.data_to_send() + frame.serialize())
 
     def _handle_request_received(self, event: Any) -> Any:
         # gunicorn resets a stream whose head is over the request limits
@@ -208,39 +215,64 @@ class ConcurrentConnection(HTTP2ServerConnection):
         progress, self._progress = self._progress, Event()
         progress.set()
 
-    def queue_response_headers(self, stream_id: int, status: int, headers: list[tuple[str, str]]) -> bool:
-        """As send_response_headers, but the HEADERS frame stays in h2's
-        buffer until the next write (the response's first DATA frame, or
-        flush()): a small response goes out in one send, one TLS record,
-        instead of one per frame. Nothing yields in between, so no other
-        greenlet's write is held back by it."""
-        self._holding = True
-        try:
-            return self.send_response_headers(stream_id, status, headers)
-        finally:
-            self._holding = False
-
-    def flush(self) -> None:
-        """Write what h2 has queued (frames held by queue_response_headers)."""
-        if not self._closed:
-            self._send_pending_data()
-
     def _send_pending_data(self) -> None:
-        if self._holding:
-            return
-        # h2 queues frames in order; taking them and writing them under one
-        # lock keeps them in that order on the wire.
-        me = getcurrent()
-        with self._write_lock:
-            self._writer = me
-            try:
-                super()._send_pending_data()
-            finally:
-                self._writer = None
-        if self._cut_after_write:
-            stream_id = self._cut_after_write.pop(me, None)
-            if stream_id is not None:
-                self._loop.run_callback(self._deliver_cut, stream_id, me)
+        # Every path that queues frames in h2 ends here (a canary pins it).
+        data = self.h2_conn.data_to_send()
+        if data:
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
+        if self._broken:
+            raise HTTP2ConnectionError("Socket write error: an earlier write failed")
+        self._queued.append(data)
+        self._queued_size += len(data)
+        if not self._writing:
+            # spawn_raw starts the writer from a loop callback: it runs in
+            # this turn of the loop, before the loop polls again, and after
+            # the greenlets already woken in this turn queued their frames.
+            self._writing = True
+            spawn_raw(self._write)
+        if self._queued_size >= WRITE_AHEAD and getcurrent() is not self._hub:
+            while self._queued_size >= WRITE_AHEAD and not self._closed:
+                self._progress.wait()  # the writer wakes us when it takes them
+
+    def _write(self) -> None:
+        """The connection's writer: sends what is queued until nothing is."""
+        try:
+            while True:
+                late = self.h2_conn.data_to_send()  # queued in h2 meanwhile, by no path of ours
+                if late:
+                    self._queued.append(late)
+                    self._queued_size += len(late)
+                if not self._queued:
+                    return  # checked with no yield before _writing is cleared below
+                queued, self._queued = self._queued, []
+                if self._queued_size >= WRITE_AHEAD:
+                    self._wake()
+                self._queued_size = 0
+                self.sock.sendall(queued[0] if len(queued) == 1 else b"".join(queued))
+        except Exception as e:
+            if isinstance(e, OSError):
+                log.debug("HTTP/2 connection write failed: %s", e)
+            else:
+                log.exception("HTTP/2 connection write failed")
+            self._broken = self._closed = True
+            self._queued.clear()
+            self._queued_size = 0
+            self._abort_all_streams()
+        finally:
+            self._writing = False
+            if self._draining:
+                self._wake()
+
+    def drain(self) -> None:
+        """Wait until the writer has sent what is queued (or failed): the
+        socket may be closed after."""
+        if not self._writing and not self._broken:
+            self._send_pending_data()
+        self._draining = True
+        while self._writing:
+            self._progress.wait()
 
     # Writes on a connection that is closed already (a GOAWAY for a flood,
     # the client gone) end the stream quietly, as on a reset stream, rather
@@ -381,3 +413,4 @@ def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface
         # the connection closed at their next read or write and end.
         conn.close(last_stream_id=last)
         streams.join()
+        conn.drain()  # the closing GOAWAY and whatever the streams left

@@ -112,7 +112,7 @@ OVERRIDES = [
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
       "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
       "_process_events", "_handle_stream_reset", "_abort_all_streams", "pump",
-      "_wait_for_flow_control_window"],
+      "_wait_for_flow_control_window", "cleanup_stream"],
      "rproxy/server/http2.py: HTTP/2 streams served side by side, frames handed to one writer, "
      "resets cut upstream waits"),
     (accesslog.AccessLogger, glogging.Logger, ["setup", "access"],
@@ -557,6 +557,17 @@ def test_every_path_of_gunicorns_http2_connection_that_queues_frames_ends_in_sen
         "_send_pending_data: rproxy/server/http2.py's writer would leave them waiting for a later write")
 
 
+def test_gunicorn_resets_a_finished_stream_only_for_a_body_it_has_not_seen_end():
+    # http2.py's cleanup_stream marks a body complete by its Content-Length so
+    # that gunicorn sends no RST_STREAM(NO_ERROR) ahead of the client's END_STREAM.
+    cleanup = source(h2_connection.HTTP2ServerConnection.cleanup_stream)
+    assert "elif not stream.body_complete:" in cleanup and "HTTP2ErrorCode.NO_ERROR" in cleanup, (
+        "gunicorn's cleanup_stream no longer decides its NO_ERROR reset on body_complete: rproxy/server/http2.py's "
+        "cleanup_stream no longer spares a stream whose END_STREAM is still to come")
+    assert "return self._body_complete" in source(HTTP2Stream.body_complete.fget), (
+        "gunicorn's HTTP2Stream.body_complete no longer reads _body_complete: rproxy/server/http2.py's cleanup_stream")
+
+
 def test_gunicorns_http2_connection_calls_the_methods_rproxy_overrides():
     conn = h2_connection.HTTP2ServerConnection
     assert "self._wait_for_flow_control_window(stream_id, deadline)" in source(conn.send_data), (
@@ -595,7 +606,8 @@ def test_gunicorns_http2_connection_keeps_the_state_rproxy_reads():
             "h2's connection no longer decodes with an hpack.Decoder in .decoder: rproxy/server/http2.py's "
             "431 for an oversized header list replaces it")
         stream = HTTP2Stream(1, conn)
-        for name in ("state", "stream_id", "body_complete", "unacked_size", "body_size", "disconnected"):
+        for name in ("state", "stream_id", "body_complete", "unacked_size", "body_size", "disconnected",
+                     "request_headers", "response_complete", "_body_complete"):
             assert hasattr(stream, name), f"gunicorn's HTTP2Stream has no {name}: rproxy/server/http2.py reads it"
         assert StreamState.CLOSED
         assert callable(stream.get_pseudo_headers)

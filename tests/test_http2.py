@@ -168,6 +168,26 @@ def test_every_response_arrives_without_waiting_for_a_later_write_on_its_connect
         conn.close()
 
 
+def test_a_body_whose_end_of_stream_flag_comes_after_the_response_is_not_reset(h2_proxy, certs):
+    # httpx sends END_STREAM in a frame of its own after the body; a proxy
+    # quick to answer (the body being complete by its Content-Length) must
+    # not reset the stream before that frame comes, or httpx fails the request.
+    conn = RawH2(h2_proxy.port, certs.ca_file)
+    conn.sock.settimeout(10)
+    try:
+        upload = conn.request("POST", "/echo/late-end", headers=[("content-length", "1000")],
+                              body=b"x" * 1000, end=False)
+        [(status, body, _)] = _ends(conn, {upload}, time.monotonic()).values()
+        assert status == 200 and json.loads(body)["body_sha256"] == hashlib.sha256(b"x" * 1000).hexdigest()
+        conn.send(upload, b"", end=True)  # h2 refuses this on a stream reset meanwhile
+        after = conn.request("GET", "/echo/after")
+        # Frames go out in order: a reset of the upload would come before this answer (_ends fails on it).
+        [(status, _, _)] = _ends(conn, {after}, time.monotonic()).values()
+        assert status == 200
+    finally:
+        conn.close()
+
+
 async def _many(url, ca_file, count):
     async with httpx.AsyncClient(http2=True, verify=trusting(ca_file), timeout=60,
                                  limits=httpx.Limits(max_connections=1)) as c:

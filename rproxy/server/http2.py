@@ -292,6 +292,20 @@ class ConcurrentConnection(HTTP2ServerConnection):
         if not self._closed:
             super().send_error(stream_id, status_code, message)
 
+    def cleanup_stream(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if (stream is not None and stream.response_complete and not stream.body_complete
+                and stream.state is not StreamState.CLOSED and _whole_body_in(stream)):
+            # The body is all here by its Content-Length, only the END_STREAM
+            # flag is to come (httpx sends it in a frame of its own). gunicorn
+            # would ask the client to stop sending, with RST_STREAM(NO_ERROR)
+            # (RFC 9113 8.1), which races that frame: a client that then sends
+            # it on the reset stream fails a request it had its answer to
+            # (httpx does). h2 closes the stream when the flag comes; no data
+            # can come with it (h2 holds a body to its Content-Length).
+            stream._body_complete = True
+        super().cleanup_stream(stream_id)
+
     def _process_events(self, events: list[Any]) -> Any:
         try:
             return super()._process_events(events)
@@ -347,6 +361,14 @@ class ConcurrentConnection(HTTP2ServerConnection):
                              pseudo.get(":method"), pseudo.get(":path"), self.stream_timeout)
                     return 0
             self._progress.wait(remaining)
+
+
+def _whole_body_in(stream: HTTP2Stream) -> bool:
+    """Whether the request's body has arrived to its Content-Length."""
+    for name, value in stream.request_headers:
+        if name == "content-length":
+            return bool(value.isdigit() and stream.body_size >= int(value))
+    return False
 
 
 def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface: bytes = b"",

@@ -201,6 +201,12 @@ class UpstreamResponse:
             raise HTTPException(f"malformed Content-Length: {value[:40]!r}")
         return int(value)
 
+    def head_taken(self) -> None:
+        """The head is in the client's response now: its header pairs go, and
+        the body is read with the framing alone (a held stream keeps what it
+        reads with, not what it has answered)."""
+        self.headers = Headers()
+
     @property
     def complete(self) -> bool:
         """The body was read to its end."""

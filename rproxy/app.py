@@ -107,6 +107,11 @@ class Proxy:
                     taken.in_flight = False
                     self.metrics.in_flight.dec()
             return TAKEN_OVER
+        # Interim answers (103) go out while the upstream's head is awaited,
+        # never once the final one is here: gunicorn's callback, a closure
+        # over its request, socket and response, is let go rather than kept
+        # for as long as the body streams (a held event stream: hours).
+        environ.pop("wsgi.early_hints", None)
         if response.close_connection:
             body = LingeringClose(body, environ)
         # The upstream's Date and Server stay for the cache's sake up to here:

@@ -8,7 +8,8 @@ each, interleaved round by round so that every target sees the same machine:
   beside nginx's proxy_cache hit (proxy_cache_path in the run's temporary
   directory, the same upstream).
 
-`--compare REF` adds rproxy as of a git ref answering from its disk cache.
+`--compare REF` adds rproxy as of a git ref answering from its memory cache
+and from its disk cache.
 
 Every cache is filled and checked to answer hits (X-Cache) before the runs.
 """
@@ -45,9 +46,12 @@ def run_cache(tmp: Path, args) -> None:
         stack.add(start_rproxy(tmp, ports["rproxy memory hit"], up, extra="[cache]\n"))
         stack.add(start_rproxy(tmp, ports["rproxy disk hit"], up,
                                extra=f"[cache]\nstorage = file://{tmp}/rproxy-cache\n"))
-        for name, ref, gunicorn_args in compared(args):  # --compare REF: its disk hits beside today's (A/B)
+        for name, ref, gunicorn_args in compared(args):  # --compare REF: its hits beside today's (A/B)
+            tree = source_tree(tmp, ref)
+            ports[f"{name} memory hit"] = port = free_port()
+            stack.add(start_rproxy(tmp, port, up, tree=tree, gunicorn_args=gunicorn_args, extra="[cache]\n"))
             ports[f"{name} disk hit"] = port = free_port()
-            stack.add(start_rproxy(tmp, port, up, tree=source_tree(tmp, ref), gunicorn_args=gunicorn_args,
+            stack.add(start_rproxy(tmp, port, up, tree=tree, gunicorn_args=gunicorn_args,
                                    extra=f"[cache]\nstorage = file://{tmp}/rproxy-cache-{port}\n"))
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         for name, base in url.items():

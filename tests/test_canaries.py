@@ -477,6 +477,23 @@ def test_gunicorns_response_write_sends_the_head_then_emits_the_body():
     with pytest.raises(Exception):
         GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config()).process_headers(
             [("X-A", "1\r\nSet-Cookie: x=1")])
+    # response_writer.py remembers the fields gunicorn kept unchanged and skips
+    # its checks for them next time: sound only while its verdict on such a
+    # field touches nothing but the header list, and the fields it reads into
+    # the response are the ones the writer never remembers (_READ).
+    for field in [("X-A", "1"), ("Content-Type", "text/plain"), ("Cache-Control", "no-store"), ("ETag", '"e"'),
+                  ("Set-Cookie", "a=1"), ("Vary", "Accept"), ("Location", "/x"), ("Trailer", "X-T")]:
+        resp = GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config())
+        before = {k: v for k, v in vars(resp).items() if k != "headers"}
+        resp.process_headers([field])
+        assert {k: v for k, v in vars(resp).items() if k != "headers"} == before, (
+            f"gunicorn's Response.process_headers now keeps state of a {field[0]} field: "
+            "rproxy/server/response_writer.py's memo of checked fields would skip it")
+    for name, value, attribute in [("Content-Length", "5", "response_length"), ("Connection", "upgrade", "upgrade")]:
+        resp = GUNICORN_RESPONSE(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), None, Config())
+        resp.process_headers([(name, value)])
+        assert getattr(resp, attribute) in (5, True), f"gunicorn's process_headers no longer reads {name}"
+    assert {"content-length", "upgrade"} == response_writer._READ
 
 
 def test_gunicorn_sends_a_file_wrapped_body_through_response_sendfile():

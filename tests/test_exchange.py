@@ -43,6 +43,18 @@ def test_chunked_body_with_extensions_and_trailers():
     assert response.reusable
 
 
+def test_a_taken_head_lets_its_headers_go_and_the_body_still_streams():
+    # What a held stream keeps is the framing it reads with, not the head it answered with.
+    chunked = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n\r\n", close=False)
+    sized = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello", close=False)
+    for response in (chunked, sized):
+        response.head_taken()
+        assert list(response.headers) == [] and response.headers.get("x-a") is None
+        assert body(response, 2) == b"hello"
+        assert response.complete and response.reusable
+
+
 def test_interim_answers_are_skipped():
     response = answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                       b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")

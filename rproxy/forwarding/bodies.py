@@ -124,13 +124,17 @@ class Release(Protocol):
 class UpstreamBody:
     """The upstream's response body, read as it arrives. The WSGI server
     calls close() when done, also when the client went away mid-way.
-    `release(reusable)` hands the connection back (or closes it)."""
+    `release(reusable)` hands the connection back (or closes it). Of the
+    request it keeps what it reports with, not the request itself (its
+    headers, target and path): a held stream lives for hours."""
 
-    __slots__ = ("response", "request", "label", "release", "finished", "first")
+    __slots__ = ("response", "record", "request_id", "environ", "label", "release", "finished", "first")
 
     def __init__(self, response: UpstreamResponse, request: Request, label: str, release: Release) -> None:
         self.response = response
-        self.request = request
+        self.record = request.record
+        self.request_id = request.request_id
+        self.environ = request.environ
         self.label = label
         self.release = release
         self.finished = False
@@ -172,15 +176,15 @@ class UpstreamBody:
             data = response.read1(CHUNK)
         except ClientLeft:  # the connection is closed, not given back half-read
             self._done(reusable=False)
-            self.request.record.error = "client left mid-response"
+            self.record.error = "client left mid-response"
             raise
         except EXCHANGE_FAILURES as e:
             self._done(reusable=False)
             reason = describe(e)
-            self.request.record.error = f"upstream cut mid-body: {reason}"
+            self.record.error = f"upstream cut mid-body: {reason}"
             log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
-                        "request_id=%s", self.label, reason, self.request.request_id)
-            raise cut_client(self.request.environ, f"upstream {self.label} cut the response: {reason}") from None
+                        "request_id=%s", self.label, reason, self.request_id)
+            raise cut_client(self.environ, f"upstream {self.label} cut the response: {reason}") from None
         finally:
             waiting.discard(me)
         if response.complete:

@@ -82,6 +82,10 @@ class Headers(list[tuple[str, str]]):
         return self
 
 
+# What a response's headers are once its head is taken: nothing, shared.
+_TAKEN = Headers()
+
+
 def read_head(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
     """Read from `sock` (after `buf`, bytes already read) to the end of a
     response head: the head without its blank line, and the bytes after it.
@@ -200,6 +204,12 @@ class UpstreamResponse:
         if not value.isdigit():
             raise HTTPException(f"malformed Content-Length: {value[:40]!r}")
         return int(value)
+
+    def head_taken(self) -> None:
+        """The head is in the client's response now: its header pairs go, and
+        the body is read with the framing alone (a held stream keeps what it
+        reads with, not what it has answered)."""
+        self.headers = _TAKEN
 
     @property
     def complete(self) -> bool:

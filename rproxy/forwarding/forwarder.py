@@ -217,6 +217,7 @@ class Forwarder:
     def _relay(request: Request, label: str, response: UpstreamResponse, release: Release) -> Response:
         headers = response_headers(response.headers.items(), response.headers.get("Connection"),
                                    response.chunked)
+        response.head_taken()
         body = UpstreamBody(response, request, label, release)
         body.start()
         return Response(response.status, headers, body, response.reason or None)

@@ -83,6 +83,7 @@ class Deadlines:
     def head_in(self, greenlet: Any) -> None:
         """The head is in (a request starts), or the connection is HTTP/2."""
         disarm(self.timers[greenlet])
+        self.timers[greenlet] = None  # not kept, closed, for as long as the response takes
 
     def response_done(self, greenlet: Any) -> None:
         if self.keepalive <= PARK_AFTER:

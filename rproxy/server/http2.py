@@ -54,6 +54,7 @@ from h2.settings import SettingCodes, Settings
 from hpack import Decoder
 from hyperframe.frame import GoAwayFrame
 
+from rproxy.server import sockets
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.http2_requests import over_limits
 
@@ -374,7 +375,7 @@ def _whole_body_in(stream: HTTP2Stream) -> bool:
 def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface: bytes = b"",
                      upgrade: tuple[Any, Any, Any] | None = None) -> None:
     """gunicorn's handle_http2, for `worker`: read frames here, serve each stream in a greenlet."""
-    listener_name = listener.getsockname()
+    listener_name = sockets.listener_name(listener)
     conn = ConcurrentConnection(worker.cfg, client, addr, worker.client_timeout)
     streams = Pool(worker.cfg.http2_max_concurrent_streams)
     last = 0

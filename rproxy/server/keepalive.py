@@ -21,6 +21,7 @@ from gunicorn import sock as gunicorn_sock
 from gunicorn.http.errors import InvalidH2CPreface
 from gunicorn.http2 import negotiation
 
+from rproxy.server import sockets
 from rproxy.server.deadlines import Park
 from rproxy.server.parking import Parked
 from rproxy.server.request_parser import RequestParser
@@ -60,7 +61,7 @@ def serve(worker: Any, listener: Any, client: socket.socket, addr: Any,
             parser.req_count = parked.req_count
             proxy_protocol_info = parked.proxy_protocol_info
         try:
-            listener_name = listener.getsockname()
+            listener_name = sockets.listener_name(listener)
             if not cfg.keepalive:
                 req = next(parser)
                 if worker._try_h2c_upgrade(listener, req, parser, client, addr):

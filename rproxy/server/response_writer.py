@@ -48,13 +48,54 @@ def install(server_header: str) -> None:
     base_async.HTTP2Response = HTTP2Response
 
 
-def _first_date(headers: list[tuple[str, str]]) -> str | None:
-    """The application's Date (the first, if it set several), which gunicorn
+# Response fields gunicorn's process_headers kept as they were, remembered so
+# that a response carrying the same field again (a stored response's, an
+# upstream's usual ones, rproxy's own) skips its checks: they depend on the
+# name and value alone. A field is remembered the second time it passes, so
+# the ones that differ on every response (a request id, an Age) never fill
+# the memo; and never remembered are fields it changed (trimmed), dropped
+# (hop-by-hop ones, Server, Date) or reads (Content-Length, Upgrade), and long
+# values. Both sets are bounded: upstreams choose the fields.
+_kept: set[tuple[str, str]] = set()
+_seen: set[tuple[str, str]] = set()
+_MEMO_SIZE = 2048
+_MEMO_VALUE = 256
+_READ = frozenset({"content-length", "upgrade"})
+
+
+def _process_headers(check: Any, out: list[tuple[str, str]], headers: Any) -> str | None:
+    """gunicorn's process_headers (`check`, appending to `out`) over
+    `headers`, one field at a time past the fields it already kept; returns
+    the application's Date (the first, if it set several), which gunicorn
     drops with the hop-by-hop fields: the writer puts it back."""
-    for name, value in headers:
-        if len(name) == 4 and name.lower() == "date":
-            return str(value).strip(" \t")
-    return None
+    kept, date = _kept, None
+    for field in headers:
+        try:
+            if field in kept:
+                out.append(field)
+                continue
+        except TypeError:  # unhashable: gunicorn's check says what is wrong with it
+            pass
+        n = len(out)
+        check((field,))
+        name = field[0]
+        if len(out) > n:
+            if out[n] == field and len(field[1]) <= _MEMO_VALUE and name.lower() not in _READ:
+                _remember(field)
+        elif date is None and len(name) == 4 and name.lower() == "date":
+            date = field[1].strip(" \t")
+    return date
+
+
+def _remember(field: tuple[str, str]) -> None:
+    if field not in _seen:
+        if len(_seen) >= _MEMO_SIZE:
+            _seen.clear()
+        _seen.add(field)
+        return
+    if len(_kept) >= _MEMO_SIZE:
+        _kept.clear()
+    _kept.add(field)
 
 
 def http_date() -> str:
@@ -75,8 +116,8 @@ class Response(wsgi.Response):
         self._date: str | None = None  # the application's, kept (a cached response's stored Date)
 
     def process_headers(self, headers: list[tuple[str, str]]) -> None:
-        super().process_headers(headers)  # validates each field; drops hop-by-hop ones, Server and Date
-        self._date = _first_date(headers)
+        # gunicorn's validates each field and drops hop-by-hop ones, Server and Date
+        self._date = _process_headers(super().process_headers, self.headers, headers)
 
     def default_headers(self) -> list[str]:
         if self.upgrade:
@@ -185,8 +226,8 @@ class HTTP2Response(http2_response.HTTP2Response):
     _date: str | None = None
 
     def process_headers(self, headers: list[tuple[str, str]]) -> None:
-        super().process_headers(headers)  # drops Server and Date as it does over HTTP/1
-        self._date = _first_date(headers)
+        # gunicorn's drops Server and Date as it does over HTTP/1
+        self._date = _process_headers(super().process_headers, self.headers, headers)
 
     def send_headers(self) -> None:
         if self.headers_sent:

@@ -4,14 +4,29 @@ one cheaper way through it.
 Peeking at an idle upstream connection without a greenlet switch (the
 pool's check before each reuse), half-closing the TCP connection under a
 TLS socket (a tunnel whose one direction ended keeps the other running),
-and sending a small message in one system call.
+sending a small message in one system call, and a listener's address read
+once per worker.
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import gevent.socket
+
+# listener -> its address: a worker's listeners live as long as it does.
+_listener_names: dict[Any, Any] = {}
+
+
+def listener_name(listener: Any) -> Any:
+    """The address a listener is bound to (gunicorn's `listener_name`), read
+    once: every connection would otherwise make a system call and keep its
+    own copy for its whole life (a held stream: hours)."""
+    name = _listener_names.get(listener)
+    if name is None:
+        name = _listener_names[listener] = listener.getsockname()
+    return name
 
 
 def readable_now(sock: socket.socket) -> bool | None:

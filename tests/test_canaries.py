@@ -110,7 +110,7 @@ OVERRIDES = [
      "the last DATA frame ending the stream"),
     (http2.ConcurrentConnection, h2_connection.HTTP2ServerConnection,
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
-      "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
+      "send_response_headers", "send_data", "send_trailers", "send_error",
       "_process_events", "_handle_stream_reset", "_abort_all_streams", "pump",
       "_wait_for_flow_control_window", "cleanup_stream"],
      "rproxy/server/http2.py: HTTP/2 streams served side by side, frames handed to one writer, "
@@ -544,12 +544,14 @@ def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does(
 
 
 def test_gunicorns_http2_connection_writes_only_through_send_pending_data():
-    # http2.py's writer is the one greenlet that writes: any other write would interleave frames.
+    # http2_writer.py's FrameSocket takes what gunicorn's connection writes
+    # with sock.sendall and hands it to the one writer greenlet: a write by
+    # any other means would interleave frames.
     module = source(h2_connection)
     assert module.count("sock.sendall(") == 1 and "self.sock.sendall(data)" in source(
         h2_connection.HTTP2ServerConnection._send_pending_data), (
-        "gunicorn's HTTP/2 connection writes to the socket outside _send_pending_data: rproxy/server/http2.py's "
-        "writer no longer keeps frames of concurrent streams apart")
+        "gunicorn's HTTP/2 connection writes to the socket outside _send_pending_data: rproxy/server/"
+        "http2_writer.py's writer no longer keeps frames of concurrent streams apart")
 
 
 # gunicorn's methods that queue frames in h2 without calling _send_pending_data
@@ -563,7 +565,7 @@ _QUEUES_FRAMES = re.compile(r"self\.h2_conn\.(?:send_headers|send_data|reset_str
 
 
 def test_every_path_of_gunicorns_http2_connection_that_queues_frames_ends_in_send_pending_data():
-    # http2.py's writer sends what _send_pending_data hands it: a frame queued
+    # http2_writer.py's writer sends what _send_pending_data hands it: a frame queued
     # in h2 on a path that never calls it would wait for the next write on the
     # connection, however long that takes.
     assert "self._send_pending_data()" in source(h2_connection.HTTP2ServerConnection._process_events)

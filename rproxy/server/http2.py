@@ -8,17 +8,8 @@ http2_max_concurrent_streams per connection). A stream that waits for its
 request body or for send window waits for the reader to bring the frames,
 rather than reading the socket itself.
 
-One greenlet writes to the connection: the frames h2 queues (responses,
-resets, WINDOW_UPDATEs, settings and ping ACKs, GOAWAY) are taken from it
-by every path that queues them (_send_pending_data) and handed to that
-writer, which runs in the same turn of the worker's loop, after the
-greenlets already woken in it: the frames of all the streams that ran in a
-turn go out in one send, one TLS record. The writer sends until nothing is
-left and only then ends, so no frame waits for a later write; a greenlet
-that has WRITE_AHEAD bytes or more waiting for the writer waits until the
-writer took them (a response is held in memory at most that far ahead of
-the socket); a write that makes no progress for client_timeout ends the
-connection.
+One greenlet writes to the connection (http2_writer.py): the frames of all
+the streams that ran in a turn of the worker's loop go out in one send.
 
 A head over the request limits (too many fields, a field or header list too
 large, a target too long) is answered on its stream as over HTTP/1.1 (431,
@@ -43,7 +34,7 @@ import ssl
 import time
 from typing import Any
 
-from gevent import Greenlet, Timeout, get_hub, getcurrent, spawn_raw
+from gevent import Greenlet, get_hub, getcurrent
 from gevent.event import Event
 from gevent.pool import Pool
 from gunicorn.http2.connection import HTTP2ServerConnection
@@ -57,6 +48,7 @@ from hyperframe.frame import GoAwayFrame
 from rproxy.server import sockets
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.http2_requests import over_limits
+from rproxy.server.http2_writer import FrameSocket
 
 log = logging.getLogger("rproxy.http2")
 
@@ -74,13 +66,6 @@ HEADER_LIST_SLACK = 4
 # http2_max_concurrent_streams, which slows a rapid reset flood down.
 RESET_GRACE = 0.25
 
-# Bytes of frames a connection may hold for its writer before a greenlet
-# that adds more waits for the writer to take them: four full DATA frames,
-# while a turn's worth of small responses (about 200 bytes each with their
-# HEADERS) stays far below it.
-WRITE_AHEAD = 65536
-
-
 class _Decoder(Decoder):
     """hpack's decoder, taking header lists up to HEADER_LIST_SLACK times
     the limit h2 gives it (h2 sets it again when the client acknowledges
@@ -95,37 +80,6 @@ class _Decoder(Decoder):
         self._announced = value
 
 
-class _Socket:
-    """The client socket as gunicorn's HTTP/2 code uses it. Its reads are
-    timed by settimeout() (the reader's: keepalive when idle); writes get
-    their own bound, so that the reader setting its timeout never cuts a
-    stream's write to a client that is slow to read."""
-
-    def __init__(self, sock: Any, write_timeout: float | None) -> None:
-        sock.settimeout(None)
-        self._sock = sock
-        self._read_timeout: float | None = None
-        self._write_timeout = write_timeout
-
-    def settimeout(self, seconds: float | None) -> None:
-        self._read_timeout = seconds
-
-    def gettimeout(self) -> float | None:
-        return self._read_timeout
-
-    def recv(self, size: int) -> bytes:
-        with Timeout(self._read_timeout, TimeoutError("timed out")):
-            data: bytes = self._sock.recv(size)
-            return data
-
-    def sendall(self, data: bytes) -> None:
-        with Timeout(self._write_timeout, TimeoutError("write timed out")):
-            self._sock.sendall(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
 class ConcurrentConnection(HTTP2ServerConnection):
     """gunicorn's HTTP/2 connection, shared by one reader and many writers."""
 
@@ -133,19 +87,15 @@ class ConcurrentConnection(HTTP2ServerConnection):
         # A write that makes no progress for client_timeout gives up (the
         # client reads nothing), as a stream whose request body or send
         # window makes no progress does: as over HTTP/1.1.
-        super().__init__(cfg, _Socket(sock, client_timeout), client_addr)
+        frames = FrameSocket(sock, client_timeout)
+        super().__init__(cfg, frames, client_addr)
+        frames.pending, frames.failed = self.h2_conn.data_to_send, self._write_failed
         self.stream_timeout = client_timeout
         # Nothing decoded yet: a fresh decoder loses no HPACK state.
         self.h2_conn.decoder = _Decoder(self.h2_conn.decoder.max_header_list_size)
         self._progress = Event()
-        self._hub = get_hub()
-        self._loop = self._hub.loop
+        self._loop = get_hub().loop
         self.serving: dict[int, Greenlet] = {}  # stream id -> the greenlet serving it
-        self._queued: list[bytes] = []  # frames taken from h2, in order, for the writer
-        self._queued_size = 0
-        self._writing = False           # the writer is scheduled or running
-        self._broken = False            # a write failed: nothing more goes out
-        self._draining = False          # drain() waits for the writer to end
 
     # A stream's greenlet whose client left is cut short (see client_left.py),
     # from the hub, RESET_GRACE later if it still waits on its upstream. It
@@ -190,7 +140,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = HTTP2ErrorCode.NO_ERROR
-        self._queue(self.h2_conn.data_to_send() + frame.serialize())
+        self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
 
     def _handle_request_received(self, event: Any) -> Any:
         # gunicorn resets a stream whose head is over the request limits
@@ -216,64 +166,9 @@ class ConcurrentConnection(HTTP2ServerConnection):
         progress, self._progress = self._progress, Event()
         progress.set()
 
-    def _send_pending_data(self) -> None:
-        # Every path that queues frames in h2 ends here (a canary pins it).
-        data = self.h2_conn.data_to_send()
-        if data:
-            self._queue(data)
-
-    def _queue(self, data: bytes) -> None:
-        if self._broken:
-            raise HTTP2ConnectionError("Socket write error: an earlier write failed")
-        self._queued.append(data)
-        self._queued_size += len(data)
-        if not self._writing:
-            # spawn_raw starts the writer from a loop callback: it runs in
-            # this turn of the loop, before the loop polls again, and after
-            # the greenlets already woken in this turn queued their frames.
-            self._writing = True
-            spawn_raw(self._write)
-        if self._queued_size >= WRITE_AHEAD and getcurrent() is not self._hub:
-            while self._queued_size >= WRITE_AHEAD and not self._closed:
-                self._progress.wait()  # the writer wakes us when it takes them
-
-    def _write(self) -> None:
-        """The connection's writer: sends what is queued until nothing is."""
-        try:
-            while True:
-                late = self.h2_conn.data_to_send()  # queued in h2 meanwhile, by no path of ours
-                if late:
-                    self._queued.append(late)
-                    self._queued_size += len(late)
-                if not self._queued:
-                    return  # checked with no yield before _writing is cleared below
-                queued, self._queued = self._queued, []
-                if self._queued_size >= WRITE_AHEAD:
-                    self._wake()
-                self._queued_size = 0
-                self.sock.sendall(queued[0] if len(queued) == 1 else b"".join(queued))
-        except Exception as e:
-            if isinstance(e, OSError):
-                log.debug("HTTP/2 connection write failed: %s", e)
-            else:
-                log.exception("HTTP/2 connection write failed")
-            self._broken = self._closed = True
-            self._queued.clear()
-            self._queued_size = 0
-            self._abort_all_streams()
-        finally:
-            self._writing = False
-            if self._draining:
-                self._wake()
-
-    def drain(self) -> None:
-        """Wait until the writer has sent what is queued (or failed): the
-        socket may be closed after."""
-        if not self._writing and not self._broken:
-            self._send_pending_data()
-        self._draining = True
-        while self._writing:
-            self._progress.wait()
+    def _write_failed(self) -> None:
+        self._closed = True
+        self._abort_all_streams()
 
     # Writes on a connection that is closed already (a GOAWAY for a flood,
     # the client gone) end the stream quietly, as on a reset stream, rather
@@ -436,4 +331,4 @@ def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface
         # the connection closed at their next read or write and end.
         conn.close(last_stream_id=last)
         streams.join()
-        conn.drain()  # the closing GOAWAY and whatever the streams left
+        conn.sock.drain()  # the closing GOAWAY and whatever the streams left

@@ -31,7 +31,7 @@ from rproxy.messages import Request
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.cuts import cut_client
 from rproxy.server.held import HELD, HeldPark, Holdable, Leaving
-from rproxy.server.sockets import wait_readable
+from rproxy.server.sockets import readable_now, wait_readable
 from rproxy.upstreams.servers import Server
 
 log = logging.getLogger("rproxy.forward")
@@ -203,8 +203,10 @@ class UpstreamBody(Holdable):
         """Did the upstream send nothing for park_after (a shorter
         read_timeout is left to the read itself)?"""
         sock = response.sock
+        if response.buffered or readable_now(sock) is not False:  # bytes in: no wait (a peek, no switch)
+            return False
         timeout = sock.gettimeout()
-        if response.buffered or (timeout is not None and timeout <= self.park_after):
+        if timeout is not None and timeout <= self.park_after:
             return False
         return not wait_readable(sock, self.park_after)
 

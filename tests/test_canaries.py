@@ -105,15 +105,16 @@ OVERRIDES = [
      "rproxy/server/response_writer.py: head and first body piece in one send, rproxy's Server header, "
      "file-wrapped bodies (disk cache hits) by os.sendfile"),
     (response_writer.HTTP2Response, http2_response.HTTP2Response,
-     ["process_headers", "send_headers", "write", "_emit_body"],
+     ["process_headers", "send_headers", "_emit_body"],
      "rproxy/server/response_writer.py: rproxy's Server over HTTP/2, the application's Date or its own, "
-     "a small response in one send"),
+     "the last DATA frame ending the stream"),
     (http2.ConcurrentConnection, h2_connection.HTTP2ServerConnection,
      ["__init__", "initiate_connection", "initiate_upgrade", "_handle_request_received",
-      "_send_pending_data", "send_response_headers", "send_data", "send_trailers", "send_error",
+      "send_response_headers", "send_data", "send_trailers", "send_error",
       "_process_events", "_handle_stream_reset", "_abort_all_streams", "pump",
-      "_wait_for_flow_control_window"],
-     "rproxy/server/http2.py: HTTP/2 streams served side by side, writes serialised, resets cut upstream waits"),
+      "_wait_for_flow_control_window", "cleanup_stream"],
+     "rproxy/server/http2.py: HTTP/2 streams served side by side, frames handed to one writer, "
+     "resets cut upstream waits"),
     (accesslog.AccessLogger, glogging.Logger, ["setup", "access"],
      "rproxy/server/accesslog.py: the proxy's access line, written once per loop turn"),
     (servers.ServerPool, HTTPConnectionPool, ["_get_conn", "_put_conn"],
@@ -562,12 +563,47 @@ def test_gunicorns_http2_response_still_aborts_and_sends_headers_as_rproxy_does(
 
 
 def test_gunicorns_http2_connection_writes_only_through_send_pending_data():
-    # http2.py's write lock wraps _send_pending_data: any other write would interleave frames.
+    # http2_writer.py's FrameSocket takes what gunicorn's connection writes
+    # with sock.sendall and hands it to the one writer greenlet: a write by
+    # any other means would interleave frames.
     module = source(h2_connection)
     assert module.count("sock.sendall(") == 1 and "self.sock.sendall(data)" in source(
         h2_connection.HTTP2ServerConnection._send_pending_data), (
-        "gunicorn's HTTP/2 connection writes to the socket outside _send_pending_data: rproxy/server/http2.py's "
-        "write lock no longer keeps frames of concurrent streams apart")
+        "gunicorn's HTTP/2 connection writes to the socket outside _send_pending_data: rproxy/server/"
+        "http2_writer.py's writer no longer keeps frames of concurrent streams apart")
+
+
+# gunicorn's methods that queue frames in h2 without calling _send_pending_data
+# themselves: each runs inside _read_and_process, which ends in _process_events
+# (or in close() on a protocol error), and both send.
+_QUEUED_FOR_PROCESS_EVENTS = {"_handle_data_received", "_handle_request_received", "_read_and_process",
+                              "_reset_quietly"}
+_QUEUES_FRAMES = re.compile(r"self\.h2_conn\.(?:send_headers|send_data|reset_stream|close_connection|end_stream|"
+                            r"increment_flow_control_window|push_stream|ping|update_settings|acknowledge_settings|"
+                            r"initiate_connection|initiate_upgrade_connection|receive_data)\(|self\._reset_quietly\(")
+
+
+def test_every_path_of_gunicorns_http2_connection_that_queues_frames_ends_in_send_pending_data():
+    # http2_writer.py's writer sends what _send_pending_data hands it: a frame queued
+    # in h2 on a path that never calls it would wait for the next write on the
+    # connection, however long that takes.
+    assert "self._send_pending_data()" in source(h2_connection.HTTP2ServerConnection._process_events)
+    silent = sorted(name for name, f in inspect.getmembers(h2_connection.HTTP2ServerConnection, inspect.isfunction)
+                    if _QUEUES_FRAMES.search(source(f)) and "self._send_pending_data()" not in source(f))
+    assert set(silent) <= _QUEUED_FOR_PROCESS_EVENTS, (
+        f"gunicorn's HTTP/2 connection queues frames in {sorted(set(silent) - _QUEUED_FOR_PROCESS_EVENTS)} without "
+        "_send_pending_data: rproxy/server/http2.py's writer would leave them waiting for a later write")
+
+
+def test_gunicorn_resets_a_finished_stream_only_for_a_body_it_has_not_seen_end():
+    # http2.py's cleanup_stream marks a body complete by its Content-Length so
+    # that gunicorn sends no RST_STREAM(NO_ERROR) ahead of the client's END_STREAM.
+    cleanup = source(h2_connection.HTTP2ServerConnection.cleanup_stream)
+    assert "elif not stream.body_complete:" in cleanup and "HTTP2ErrorCode.NO_ERROR" in cleanup, (
+        "gunicorn's cleanup_stream no longer decides its NO_ERROR reset on body_complete: rproxy/server/http2.py's "
+        "cleanup_stream no longer spares a stream whose END_STREAM is still to come")
+    assert "return self._body_complete" in source(HTTP2Stream.body_complete.fget), (
+        "gunicorn's HTTP2Stream.body_complete no longer reads _body_complete: rproxy/server/http2.py's cleanup_stream")
 
 
 def test_gunicorns_http2_connection_calls_the_methods_rproxy_overrides():
@@ -608,7 +644,8 @@ def test_gunicorns_http2_connection_keeps_the_state_rproxy_reads():
             "h2's connection no longer decodes with an hpack.Decoder in .decoder: rproxy/server/http2.py's "
             "431 for an oversized header list replaces it")
         stream = HTTP2Stream(1, conn)
-        for name in ("state", "stream_id", "body_complete", "unacked_size", "body_size", "disconnected"):
+        for name in ("state", "stream_id", "body_complete", "unacked_size", "body_size", "disconnected",
+                     "request_headers", "response_complete", "_body_complete"):
             assert hasattr(stream, name), f"gunicorn's HTTP2Stream has no {name}: rproxy/server/http2.py reads it"
         assert StreamState.CLOSED
         assert callable(stream.get_pseudo_headers)

@@ -150,8 +150,8 @@ class UpstreamBody(Holdable):
     def start(self) -> None:
         """Read the first piece of the body before anything goes to the
         client. The response head goes out with that piece anyway (in one
-        send, see response_writer; over HTTP/2 the HEADERS frame waits for
-        it too), so this costs no latency; and an upstream that fails
+        send, see response_writer; over HTTP/2 both are sent in the same
+        turn of the loop), so this costs no latency; and an upstream that fails
         between its head and its first body byte (closes, resets, times
         out) raises here, while the client can still get a 502 or 504
         instead of a cut connection. The connection is released on error."""

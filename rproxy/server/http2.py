@@ -4,10 +4,12 @@ gunicorn's gevent worker serves the streams of one HTTP/2 connection one
 after another, so one slow upstream response holds back every other request
 on that connection. Here the connection's greenlet only reads frames; each
 stream is served by a greenlet of its own (at most
-http2_max_concurrent_streams per connection). Writes to the connection are
-serialised by a lock, so frames never interleave; a stream that waits for
-its request body or for send window waits for the reader to bring the
-frames, rather than reading the socket itself.
+http2_max_concurrent_streams per connection). A stream that waits for its
+request body or for send window waits for the reader to bring the frames,
+rather than reading the socket itself.
+
+One greenlet writes to the connection (http2_writer.py): the frames of all
+the streams that ran in a turn of the worker's loop go out in one send.
 
 A head over the request limits (too many fields, a field or header list too
 large, a target too long) is answered on its stream as over HTTP/1.1 (431,
@@ -32,9 +34,8 @@ import ssl
 import time
 from typing import Any
 
-from gevent import Greenlet, Timeout, get_hub, getcurrent
+from gevent import Greenlet, get_hub, getcurrent
 from gevent.event import Event
-from gevent.lock import Semaphore
 from gevent.pool import Pool
 from gunicorn.http2.connection import HTTP2ServerConnection
 from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ErrorCode, HTTP2ProtocolError
@@ -47,6 +48,7 @@ from hyperframe.frame import GoAwayFrame
 from rproxy.server import sockets
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.http2_requests import over_limits
+from rproxy.server.http2_writer import FrameSocket
 
 log = logging.getLogger("rproxy.http2")
 
@@ -64,7 +66,6 @@ HEADER_LIST_SLACK = 4
 # http2_max_concurrent_streams, which slows a rapid reset flood down.
 RESET_GRACE = 0.25
 
-
 class _Decoder(Decoder):
     """hpack's decoder, taking header lists up to HEADER_LIST_SLACK times
     the limit h2 gives it (h2 sets it again when the client acknowledges
@@ -79,37 +80,6 @@ class _Decoder(Decoder):
         self._announced = value
 
 
-class _Socket:
-    """The client socket as gunicorn's HTTP/2 code uses it. Its reads are
-    timed by settimeout() (the reader's: keepalive when idle); writes get
-    their own bound, so that the reader setting its timeout never cuts a
-    stream's write to a client that is slow to read."""
-
-    def __init__(self, sock: Any, write_timeout: float | None) -> None:
-        sock.settimeout(None)
-        self._sock = sock
-        self._read_timeout: float | None = None
-        self._write_timeout = write_timeout
-
-    def settimeout(self, seconds: float | None) -> None:
-        self._read_timeout = seconds
-
-    def gettimeout(self) -> float | None:
-        return self._read_timeout
-
-    def recv(self, size: int) -> bytes:
-        with Timeout(self._read_timeout, TimeoutError("timed out")):
-            data: bytes = self._sock.recv(size)
-            return data
-
-    def sendall(self, data: bytes) -> None:
-        with Timeout(self._write_timeout, TimeoutError("write timed out")):
-            self._sock.sendall(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
 class ConcurrentConnection(HTTP2ServerConnection):
     """gunicorn's HTTP/2 connection, shared by one reader and many writers."""
 
@@ -117,23 +87,20 @@ class ConcurrentConnection(HTTP2ServerConnection):
         # A write that makes no progress for client_timeout gives up (the
         # client reads nothing), as a stream whose request body or send
         # window makes no progress does: as over HTTP/1.1.
-        super().__init__(cfg, _Socket(sock, client_timeout), client_addr)
+        frames = FrameSocket(sock, client_timeout)
+        super().__init__(cfg, frames, client_addr)
+        frames.pending, frames.failed = self.h2_conn.data_to_send, self._write_failed
         self.stream_timeout = client_timeout
         # Nothing decoded yet: a fresh decoder loses no HPACK state.
         self.h2_conn.decoder = _Decoder(self.h2_conn.decoder.max_header_list_size)
-        self._write_lock = Semaphore()
         self._progress = Event()
         self._loop = get_hub().loop
         self.serving: dict[int, Greenlet] = {}  # stream id -> the greenlet serving it
-        self._holding = False        # frames are queued in h2, not written yet
-        self._writer = None          # the greenlet writing to the socket now
-        self._cut_after_write: dict[Greenlet, int] = {}  # greenlet -> stream id
 
     # A stream's greenlet whose client left is cut short (see client_left.py),
-    # from the hub, RESET_GRACE later if it still waits on its upstream;
-    # never in the middle of a write to the client, where a frame cut in two
-    # would break the connection for every stream: that greenlet is cut once
-    # its write is done.
+    # from the hub, RESET_GRACE later if it still waits on its upstream. It
+    # never writes to the socket itself (the writer does), so no frame is cut
+    # in two by it.
 
     def cut(self, stream_id: int) -> None:
         greenlet = self.serving.get(stream_id)
@@ -141,14 +108,9 @@ class ConcurrentConnection(HTTP2ServerConnection):
             timer = self._loop.timer(RESET_GRACE, ref=False)
             timer.start(self._deliver_cut, stream_id, greenlet, timer)
 
-    def _deliver_cut(self, stream_id: int, greenlet: Greenlet, timer: Any = None) -> None:
-        if timer is not None:
-            timer.close()
-        if self.serving.get(stream_id) is not greenlet:
-            return  # done meanwhile
-        if greenlet is self._writer:
-            self._cut_after_write[greenlet] = stream_id
-        else:
+    def _deliver_cut(self, stream_id: int, greenlet: Greenlet, timer: Any) -> None:
+        timer.close()
+        if self.serving.get(stream_id) is greenlet:  # else done meanwhile
             waiting.cut_short(greenlet)
 
     def initiate_connection(self) -> None:
@@ -178,12 +140,7 @@ class ConcurrentConnection(HTTP2ServerConnection):
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = HTTP2ErrorCode.NO_ERROR
-        with self._write_lock:
-            try:
-                self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
-            except OSError as e:
-                self._closed = True
-                raise HTTP2ConnectionError(f"Socket write error: {e}") from None
+        self.sock.sendall(self.h2_conn.data_to_send() + frame.serialize())
 
     def _handle_request_received(self, event: Any) -> Any:
         # gunicorn resets a stream whose head is over the request limits
@@ -209,39 +166,9 @@ class ConcurrentConnection(HTTP2ServerConnection):
         progress, self._progress = self._progress, Event()
         progress.set()
 
-    def queue_response_headers(self, stream_id: int, status: int, headers: list[tuple[str, str]]) -> bool:
-        """As send_response_headers, but the HEADERS frame stays in h2's
-        buffer until the next write (the response's first DATA frame, or
-        flush()): a small response goes out in one send, one TLS record,
-        instead of one per frame. Nothing yields in between, so no other
-        greenlet's write is held back by it."""
-        self._holding = True
-        try:
-            return self.send_response_headers(stream_id, status, headers)
-        finally:
-            self._holding = False
-
-    def flush(self) -> None:
-        """Write what h2 has queued (frames held by queue_response_headers)."""
-        if not self._closed:
-            self._send_pending_data()
-
-    def _send_pending_data(self) -> None:
-        if self._holding:
-            return
-        # h2 queues frames in order; taking them and writing them under one
-        # lock keeps them in that order on the wire.
-        me = getcurrent()
-        with self._write_lock:
-            self._writer = me
-            try:
-                super()._send_pending_data()
-            finally:
-                self._writer = None
-        if self._cut_after_write:
-            stream_id = self._cut_after_write.pop(me, None)
-            if stream_id is not None:
-                self._loop.run_callback(self._deliver_cut, stream_id, me)
+    def _write_failed(self) -> None:
+        self._closed = True
+        self._abort_all_streams()
 
     # Writes on a connection that is closed already (a GOAWAY for a flood,
     # the client gone) end the stream quietly, as on a reset stream, rather
@@ -260,6 +187,20 @@ class ConcurrentConnection(HTTP2ServerConnection):
     def send_error(self, stream_id: int, status_code: int, message: str | None = None) -> None:
         if not self._closed:
             super().send_error(stream_id, status_code, message)
+
+    def cleanup_stream(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if (stream is not None and stream.response_complete and not stream.body_complete
+                and stream.state is not StreamState.CLOSED and _whole_body_in(stream)):
+            # The body is all here by its Content-Length, only the END_STREAM
+            # flag is to come (httpx sends it in a frame of its own). gunicorn
+            # would ask the client to stop sending, with RST_STREAM(NO_ERROR)
+            # (RFC 9113 8.1), which races that frame: a client that then sends
+            # it on the reset stream fails a request it had its answer to
+            # (httpx does). h2 closes the stream when the flag comes; no data
+            # can come with it (h2 holds a body to its Content-Length).
+            stream._body_complete = True
+        super().cleanup_stream(stream_id)
 
     def _process_events(self, events: list[Any]) -> Any:
         try:
@@ -316,6 +257,14 @@ class ConcurrentConnection(HTTP2ServerConnection):
                              pseudo.get(":method"), pseudo.get(":path"), self.stream_timeout)
                     return 0
             self._progress.wait(remaining)
+
+
+def _whole_body_in(stream: HTTP2Stream) -> bool:
+    """Whether the request's body has arrived to its Content-Length."""
+    for name, value in stream.request_headers:
+        if name == "content-length":
+            return bool(value.isdigit() and stream.body_size >= int(value))
+    return False
 
 
 def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface: bytes = b"",
@@ -382,3 +331,4 @@ def serve_connection(worker: Any, listener: Any, client: Any, addr: Any, preface
         # the connection closed at their next read or write and end.
         conn.close(last_stream_id=last)
         streams.join()
+        conn.sock.drain()  # the closing GOAWAY and whatever the streams left

@@ -214,17 +214,16 @@ _timed_out = socket.timeout("timed out sending a file")
 
 class HTTP2Response(http2_response.HTTP2Response):
     """gunicorn's HTTP/2 response, with rproxy's Server (or none) and the
-    application's Date or else the proxy's, written in as few sends as it has
-    frames to spare: the HEADERS frame goes out with the first DATA frame, and
-    the DATA frame that completes a Content-Length ends the stream itself, so
-    a small response is one send (one TLS record) where it was three (HEADERS,
-    DATA, an empty DATA with END_STREAM). Trailers need a body without
+    application's Date or else the proxy's, in as few frames as it can: the
+    DATA frame that completes a Content-Length ends the stream itself, where
+    gunicorn sends an empty DATA frame after it to end it. (The connection's
+    writer sends the frames of one loop turn together, so a small response
+    is one send, one TLS record.) Trailers need a body without
     Content-Length, as over HTTP/1.1 (where they need chunked coding)."""
 
     headers_sent: bool  # gunicorn's
     _stream_ended: bool  # gunicorn's
     _date: str | None = None
-    _queued = False  # the HEADERS frame waits in h2 for the first DATA frame
 
     def process_headers(self, headers: list[tuple[str, str]]) -> None:
         # gunicorn's drops Server and Date as it does over HTTP/1
@@ -234,20 +233,13 @@ class HTTP2Response(http2_response.HTTP2Response):
         if self.headers_sent:
             return
         headers = [*self.headers, *_server_fields, ("date", self._date or http_date())]
-        if not self.h2_conn.queue_response_headers(self.stream_id, self.status_code, headers):
+        if not self.h2_conn.send_response_headers(self.stream_id, self.status_code, headers):
             self._aborted("stream closed before headers were sent")
-        self.headers_sent = self._queued = True
-
-    def write(self, arg: bytes) -> None:
-        super().write(arg)
-        if self._queued:  # no DATA frame took the head along (HEAD, 304, an empty piece)
-            self._queued = False
-            self.h2_conn.flush()
+        self.headers_sent = True
 
     def _emit_body(self, data: bytes) -> None:
         if not data or self._stream_ended:
             return
-        self._queued = False
         last = (self.response_length is not None and self.sent >= self.response_length
                 and not getattr(self, "trailers", None))
         if not self.h2_conn.send_data(self.stream_id, data, end_stream=last):

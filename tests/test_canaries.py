@@ -310,8 +310,7 @@ def test_gevent_pools_keep_the_slot_of_a_parked_connection_as_parking_py_does():
         "gevent's pool no longer discards a finished greenlet through _discard, or Pool.add no longer holds its "
         "_semaphore: rproxy/server/parking.py's parked slots are lost or counted twice")
     woken = []
-    pool.serve_parked = woken.append
-    pool.resume("parked")
+    pool.resume(woken.append, "parked")
     gevent.sleep(0)
     gevent.sleep(0)
     assert woken == ["parked"] and len(pool) == 0 and pool._semaphore.counter == 1 and not pool.full(), (
@@ -494,6 +493,26 @@ def test_gunicorns_response_write_sends_the_head_then_emits_the_body():
         resp.process_headers([(name, value)])
         assert getattr(resp, attribute) in (5, True), f"gunicorn's process_headers no longer reads {name}"
     assert {"content-length", "upgrade"} == response_writer._READ
+
+
+def test_gunicorns_handle_request_lets_a_parking_stream_leave_through_access_close_and_post_request():
+    # server/held.py: a held stream parks by raising HeldPark (a BaseException) out of the write loop.
+    # gunicorn must let it through (catching Exception and SystemExit only), and on the way out call
+    # log.access (skipped for it, taking the request time), respiter.close (a no-op for it) and
+    # post_request (skipped, taking the Response the stream goes on with).
+    handle = source(base_async.AsyncWorker.handle_request)
+    assert "except (Exception, SystemExit):" in handle and "except BaseException" not in handle, (
+        "gunicorn's handle_request now catches more than Exception and SystemExit: a held stream's park "
+        "(rproxy/server/held.py) would be taken for an error")
+    assert re.search(r"for item in respiter:\s*resp\.write\(item\)\s*resp\.close\(\)\s*finally:\s*"
+                     r"request_time = datetime\.now\(\) - request_start\s*"
+                     r"self\.log\.access\(resp, req, environ, request_time\)\s*"
+                     r"if hasattr\(respiter, \"close\"\):\s*respiter\.close\(\)", handle), (
+        "gunicorn's handle_request no longer ends its write loop with log.access then respiter.close: "
+        "rproxy/server/held.py's park (and _finish, which does the same at a held stream's end) breaks")
+    assert "self.cfg.post_request(self, req, environ, resp)" in handle, (
+        "gunicorn's handle_request no longer calls post_request with its Response: rproxy/server/held.py "
+        "takes the Response of a parking stream there")
 
 
 def test_gunicorn_sends_a_file_wrapped_body_through_response_sendfile():

@@ -381,3 +381,19 @@ def test_hup_reload_serves_a_new_certificate_section(start_proxy, upstream, cert
     while names(served_certificate(proxy.port, "a.test", context)) != ["a.test"]:
         assert time.monotonic() < deadline, proxy.log()
         time.sleep(0.2)
+
+
+def test_held_stream_over_tls_gets_every_event_in_its_greenlet(start_proxy, upstream, certs):
+    # TLS clients are not parked (server/held.py): an SSL socket may hold
+    # decrypted bytes its watcher cannot see. The stream still gets it all.
+    proxy = start_proxy(single_route(upstream.port), server=tls_server(certs))
+    context = client_context(certs)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"GET /ticks?n=3&every=1.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n0\r\n\r\n"), data
+    assert [b"data: tick %d" % i in data for i in range(3)] == [True] * 3
+    assert not proxy.log_lines("waits on its upstream: parked")

@@ -142,6 +142,18 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         return events()
 
+    if path == "/ticks":
+        # n events, `every` seconds apart, then the end: a stream that idles between events.
+        n, every = int(query.get("n", "3")), float(query.get("every", "1"))
+
+        def ticks():
+            for i in range(n):
+                if i:
+                    gevent.sleep(every)
+                yield b"data: tick %d\n\n" % i
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+        return ticks()
+
     if path == "/release":
         RELEASES.setdefault(query.get("key", "default"), Event()).set()
         return _json(start_response, {"released": True})

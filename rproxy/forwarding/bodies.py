@@ -11,6 +11,7 @@ becomes of the connection: back to its pool, or closed.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Protocol
 
 import gevent
@@ -29,6 +30,8 @@ from rproxy.forwarding.exchange import UpstreamResponse
 from rproxy.messages import Request
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.cuts import cut_client
+from rproxy.server.held import HELD, HeldPark, Holdable, Leaving
+from rproxy.server.sockets import readable_now, wait_readable
 from rproxy.upstreams.servers import Server
 
 log = logging.getLogger("rproxy.forward")
@@ -121,14 +124,17 @@ class Release(Protocol):
     def __call__(self, reusable: bool) -> None: ...
 
 
-class UpstreamBody:
+class UpstreamBody(Holdable):
     """The upstream's response body, read as it arrives. The WSGI server
     calls close() when done, also when the client went away mid-way.
     `release(reusable)` hands the connection back (or closes it). Of the
     request it keeps what it reports with, not the request itself (its
-    headers, target and path): a held stream lives for hours."""
+    headers, target and path): a held stream lives for hours. With
+    `park_after` set by the worker, a wait for the next bytes that lasts
+    that long parks the stream (server/held.py)."""
 
-    __slots__ = ("response", "record", "request_id", "environ", "label", "release", "finished", "first")
+    __slots__ = ("response", "record", "request_id", "environ", "label", "release", "finished", "first",
+                 "park_after")
 
     def __init__(self, response: UpstreamResponse, request: Request, label: str, release: Release) -> None:
         self.response = response
@@ -139,6 +145,7 @@ class UpstreamBody:
         self.release = release
         self.finished = False
         self.first = b""
+        self.park_after = 0.0
 
     def start(self) -> None:
         """Read the first piece of the body before anything goes to the
@@ -173,18 +180,15 @@ class UpstreamBody:
         response = self.response
         me = waiting.begins()
         try:
+            if self.park_after and self._waits_long(response):
+                self.environ[HELD] = Leaving()
+                raise HeldPark(self)
             data = response.read1(CHUNK)
         except ClientLeft:  # the connection is closed, not given back half-read
-            self._done(reusable=False)
-            self.record.error = "client left mid-response"
+            self.abandon("client left mid-response")
             raise
         except EXCHANGE_FAILURES as e:
-            self._done(reusable=False)
-            reason = describe(e)
-            self.record.error = f"upstream cut mid-body: {reason}"
-            log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
-                        "request_id=%s", self.label, reason, self.request_id)
-            raise cut_client(self.environ, f"upstream {self.label} cut the response: {reason}") from None
+            raise self._cut(e) from None
         finally:
             waiting.discard(me)
         if response.complete:
@@ -195,7 +199,42 @@ class UpstreamBody:
             return data
         raise StopIteration
 
+    def _waits_long(self, response: UpstreamResponse) -> bool:
+        """Did the upstream send nothing for park_after (a shorter
+        read_timeout is left to the read itself)?"""
+        sock = response.sock
+        if response.buffered or readable_now(sock) is not False:  # bytes in: no wait (a peek, no switch)
+            return False
+        timeout = sock.gettimeout()
+        if timeout is not None and timeout <= self.park_after:
+            return False
+        return not wait_readable(sock, self.park_after)
+
+    def _cut(self, e: BaseException) -> Exception:
+        """The upstream failed mid-body: the exception that cuts the client."""
+        self._done(reusable=False)
+        reason = describe(e)
+        self.record.error = f"upstream cut mid-body: {reason}"
+        log.warning("upstream %s cut the response mid-body (%s); cutting the client too, "
+                    "request_id=%s", self.label, reason, self.request_id)
+        return cut_client(self.environ, f"upstream {self.label} cut the response: {reason}")
+
+    def allow_parking(self, after: float) -> None:
+        self.park_after = after
+
+    def upstream(self) -> socket.socket:
+        return self.response.sock
+
+    def abandon(self, error: str) -> None:
+        self._done(reusable=False)
+        self.record.error = error
+
+    def timed_out(self) -> Exception:
+        return self._cut(TimeoutError("timed out"))
+
     def close(self) -> None:
+        if HELD in self.environ:  # its stream is parking, not ending (gunicorn closes the body as it leaves)
+            return
         self._done(reusable=False)
 
     def _done(self, reusable: bool) -> None:

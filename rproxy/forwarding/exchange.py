@@ -217,6 +217,11 @@ class UpstreamResponse:
         return self._done
 
     @property
+    def buffered(self) -> bool:
+        """Are bytes read from the socket waiting in the buffer?"""
+        return bool(self._buffer)
+
+    @property
     def reusable(self) -> bool:
         """May the connection carry another exchange now? Only after a
         complete body, when nothing stray follows it."""

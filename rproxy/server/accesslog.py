@@ -25,6 +25,7 @@ from gunicorn import glogging
 from gunicorn.config import AccessLogFormat, Config
 
 from rproxy.observability import metrics
+from rproxy.server.held import HELD
 from rproxy.record import KEY as RECORD
 from rproxy.record import NOTHING, RequestRecord
 
@@ -201,6 +202,10 @@ class AccessLogger(glogging.Logger):
             self.exception("cannot write the access log")
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
+        leaving = environ.get(HELD)
+        if leaving is not None:  # a held stream parks (held.py): its line comes at its end
+            leaving.request_time = request_time
+            return
         # Every request ends here, logged or not: the moment to count it.
         metrics.observe_request(environ, resp.status, request_time.total_seconds())
         if not self.access_log_enabled:

@@ -100,6 +100,13 @@ class Waiting:
             self.cut_short(by_fd[fd])
 
 
+def has_left(fileno: int) -> bool:
+    """Has the client of this socket closed (or half-closed) its connection?"""
+    poll = _poll()
+    poll.register(fileno, _GONE)
+    return bool(poll.poll(0))
+
+
 def _poll() -> select.poll:
     poll: select.poll = monkey.get_original("select", "poll")()
     return poll

@@ -23,19 +23,21 @@ from gunicorn.http2 import negotiation
 
 from rproxy.server import sockets
 from rproxy.server.deadlines import Park
+from rproxy.server.held import Held, HeldStream
 from rproxy.server.parking import Parked
 from rproxy.server.request_parser import RequestParser
 
 
 def serve(worker: Any, listener: Any, client: socket.socket, addr: Any,
-          parked: Parked | None = None) -> tuple[int, Any] | None:
+          parked: Parked | None = None) -> tuple[int, Any] | HeldStream | None:
     """Serve a new connection, or a parked one whose next request is coming.
     When the connection is to be parked: what its next greenlet needs (its
-    request count and PROXY info), and the socket is left open; otherwise
-    None, and the socket is closed."""
+    request count and PROXY info); when its response is held (held.py): the
+    held stream, with the same; in both cases the socket is left open.
+    Otherwise None, and the socket is closed."""
     req = None
     cfg = worker.cfg
-    ended: tuple[int, Any] | None = None
+    ended: tuple[int, Any] | HeldStream | None = None
     try:
         if parked is None:
             if isinstance(client, ssl.SSLSocket) and not cfg.do_handshake_on_connect:
@@ -83,6 +85,11 @@ def serve(worker: Any, listener: Any, client: socket.socket, addr: Any,
                     else:
                         req.proxy_protocol_info = proxy_protocol_info
                     worker.handle_request(listener_name, req, client, addr)
+        except Held as held:
+            stream = ended = held.stream
+            stream.req_count, stream.proxy_protocol_info = parser.req_count, proxy_protocol_info
+            stream.reusable = bool(cfg.keepalive) and parser.quiet_after()
+            return ended
         except http.errors.NoMoreData as e:
             worker.log.debug("Ignored premature client disconnection. %s", e)
         except StopIteration as e:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from gevent.pool import Group, Pool
 
@@ -86,7 +86,7 @@ class Parked:
         """Bytes (or the client's close): a greenlet serves the connection
         again, in the slot it kept."""
         self._unwatch()
-        self.pool.resume(self)
+        self.pool.resume(self.pool.serve_parked, self)
 
     def _expire(self) -> None:
         log.debug("parked keep-alive connection from %s idle: closed", _peer(self.addr))
@@ -108,6 +108,12 @@ class Parked:
             self.close()
 
 
+class Waiting(Protocol):
+    """A parked connection, or a held stream (held.py)."""
+
+    def stop(self) -> None: ...
+
+
 class ConnectionPool(Pool):
     """gevent's pool of a listener's connection greenlets, in which a parked
     connection keeps the slot its greenlet had: the acceptor stops at
@@ -118,7 +124,7 @@ class ConnectionPool(Pool):
 
     def __init__(self, size: int | None = None, greenlet_class: Any = None) -> None:
         super().__init__(size, greenlet_class)
-        self.parked: set[Parked] = set()
+        self.parked: set[Waiting] = set()
         self.parked_slots = 0
 
     def free_count(self) -> int:
@@ -135,10 +141,11 @@ class ConnectionPool(Pool):
         else:
             super()._discard(greenlet)
 
-    def resume(self, parked: Parked) -> None:
-        """Start a greenlet for a parked connection in the slot it kept
-        (without waiting on the semaphore, whose count already holds it)."""
-        greenlet = self.greenlet_class(self.serve_parked, parked)
+    def resume(self, run: Callable[..., Any], *args: Any) -> None:
+        """Start a greenlet, run(*args), for a parked connection (or held
+        stream: held.py) in the slot it kept (without waiting on the
+        semaphore, whose count already holds it)."""
+        greenlet = self.greenlet_class(run, *args)
         self.parked_slots -= 1
         Group.add(self, greenlet)
         greenlet.start()

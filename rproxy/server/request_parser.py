@@ -138,6 +138,15 @@ class RequestParser(parser.RequestParser):
         finally:
             self.idle = False
 
+    def quiet_after(self) -> bool:
+        """Once the current request's response is done, may the connection
+        wait for the next one afresh (a new parser)? Not when the request
+        says close, its body is not all read, or bytes are read ahead."""
+        mesg = self.mesg
+        if mesg is None or mesg.should_close() or not _nothing_left(mesg.body):
+            return False
+        return not self.unreader.buf.seek(0, os.SEEK_END)
+
     def _finished_with(self, mesg: Request) -> bool:
         """Must the connection close after this message? (A helper, so that
         no frame waiting for the next request holds on to it.)"""

@@ -46,6 +46,24 @@ def readable_now(sock: socket.socket) -> bool | None:
     return True
 
 
+class _Waited(Exception):
+    pass
+
+
+def wait_readable(sock: socket.socket, seconds: float) -> bool:
+    """Wait up to `seconds` for `sock` to have something to read (bytes,
+    its peer's close): False when it still has nothing. A TLS socket's
+    decrypted bytes count (they are not on the TCP socket any more)."""
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():
+        return True
+    try:
+        gevent.socket.wait_read(sock.fileno(), seconds, _Waited)
+    except _Waited:
+        return False
+    return True
+
+
 def shutdown_tcp(sock: socket.socket, how: int) -> None:
     """Shut one direction of the TCP connection. On a TLS socket,
     SSLSocket.shutdown() would also drop the TLS layer and break the

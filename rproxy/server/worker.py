@@ -24,7 +24,8 @@ where it runs in this process (docs/performance.md): settings read as plain
 attributes, the forwarding trust remembered per address, a keep-alive
 connection's wait for its next request at the top of its stack, holding no
 finished request (request_parser.py, Acceptor), and, idle for a second, no
-greenlet either (keepalive.py's loop parks it: parking.py), the response
+greenlet either (keepalive.py's loop parks it: parking.py), nor a streamed
+response waiting on its upstream for a second (held.py), the response
 writer of response_writer.py.
 
 And no signal sent to a worker is lost while it boots (hold_signals_across_fork).
@@ -57,6 +58,8 @@ from rproxy.server import header_case, http2, keepalive, response_writer
 from rproxy.server.admission import AddressCounts, refuse
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.deadlines import Deadlines, HeadTimeout
+from rproxy.server.held import (HELD, Held, HeldPark, HeldStream, Holdable, cut_held, leaving_post_request,
+                                may_park)
 from rproxy.server.http2_requests import http1_framing
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
@@ -207,6 +210,8 @@ class Worker(GeventWorker):
         ggevent.Pool = self._new_pool
         message._ip_in_allow_list = _remembered_trust(message._ip_in_allow_list)
         settle_settings(self.cfg)
+        # A held stream that parks leaves gunicorn's handle_request before its end (held.py).
+        self.cfg.__dict__["post_request"] = leaving_post_request(self.cfg.post_request)
         # gevent records each greenlet's spawning stack and parent for its
         # debugging tools: per connection, CPU and memory nobody reads.
         gevent.config.track_greenlet_tree = False
@@ -258,12 +263,21 @@ class Worker(GeventWorker):
 
     def _serve(self, listener: Any, client: socket.socket, addr: Any, release: Callable[[], None],
                parked: Parked | None = None) -> object:
-        """The connection's loop (keepalive.py); PARKED when it ends parked."""
+        """The connection's loop (keepalive.py); PARKED when it ends parked
+        (or its response is held: held.py)."""
         me = gevent.getcurrent()
         ended: object = None
         try:
             to_park = keepalive.serve(self, listener, client, addr, parked)
-            if to_park is not None:
+            if isinstance(to_park, HeldStream):
+                pool = next((pool for pool in self._pools if me in pool), None)
+                to_park.listener = listener
+                if pool is None or not self.alive:  # stopping: the stream is cut, as a held one would be
+                    ended = cut_held(to_park, release)
+                else:
+                    to_park.park(pool, release)
+                    ended = PARKED
+            elif to_park is not None:
                 pool = next((pool for pool in self._pools if me in pool), None)
                 if pool is None or not self.alive:
                     client.close()
@@ -275,7 +289,7 @@ class Worker(GeventWorker):
         finally:
             self._deadlines.end(me)
             parsers.pop(me, None)
-            if ended is not PARKED:
+            if ended is None:
                 release()
                 client.close()  # the loop closes it already, except when it raised
         return ended
@@ -298,6 +312,8 @@ class Worker(GeventWorker):
         # owner keeps its own reference to the connection).
         if respiter is TAKEN_OVER:
             raise StopIteration("connection taken over")
+        if isinstance(respiter, Holdable) and not respiter.finished and may_park(respiter.environ):
+            respiter.allow_parking(PARK_AFTER)
         handled: bool = super().is_already_handled(respiter)
         return handled
 
@@ -309,6 +325,10 @@ class Worker(GeventWorker):
         waiting.serving(me, sock.fileno())
         try:
             return super().handle_request(listener_name, req, sock, addr)
+        except HeldPark as park:
+            stream = HeldStream(self, park.body, park.body.environ.pop(HELD), req, sock, addr, counted)
+            counted = None  # the held stream holds it now
+            raise Held(stream) from None
         except ClientLeft:  # its client closed the connection while the body waited on the upstream
             log.debug("client %s left during the response of %s %s: closed",
                       addr[0] if isinstance(addr, tuple) else "-", req.method, req.path)

@@ -1,0 +1,123 @@
+"""A streamed response that waits on its upstream for a second is parked (no
+greenlet while it waits, io watchers on both sockets): for its client nothing
+changes. Every event still arrives, in order, with the response's end; the
+connection then serves its next request; a client that leaves frees the
+upstream connection; a silent upstream is cut at read_timeout; a stop cuts
+parked streams at once; limits still count them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import requests
+from conftest import read_until_closed, single_route
+
+HELD = r"response to 127\.0\.0\.1 waits on its upstream: parked"
+
+
+def read_chunked_to_end(sock: socket.socket, limit: float = 20.0) -> bytes:
+    """A whole chunked response (through its last chunk), or what came before the close."""
+    sock.settimeout(limit)
+    data = b""
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_held_stream_gets_every_event_in_order_and_its_end_across_parks(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port))
+    with requests.get(proxy.url + "/ticks?n=4&every=1.6", stream=True, timeout=15) as r:
+        assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
+        events, arrived = [], []
+        for line in r.iter_lines():
+            if line:
+                events.append(line)
+                arrived.append(time.monotonic())
+    assert events == [b"data: tick 0", b"data: tick 1", b"data: tick 2", b"data: tick 3"]
+    # each event as it was sent, not held back until the next one
+    assert all(later - earlier > 1.0 for earlier, later in zip(arrived, arrived[1:])), arrived
+    assert len(proxy.wait_for_log(HELD, count=3)) >= 3  # parked in each wait
+    proxy.wait_for_log(r'"GET /ticks\?n=4&every=1.6 HTTP/1.1" 200 ')
+    line = proxy.log_lines(r'"GET /ticks\?n=4&every=1.6 HTTP/1.1" 200 ')
+    assert len(line) == 1 and "error=" not in line[0], line
+    total_ms = float(line[0].split("ms upstream=")[0].rsplit(" ", 1)[1])
+    assert total_ms > 4000, line  # the whole request's time, not the last relay's
+
+
+def test_connection_of_a_parked_stream_serves_its_next_request(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"keepalive": "10s"})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
+        s.sendall(b"GET /ticks?n=2&every=1.8 HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = read_chunked_to_end(s)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"data: tick 1" in first, first
+        assert proxy.log_lines(HELD)
+        s.sendall(b"GET /echo/after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        second, _ = read_until_closed(s, 10.0)
+    assert second.startswith(b"HTTP/1.1 200 ") and b"/echo/after" in second, second
+
+
+def one_connection_upstream(start_proxy, upstream, **server):
+    return start_proxy(single_route(upstream.port, upstream_extra="max_connections = 1\nconnect_timeout = 10s"),
+                       server=server or None)
+
+
+def test_client_leaving_a_parked_stream_frees_its_upstream_connection(start_proxy, upstream):
+    proxy = one_connection_upstream(start_proxy, upstream)
+    key = f"sse-parked-{time.monotonic_ns()}"  # never released: the upstream holds it 20 s
+    with requests.get(proxy.url + f"/sse?key={key}", stream=True, timeout=10) as r:
+        assert next(r.iter_lines()) == b"data: first"
+        proxy.wait_for_log(HELD)
+    started = time.monotonic()
+    r = requests.get(proxy.url + "/echo/next", timeout=15)
+    assert r.status_code == 200 and time.monotonic() - started < 5, (r.status_code, time.monotonic() - started)
+    proxy.wait_for_log(r'"GET /sse\?key=sse-parked-\d+ HTTP/1.1" 200 .*error="client left mid-response"')
+
+
+def test_silent_upstream_past_read_timeout_cuts_a_parked_stream(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port, upstream_extra="read_timeout = 3s"))
+    key = f"sse-silent-{time.monotonic_ns()}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
+        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        started = time.monotonic()
+        data, closed = read_until_closed(s, 15.0, b"<reset>")
+    assert data.startswith(b"HTTP/1.1 200 ") and b"data: first" in data, data
+    assert not data.endswith(b"\r\n0\r\n\r\n")  # cut, never a complete-looking end
+    assert 2.5 < closed - started < 9, closed - started
+    assert proxy.log_lines(HELD)
+    proxy.wait_for_log(r'"GET /sse\?key=sse-silent-\d+ HTTP/1.1" 200 .*error="upstream cut mid-body')
+
+
+def test_stop_cuts_parked_streams_without_waiting_for_graceful_timeout(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"graceful_timeout": "30s"})
+    key = f"sse-stop-{time.monotonic_ns()}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
+        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.settimeout(10)
+        assert b"data: first" in s.recv(65536)
+        proxy.wait_for_log(HELD)
+        stop_at = time.monotonic()
+        os.kill(proxy.pid, signal.SIGTERM)
+        data, closed = read_until_closed(s, 15.0, b"<reset>")
+        proxy.proc.wait(15)
+    assert not data.endswith(b"\r\n0\r\n\r\n"), data
+    assert closed - stop_at < 5
+    assert time.monotonic() - stop_at < 10
+
+
+def test_parked_streams_still_count_against_max_connections_per_ip(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"max_connections_per_ip": "1"})
+    key = f"sse-limit-{time.monotonic_ns()}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
+        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.settimeout(10)
+        assert b"data: first" in s.recv(65536)
+        proxy.wait_for_log(HELD)
+        assert requests.get(proxy.url + "/echo", timeout=10).status_code == 429
+        requests.get(upstream.url + f"/release?key={key}", timeout=5)
+        assert b"data: second" in read_chunked_to_end(s)

@@ -25,9 +25,9 @@ from gunicorn import glogging
 from gunicorn.config import AccessLogFormat, Config
 
 from rproxy.observability import metrics
-from rproxy.server.held import HELD
 from rproxy.record import KEY as RECORD
 from rproxy.record import NOTHING, RequestRecord
+from rproxy.server.held import HELD
 
 _DEFAULT_FORMAT = AccessLogFormat.default
 

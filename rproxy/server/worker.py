@@ -58,8 +58,7 @@ from rproxy.server import header_case, http2, keepalive, response_writer
 from rproxy.server.admission import AddressCounts, refuse
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.deadlines import Deadlines, HeadTimeout
-from rproxy.server.held import (HELD, Held, HeldPark, HeldStream, Holdable, cut_held, leaving_post_request,
-                                may_park)
+from rproxy.server.held import HELD, Held, HeldPark, HeldStream, Holdable, cut_held, leaving_post_request, may_park
 from rproxy.server.http2_requests import http1_framing
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done

@@ -2,8 +2,8 @@
 greenlet while it waits, io watchers on both sockets): for its client nothing
 changes. Every event still arrives, in order, with the response's end; the
 connection then serves its next request; a client that leaves frees the
-upstream connection; a silent upstream is cut at read_timeout; a stop cuts
-parked streams at once; limits still count them."""
+upstream connection; a silent upstream is cut at read_timeout; a stop lets parked streams go on
+until graceful_timeout, as running ones; limits still count them."""
 
 from __future__ import annotations
 
@@ -93,21 +93,53 @@ def test_silent_upstream_past_read_timeout_cuts_a_parked_stream(start_proxy, ups
     proxy.wait_for_log(r'"GET /sse\?key=sse-silent-\d+ HTTP/1.1" 200 .*error="upstream cut mid-body')
 
 
-def test_stop_cuts_parked_streams_without_waiting_for_graceful_timeout(start_proxy, upstream):
+def open_parked_stream(proxy, key: str, close: bool = False) -> socket.socket:
+    """A client of /sse?key=`key` whose stream is parked (its first event in, the proxy's log says so)."""
+    count = len(proxy.log_lines(HELD)) + 1
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+    connection = b"Connection: close\r\n" if close else b""
+    s.sendall(b"GET /sse?key=%s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (key.encode(), connection))
+    s.settimeout(10)
+    assert b"data: first" in s.recv(65536)
+    proxy.wait_for_log(HELD, count=count)
+    return s
+
+
+def test_stop_lets_a_parked_stream_finish_within_graceful_timeout(start_proxy, upstream):
+    """As a running stream does: a TERM to the worker resumes the parked
+    stream, which gets its next event and its end before the worker exits."""
     proxy = start_proxy(single_route(upstream.port), server={"graceful_timeout": "30s"})
     key = f"sse-stop-{time.monotonic_ns()}"
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
-        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        s.settimeout(10)
-        assert b"data: first" in s.recv(65536)
-        proxy.wait_for_log(HELD)
+    with open_parked_stream(proxy, key) as s:
+        [worker] = proxy.workers()
         stop_at = time.monotonic()
-        os.kill(proxy.pid, signal.SIGTERM)
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # the worker has stopped its listener by now
+        requests.get(upstream.url + f"/release?key={key}", timeout=5)
         data, closed = read_until_closed(s, 15.0, b"<reset>")
-        proxy.proc.wait(15)
-    assert not data.endswith(b"\r\n0\r\n\r\n"), data
-    assert closed - stop_at < 5
-    assert time.monotonic() - stop_at < 10
+        worker.wait(15)
+    assert b"data: second" in data and data.endswith(b"\r\n0\r\n\r\n"), data
+    assert closed - stop_at < 10
+    line = proxy.wait_for_log(r'"GET /sse\?key=sse-stop-\d+ HTTP/1.1" 200 ')
+    assert "error=" not in line[0], line
+    assert "graceful timeout" not in proxy.log().lower()
+
+
+def test_reload_cuts_a_parked_stream_when_graceful_timeout_ends(start_proxy, upstream):
+    """An upstream still silent at graceful_timeout: the stream is cut then,
+    and the old worker exits, in bounded time."""
+    proxy = start_proxy(single_route(upstream.port), server={"graceful_timeout": "3s"})
+    key = f"sse-hup-{time.monotonic_ns()}"  # never released: the upstream holds it 20 s
+    with open_parked_stream(proxy, key) as s:
+        [old] = proxy.workers()
+        reload_at = time.monotonic()
+        os.kill(proxy.pid, signal.SIGHUP)
+        data, closed = read_until_closed(s, 20.0, b"<reset>")
+        old.wait(15)
+    assert not data.endswith(b"\r\n0\r\n\r\n"), data  # cut, never a complete-looking end
+    assert 2.0 < closed - reload_at < 12, closed - reload_at
+    proxy.wait_for_log(r'"GET /sse\?key=sse-hup-\d+ HTTP/1.1" 200 .*error="worker stopping"')
+    assert requests.get(proxy.url + "/echo/fresh", timeout=10).status_code == 200  # the new worker serves
 
 
 def test_parked_streams_still_count_against_max_connections_per_ip(start_proxy, upstream):

@@ -20,8 +20,11 @@ close, post_request), and the connection waits for its next request parked
 A held stream keeps what a running one holds against the limits: its slot
 in the listener's pool (worker_connections), its count in
 max_connections_per_ip (its connection's and, behind a trusted proxy, its
-request's). Stopping the listener cuts held streams at once, as it closes
-parked connections.
+request's). Stopping the listener (stop, reload, max_requests) resumes
+each held stream in a greenlet in its slot, which relays it without parking
+again, as a running stream goes on: until its end, or until the worker's
+graceful_timeout kills the worker's greenlets (then it is cut, with its
+access line).
 
 TLS clients are not parked: an SSL socket may hold decrypted bytes its
 watcher cannot see, and its peer's close arrives as a close_notify record
@@ -37,6 +40,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import gevent
+from gevent import GreenletExit
 
 from rproxy.server.client_left import ClientLeft, has_left, waiting
 from rproxy.server.parking import PARK_AFTER, PARKED, ConnectionPool, Parked
@@ -132,8 +136,8 @@ class Held(Exception):
         self.stream = stream
 
 
-# Why a held stream's greenlet starts.
-_BYTES, _TIMEOUT, _LEFT, _STOP = range(4)
+# Why a held stream's greenlet starts (bytes from its upstream, or the listener stopping).
+_BYTES, _TIMEOUT, _LEFT = range(3)
 
 
 class HeldStream:
@@ -200,8 +204,10 @@ class HeldStream:
         self.pool.resume(relay, self, why)
 
     def stop(self) -> None:
-        """The listener stops: the stream is cut now."""
-        self._resume(_STOP)
+        """The listener stops: the stream goes on in a greenlet in its slot,
+        not parked again (the worker no longer alive), so that the worker's
+        graceful wait counts it and kills it at graceful_timeout."""
+        self._resume(_BYTES)
 
 
 def _nothing() -> None:
@@ -213,15 +219,16 @@ def _peer(addr: Any) -> str:
 
 
 # What a connection handler returns when a held stream it would have parked
-# was cut instead, its connection closed and released.
-CUT = object()
+# was relayed to its end in its greenlet instead, its connection closed and released.
+RELAYED = object()
 
 
-def cut_held(stream: HeldStream, release: Callable[[], None]) -> object:
-    """Cut a stream that would park now (the worker stops), in its greenlet."""
+def relay_here(stream: HeldStream, release: Callable[[], None]) -> object:
+    """Relay a stream that would park now, without parking (the worker
+    stops), in its own greenlet."""
     stream.release = release
-    relay(stream, _STOP)
-    return CUT
+    relay(stream)
+    return RELAYED
 
 
 def relay(stream: HeldStream, why: int = _BYTES) -> object:
@@ -241,20 +248,25 @@ def relay(stream: HeldStream, why: int = _BYTES) -> object:
             raise ClientLeft()
         if why == _TIMEOUT:
             raise body.timed_out()
-        if why == _STOP:
-            body.abandon("worker stopping")
-            raise ClientLeft()
-        for item in body:
-            resp.write(item)
+        while True:
+            if not worker.alive or stream.pool is None:
+                # Stopping: relayed here to its end, as a running stream
+                # is, the worker's graceful_timeout bounding it.
+                body.allow_parking(0)
+            try:
+                for item in body:
+                    resp.write(item)
+                break
+            except HeldPark:  # the worker may have stopped during the wait
+                environ.pop(HELD, None)  # nothing for gunicorn to hand over this time
+                if worker.alive and stream.pool is not None:
+                    stream.park(stream.pool, stream.release)
+                    return PARKED
         resp.close()
         keep = stream.reusable and not resp.should_close()
-    except HeldPark:
-        environ.pop(HELD, None)  # nothing for gunicorn to hand over this time
-        if worker.alive:
-            assert stream.pool is not None
-            stream.park(stream.pool, stream.release)
-            return PARKED
-        body.abandon("worker stopping")  # its listener no longer cuts parked streams: cut now
+    except GreenletExit:  # graceful_timeout ended: the worker kills its greenlets
+        body.abandon("worker stopping")
+        log.info("held response to %s cut: the worker's graceful_timeout ended", peer)
     except ClientLeft:
         log.debug("client %s left during a held response: closed", peer)
     except TimeoutError:

@@ -58,7 +58,7 @@ from rproxy.server import header_case, http2, keepalive, response_writer
 from rproxy.server.admission import AddressCounts, refuse
 from rproxy.server.client_left import ClientLeft, waiting
 from rproxy.server.deadlines import Deadlines, HeadTimeout
-from rproxy.server.held import HELD, Held, HeldPark, HeldStream, Holdable, cut_held, leaving_post_request, may_park
+from rproxy.server.held import HELD, Held, HeldPark, HeldStream, Holdable, leaving_post_request, may_park, relay_here
 from rproxy.server.http2_requests import http1_framing
 from rproxy.server.lingering_close import linger
 from rproxy.server.listeners import handshake_done
@@ -271,8 +271,8 @@ class Worker(GeventWorker):
             if isinstance(to_park, HeldStream):
                 pool = next((pool for pool in self._pools if me in pool), None)
                 to_park.listener = listener
-                if pool is None or not self.alive:  # stopping: the stream is cut, as a held one would be
-                    ended = cut_held(to_park, release)
+                if pool is None or not self.alive:  # stopping: relayed to its end here, not parked
+                    ended = relay_here(to_park, release)
                 else:
                     to_park.park(pool, release)
                     ended = PARKED

@@ -142,6 +142,32 @@ def test_reload_cuts_a_parked_stream_when_graceful_timeout_ends(start_proxy, ups
     assert requests.get(proxy.url + "/echo/fresh", timeout=10).status_code == 200  # the new worker serves
 
 
+def test_parked_streams_still_count_against_worker_connections(start_proxy, upstream):
+    """Two parked streams hold a worker's two connections: a third client
+    is served only once one of them ends."""
+    proxy = start_proxy(single_route(upstream.port), server={"worker_connections": "2"})
+    keys = [f"sse-slots-{n}-{time.monotonic_ns()}" for n in (1, 2)]
+    held = [open_parked_stream(proxy, key, close=True) for key in keys]
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as third:
+            third.sendall(b"GET /echo/third HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            third.settimeout(1.5)
+            try:
+                early = third.recv(65536)
+            except TimeoutError:
+                early = None
+            assert early is None, "a third client was served while two streams were parked"
+            requests.get(upstream.url + f"/release?key={keys[0]}", timeout=5)
+            ended, _ = read_until_closed(held[0], 10.0)
+            assert ended.endswith(b"\r\n0\r\n\r\n"), ended
+            answer, _ = read_until_closed(third, 10.0)
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"/echo/third" in answer, answer
+    finally:
+        requests.get(upstream.url + f"/release?key={keys[1]}", timeout=5)
+        for s in held:
+            s.close()
+
+
 def test_parked_streams_still_count_against_max_connections_per_ip(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port), server={"max_connections_per_ip": "1"})
     key = f"sse-limit-{time.monotonic_ns()}"

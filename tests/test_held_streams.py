@@ -168,6 +168,22 @@ def test_parked_streams_still_count_against_worker_connections(start_proxy, upst
             s.close()
 
 
+def test_client_closing_behind_pipelined_bytes_frees_a_parked_streams_upstream(start_proxy, upstream):
+    """A client that sends its next request while the stream is parked, then
+    closes: its close is still seen, and the upstream connection freed."""
+    proxy = one_connection_upstream(start_proxy, upstream)
+    key = f"sse-pipelined-{time.monotonic_ns()}"  # never released: the upstream holds it 20 s
+    with open_parked_stream(proxy, key) as s:
+        s.sendall(b"GET /echo/pipelined HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.0)  # the proxy sees the bytes alone first
+        s.shutdown(socket.SHUT_WR)
+        proxy.wait_for_log(r'"GET /sse\?key=sse-pipelined-\d+ HTTP/1.1" 200 .*error="client left mid-response"',
+                           timeout=8)
+    started = time.monotonic()
+    r = requests.get(proxy.url + "/echo/next", timeout=15)
+    assert r.status_code == 200 and time.monotonic() - started < 5, (r.status_code, time.monotonic() - started)
+
+
 def test_parked_streams_still_count_against_max_connections_per_ip(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port), server={"max_connections_per_ip": "1"})
     key = f"sse-limit-{time.monotonic_ns()}"

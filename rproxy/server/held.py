@@ -24,7 +24,9 @@ request's). Stopping the listener (stop, reload, max_requests) resumes
 each held stream in a greenlet in its slot, which relays it without parking
 again, as a running stream goes on: until its end, or until the worker's
 graceful_timeout kills the worker's greenlets (then it is cut, with its
-access line).
+access line). A pipelined client whose close the io watcher can no longer
+see (its next request's bytes wait unread) is polled for it once a second,
+as the worker's sweep does for running streams (client_left.py).
 
 TLS clients are not parked: an SSL socket may hold decrypted bytes its
 watcher cannot see, and its peer's close arrives as a close_notify record
@@ -139,6 +141,9 @@ class Held(Exception):
 # Why a held stream's greenlet starts (bytes from its upstream, or the listener stopping).
 _BYTES, _TIMEOUT, _LEFT = range(3)
 
+# Seconds between polls for the close of a client whose next request's bytes wait unread.
+_LEFT_POLL = 1.0
+
 
 class HeldStream:
     """One held stream: what it goes on with, its watchers and its timer."""
@@ -194,9 +199,17 @@ class HeldStream:
     def _client_readable(self) -> None:
         if has_left(self.sock.fileno()):
             self._resume(_LEFT)
-        else:  # bytes of its next request: read after this response; its close is no longer seen
+        else:
+            # Bytes of its next request, read after this response: the
+            # watcher would fire on them again and again, and would not see
+            # the close behind them; a poll (POLLRDHUP) does.
             self.client.close()
-            self.client = None
+            self.client = self.worker._loop.timer(_LEFT_POLL, _LEFT_POLL)
+            self.client.start(self._client_polled)
+
+    def _client_polled(self) -> None:
+        if has_left(self.sock.fileno()):
+            self._resume(_LEFT)
 
     def _resume(self, why: int) -> None:
         self._unwatch()

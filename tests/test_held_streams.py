@@ -195,3 +195,23 @@ def test_parked_streams_still_count_against_max_connections_per_ip(start_proxy, 
         assert requests.get(proxy.url + "/echo", timeout=10).status_code == 429
         requests.get(upstream.url + f"/release?key={key}", timeout=5)
         assert b"data: second" in read_chunked_to_end(s)
+
+
+def test_stream_that_would_park_as_the_worker_stops_goes_on_past_keepalive(start_proxy, upstream):
+    """Stopped during its first wait, the stream is relayed on in its own
+    greenlet: no keep-alive deadline of its connection cuts it meanwhile."""
+    proxy = start_proxy(single_route(upstream.port), server={"keepalive": "2s", "graceful_timeout": "30s"})
+    key = f"sse-stopping-{time.monotonic_ns()}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
+        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.settimeout(10)
+        assert b"data: first" in s.recv(65536)
+        [worker] = proxy.workers()
+        worker.send_signal(signal.SIGTERM)  # within the first wait, before it would park
+        time.sleep(4.5)  # past the connection's keep-alive time
+        requests.get(upstream.url + f"/release?key={key}", timeout=5)
+        data, _ = read_until_closed(s, 15.0, b"<reset>")
+        worker.wait(15)
+    assert b"data: second" in data and data.endswith(b"\r\n0\r\n\r\n"), data
+    line = proxy.wait_for_log(r'"GET /sse\?key=sse-stopping-\d+ HTTP/1.1" 200 ')
+    assert "error=" not in line[0], line

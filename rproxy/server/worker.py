@@ -272,6 +272,7 @@ class Worker(GeventWorker):
                 pool = next((pool for pool in self._pools if me in pool), None)
                 to_park.listener = listener
                 if pool is None or not self.alive:  # stopping: relayed to its end here, not parked
+                    self._deadlines.head_in(me)  # no next-head deadline thrown into the relay
                     ended = relay_here(to_park, release)
                 else:
                     to_park.park(pool, release)

@@ -62,6 +62,23 @@ def test_connection_of_a_parked_stream_serves_its_next_request(start_proxy, upst
     assert second.startswith(b"HTTP/1.1 200 ") and b"/echo/after" in second, second
 
 
+def test_request_pipelined_while_a_stream_is_parked_is_served_after_it(start_proxy, upstream):
+    proxy = start_proxy(single_route(upstream.port), server={"keepalive": "10s"})
+    key = f"sse-next-{time.monotonic_ns()}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
+        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.settimeout(10)
+        assert b"data: first" in s.recv(65536)
+        proxy.wait_for_log(HELD)
+        s.sendall(b"GET /echo/pipelined HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(1.0)
+        requests.get(upstream.url + f"/release?key={key}", timeout=5)
+        data, _ = read_until_closed(s, 15.0, b"<reset>")
+    first, _, second = data.partition(b"\r\n0\r\n\r\n")
+    assert b"data: second" in first, data
+    assert second.startswith(b"HTTP/1.1 200 ") and b"/echo/pipelined" in second, data
+
+
 def one_connection_upstream(start_proxy, upstream, **server):
     return start_proxy(single_route(upstream.port, upstream_extra="max_connections = 1\nconnect_timeout = 10s"),
                        server=server or None)

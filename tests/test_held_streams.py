@@ -232,3 +232,21 @@ def test_stream_that_would_park_as_the_worker_stops_goes_on_past_keepalive(start
     assert b"data: second" in data and data.endswith(b"\r\n0\r\n\r\n"), data
     line = proxy.wait_for_log(r'"GET /sse\?key=sse-stopping-\d+ HTTP/1.1" 200 ')
     assert "error=" not in line[0], line
+
+
+def test_stream_resumed_by_a_stop_is_cut_at_the_end_of_its_read_timeout(start_proxy, upstream):
+    """Its upstream's wait goes on from where it was when the stop came,
+    not from the start of a new read_timeout."""
+    proxy = start_proxy(single_route(upstream.port, upstream_extra="read_timeout = 6s"),
+                        server={"graceful_timeout": "30s"})
+    key = f"sse-stop-silent-{time.monotonic_ns()}"  # never released: the upstream holds it 20 s
+    with open_parked_stream(proxy, key) as s:
+        first_at = time.monotonic()
+        time.sleep(3.0)
+        [worker] = proxy.workers()
+        worker.send_signal(signal.SIGTERM)
+        data, closed = read_until_closed(s, 20.0, b"<reset>")
+        worker.wait(15)
+    assert not data.endswith(b"\r\n0\r\n\r\n"), data
+    assert closed - first_at < 8.5, closed - first_at  # not 3 + 6 s
+    proxy.wait_for_log(r'"GET /sse\?key=sse-stop-silent-\d+ HTTP/1.1" 200 .*error="upstream cut mid-body')

@@ -46,6 +46,7 @@ from gevent import GreenletExit
 
 from rproxy.server.client_left import ClientLeft, has_left, waiting
 from rproxy.server.parking import PARK_AFTER, PARKED, ConnectionPool, Parked
+from rproxy.server.sockets import wait_readable
 
 log = logging.getLogger("rproxy.worker")
 
@@ -138,8 +139,8 @@ class Held(Exception):
         self.stream = stream
 
 
-# Why a held stream's greenlet starts (bytes from its upstream, or the listener stopping).
-_BYTES, _TIMEOUT, _LEFT = range(3)
+# Why a held stream's greenlet starts.
+_BYTES, _TIMEOUT, _LEFT, _STOPPED = range(4)
 
 # Seconds between polls for the close of a client whose next request's bytes wait unread.
 _LEFT_POLL = 1.0
@@ -150,7 +151,7 @@ class HeldStream:
 
     __slots__ = ("worker", "body", "resp", "req", "sock", "addr", "counted", "started", "listener",
                  "release", "pool", "req_count", "proxy_protocol_info", "reusable", "upstream", "client",
-                 "timer")
+                 "timer", "until")
 
     def __init__(self, worker: Any, body: Holdable, leaving: Leaving, req: Any, sock: Any, addr: Any,
                  counted: str | None) -> None:
@@ -171,6 +172,7 @@ class HeldStream:
         self.upstream: Any = None
         self.client: Any = None
         self.timer: Any = None
+        self.until = 0.0  # when read_timeout ends the upstream's wait (loop time), 0: never
 
     def park(self, pool: ConnectionPool, release: Callable[[], None]) -> None:
         """Wait in the event loop (its greenlet is ending, its slot kept)."""
@@ -185,6 +187,7 @@ class HeldStream:
         if timeout:  # the body waited PARK_AFTER of it already
             self.timer = loop.timer(max(timeout - PARK_AFTER, 0.001))
             self.timer.start(self._resume, _TIMEOUT)
+            self.until = loop.now() + timeout - PARK_AFTER
         pool.parked.add(self)
         log.debug("response to %s waits on its upstream: parked", _peer(self.addr))
 
@@ -220,7 +223,7 @@ class HeldStream:
         """The listener stops: the stream goes on in a greenlet in its slot,
         not parked again (the worker no longer alive), so that the worker's
         graceful wait counts it and kills it at graceful_timeout."""
-        self._resume(_BYTES)
+        self._resume(_STOPPED)
 
 
 def _nothing() -> None:
@@ -261,6 +264,8 @@ def relay(stream: HeldStream, why: int = _BYTES) -> object:
             raise ClientLeft()
         if why == _TIMEOUT:
             raise body.timed_out()
+        if why == _STOPPED and stream.until:
+            _rest_of_wait(stream)
         while True:
             if not worker.alive or stream.pool is None:
                 # Stopping: relayed here to its end, as a running stream
@@ -300,6 +305,22 @@ def relay(stream: HeldStream, why: int = _BYTES) -> object:
     sock.close()
     stream.release()
     return None
+
+
+def _rest_of_wait(stream: HeldStream) -> None:
+    """Resumed by the stop, not by its upstream's bytes: wait for them the
+    rest of read_timeout (the body's read would wait a whole one again)."""
+    body = stream.body
+    me = waiting.begins()
+    try:
+        arrived = wait_readable(body.upstream(), max(stream.until - stream.worker._loop.now(), 0.001))
+    except ClientLeft:
+        body.abandon("client left mid-response")
+        raise
+    finally:
+        waiting.discard(me)
+    if not arrived:
+        raise body.timed_out()
 
 
 def _finish(stream: HeldStream) -> None:

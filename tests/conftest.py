@@ -303,6 +303,29 @@ def read_until_closed(sock: socket.socket, limit: float = 10.0, reset: bytes = b
     return data, time.monotonic()
 
 
+def read_until_ending(sock: socket.socket, ending: bytes, limit: float = 10.0) -> bytes:
+    """What the proxy sends up to and with `ending` (the end of a response
+    the test knows), or what came before it closed."""
+    sock.settimeout(limit)
+    data = b""
+    while not data.endswith(ending):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def silent_for(sock: socket.socket, seconds: float) -> bool:
+    """Does the proxy send nothing on `sock` for `seconds`?"""
+    sock.settimeout(seconds)
+    try:
+        sock.recv(65536)
+    except TimeoutError:
+        return True
+    return False
+
+
 def raw_exchange(port: int, request: bytes) -> bytes:
     """Send bytes exactly as given; return all that comes back until the
     proxy closes (or resets, or stops talking for 10 s)."""

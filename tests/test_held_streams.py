@@ -13,21 +13,26 @@ import socket
 import time
 
 import requests
-from conftest import read_until_closed, single_route
+from conftest import read_until_closed, read_until_ending, silent_for, single_route
 
 HELD = r"response to 127\.0\.0\.1 waits on its upstream: parked"
 
 
-def read_chunked_to_end(sock: socket.socket, limit: float = 20.0) -> bytes:
+def read_chunked_to_end(sock: socket.socket) -> bytes:
     """A whole chunked response (through its last chunk), or what came before the close."""
-    sock.settimeout(limit)
-    data = b""
-    while not data.endswith(b"\r\n0\r\n\r\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return read_until_ending(sock, b"\r\n0\r\n\r\n", 20.0)
+
+
+def open_parked_stream(proxy, key: str, close: bool = False) -> socket.socket:
+    """A client of /sse?key=`key` whose stream is parked (its first event in, the proxy's log says so)."""
+    count = len(proxy.log_lines(HELD)) + 1
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+    connection = b"Connection: close\r\n" if close else b""
+    s.sendall(b"GET /sse?key=%s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (key.encode(), connection))
+    s.settimeout(10)
+    assert b"data: first" in s.recv(65536)
+    proxy.wait_for_log(HELD, count=count)
+    return s
 
 
 def test_held_stream_gets_every_event_in_order_and_its_end_across_parks(start_proxy, upstream):
@@ -65,11 +70,7 @@ def test_connection_of_a_parked_stream_serves_its_next_request(start_proxy, upst
 def test_request_pipelined_while_a_stream_is_parked_is_served_after_it(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port), server={"keepalive": "10s"})
     key = f"sse-next-{time.monotonic_ns()}"
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
-        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        s.settimeout(10)
-        assert b"data: first" in s.recv(65536)
-        proxy.wait_for_log(HELD)
+    with open_parked_stream(proxy, key) as s:
         s.sendall(b"GET /echo/pipelined HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         time.sleep(1.0)
         requests.get(upstream.url + f"/release?key={key}", timeout=5)
@@ -108,18 +109,6 @@ def test_silent_upstream_past_read_timeout_cuts_a_parked_stream(start_proxy, ups
     assert 2.5 < closed - started < 9, closed - started
     assert proxy.log_lines(HELD)
     proxy.wait_for_log(r'"GET /sse\?key=sse-silent-\d+ HTTP/1.1" 200 .*error="upstream cut mid-body')
-
-
-def open_parked_stream(proxy, key: str, close: bool = False) -> socket.socket:
-    """A client of /sse?key=`key` whose stream is parked (its first event in, the proxy's log says so)."""
-    count = len(proxy.log_lines(HELD)) + 1
-    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
-    connection = b"Connection: close\r\n" if close else b""
-    s.sendall(b"GET /sse?key=%s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (key.encode(), connection))
-    s.settimeout(10)
-    assert b"data: first" in s.recv(65536)
-    proxy.wait_for_log(HELD, count=count)
-    return s
 
 
 def test_stop_lets_a_parked_stream_finish_within_graceful_timeout(start_proxy, upstream):
@@ -168,12 +157,7 @@ def test_parked_streams_still_count_against_worker_connections(start_proxy, upst
     try:
         with socket.create_connection(("127.0.0.1", proxy.port)) as third:
             third.sendall(b"GET /echo/third HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            third.settimeout(1.5)
-            try:
-                early = third.recv(65536)
-            except TimeoutError:
-                early = None
-            assert early is None, "a third client was served while two streams were parked"
+            assert silent_for(third, 1.5), "a third client was served while two streams were parked"
             requests.get(upstream.url + f"/release?key={keys[0]}", timeout=5)
             ended, _ = read_until_closed(held[0], 10.0)
             assert ended.endswith(b"\r\n0\r\n\r\n"), ended
@@ -204,11 +188,7 @@ def test_client_closing_behind_pipelined_bytes_frees_a_parked_streams_upstream(s
 def test_parked_streams_still_count_against_max_connections_per_ip(start_proxy, upstream):
     proxy = start_proxy(single_route(upstream.port), server={"max_connections_per_ip": "1"})
     key = f"sse-limit-{time.monotonic_ns()}"
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as s:
-        s.sendall(f"GET /sse?key={key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        s.settimeout(10)
-        assert b"data: first" in s.recv(65536)
-        proxy.wait_for_log(HELD)
+    with open_parked_stream(proxy, key) as s:
         assert requests.get(proxy.url + "/echo", timeout=10).status_code == 429
         requests.get(upstream.url + f"/release?key={key}", timeout=5)
         assert b"data: second" in read_chunked_to_end(s)

@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 
-from conftest import raw_exchange, read_until_closed, single_route
+from conftest import raw_exchange, read_until_closed, read_until_ending, silent_for, single_route
 
 PARKED = r"keep-alive connection from 127\.0\.0\.1 idle: parked"
 REQUEST = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -19,14 +19,7 @@ REQUEST = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"
 
 def read_response(sock: socket.socket) -> bytes:
     """One whole /echo response (a JSON body), or what came before the close."""
-    sock.settimeout(10)
-    data = b""
-    while not data.endswith(b"}"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return read_until_ending(sock, b"}")
 
 
 def parked_connection(proxy, count: int = 1) -> socket.socket:
@@ -116,12 +109,7 @@ def test_parked_connections_still_count_against_worker_connections(start_proxy, 
     try:
         with socket.create_connection(("127.0.0.1", proxy.port)) as third:
             third.sendall(REQUEST)
-            third.settimeout(1.5)
-            try:
-                early = third.recv(65536)
-            except TimeoutError:
-                early = None
-            assert early is None, "a third client was served while two connections were parked"
+            assert silent_for(third, 1.5), "a third client was served while two connections were parked"
             held.pop().close()
             assert read_response(third).startswith(b"HTTP/1.1 200 ")
         # A parked connection's slot goes back to it when its next request comes.

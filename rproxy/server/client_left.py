@@ -19,7 +19,7 @@ before the worker has monkey-patched them.
 from __future__ import annotations
 
 import select
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import gevent
 from gevent import monkey
@@ -93,23 +93,22 @@ class Waiting:
         if not suspects:
             return
         by_fd = {clients[g]: g for g in suspects}
-        poll = _poll()
-        for fd in by_fd:
-            poll.register(fd, _GONE)
-        for fd, _events in poll.poll(0):
+        for fd in _gone(by_fd):
             self.cut_short(by_fd[fd])
 
 
 def has_left(fileno: int) -> bool:
     """Has the client of this socket closed (or half-closed) its connection?"""
-    poll = _poll()
-    poll.register(fileno, _GONE)
-    return bool(poll.poll(0))
+    return bool(_gone((fileno,)))
 
 
-def _poll() -> select.poll:
+def _gone(fds: Iterable[int]) -> list[int]:
+    """Those of `fds` whose peer closed: one non-blocking poll (the real
+    one: gevent's would wait in the hub)."""
     poll: select.poll = monkey.get_original("select", "poll")()
-    return poll
+    for fd in fds:
+        poll.register(fd, _GONE)
+    return [fd for fd, _events in poll.poll(0)]
 
 
 waiting = Waiting()

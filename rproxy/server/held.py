@@ -47,6 +47,7 @@ from gevent import GreenletExit
 from rproxy.server.client_left import ClientLeft, has_left, waiting
 from rproxy.server.parking import PARK_AFTER, PARKED, ConnectionPool, Parked
 from rproxy.server.sockets import wait_readable
+from rproxy.server.takeover import client_socket
 
 log = logging.getLogger("rproxy.worker")
 
@@ -111,9 +112,8 @@ class Leaving:
 
 def may_park(environ: dict[str, Any]) -> bool:
     """May this request's stream park? HTTP/1.x on a plain socket only."""
-    if environ.get("SERVER_PROTOCOL", "").startswith("HTTP/2"):
-        return False
-    return not isinstance(environ.get("gunicorn.socket"), ssl.SSLSocket)
+    sock = client_socket(environ)  # None over HTTP/2
+    return sock is not None and not isinstance(sock, ssl.SSLSocket)
 
 
 def leaving_post_request(hook: Callable[..., Any]) -> Callable[..., Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import re
 import shutil
 import signal
@@ -27,25 +28,44 @@ BIN = Path(sys.executable).parent
 GUNICORN = str(BIN / "gunicorn")
 
 
-# Under pytest-xdist each worker process takes only the free ports that are
-# its own modulo the number of workers: two workers never pick the same port
-# in the moment between picking it and a server binding it, nor does one
-# start a server on a port another's test keeps as a dead address. Shares
-# go by port // 2: Linux hands out ports of one parity to bind(0), so a plain
-# modulo would leave every other worker none when their count is even.
+# Ports for the tests' servers come from below the kernel's ephemeral range:
+# every outgoing connection (a test's client, a proxy's upstream connection,
+# in any process) takes its local port from that range, and could take a
+# port picked there in the moment before its server binds it. Under
+# pytest-xdist each worker walks its own share (port % workers), so two
+# workers never pick the same port, nor does one start a server on a port
+# another's test keeps as a dead address; within a worker the walk hands
+# out no port twice until it wraps, and it starts at a random place, so
+# that two runs on one machine seldom meet.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _SHARE = int(_WORKER.removeprefix("gw") or 0) % _WORKERS
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS_LOW = 10000
+_PORTS = range(_PORTS_LOW + _SHARE, max(_ephemeral_low(), _PORTS_LOW + 1024), _WORKERS)
+_next_port = random.randrange(len(_PORTS))
+
+
 def free_port() -> int:
-    for _ in range(50 * _WORKERS):
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port // 2 % _WORKERS == _SHARE:
-            return port
-    raise RuntimeError(f"no free port of worker {_WORKER}'s share after {50 * _WORKERS} tries")
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT
+                continue
+        return port
+    raise RuntimeError(f"no free port in worker {_WORKER}'s share of {_PORTS}")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
